@@ -1,0 +1,1 @@
+"""Data pipeline: source converters -> WebDataset shards -> streaming training batches."""

@@ -1,0 +1,61 @@
+"""Counting what was skipped and why, so bad input is never dropped silently."""
+from __future__ import annotations
+
+from collections import Counter
+
+
+class TooManySkips(RuntimeError):
+    """More input was bad than the configured fraction allows."""
+
+
+class SkipCounter:
+    """Counts samples seen and samples skipped per reason; stops the job past a fraction.
+
+    `max_fraction` is checked only after `min_seen` samples, so one bad sample among
+    the first few does not stop a run.
+    """
+
+    def __init__(self, max_fraction: float = 1.0, min_seen: int = 20, what: str = "samples"):
+        self.max_fraction = max_fraction
+        self.min_seen = min_seen
+        self.what = what
+        self.seen = 0
+        self.skipped: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def ok(self, n: int = 1) -> None:
+        self.seen += n
+
+    def skip(self, reason: str, detail: str = "", n: int = 1) -> None:
+        self.seen += n
+        self.skipped[reason] += n
+        self.examples.setdefault(reason, detail)
+        self.check()
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def check(self) -> None:
+        if self.seen < self.min_seen or self.seen == 0:
+            return
+        frac = self.total_skipped / self.seen
+        if frac > self.max_fraction:
+            raise TooManySkips(
+                f"{self.total_skipped} of {self.seen} {self.what} were skipped ({frac:.1%} > "
+                f"data.max_skip_fraction={self.max_fraction:.1%}): {self.summary()}. "
+                "Fix the data, or raise data.max_skip_fraction."
+            )
+
+    def merge(self, counts: dict[str, int], seen: int) -> None:
+        self.seen += seen
+        self.skipped.update(counts)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "nothing skipped"
+        parts = [f"{r}={n} (e.g. {self.examples.get(r, '')[:120]})" for r, n in sorted(self.skipped.items())]
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict:
+        return {"seen": self.seen, "skipped": dict(self.skipped)}

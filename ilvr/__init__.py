@@ -1,0 +1,1 @@
+"""ILVR-train: model, training and evaluation for interleaved latent visual reasoning."""

@@ -1,0 +1,1 @@
+"""The ILVR model on stock transformers: latent tokens, forwards, teacher targets."""

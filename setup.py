@@ -1,0 +1,35 @@
+"""ILVR-train: interleaved latent visual reasoning on DeepSpeed ZeRO-3."""
+from setuptools import find_packages, setup
+
+setup(
+    name="ilvr-train",
+    version="0.1.0",
+    description="Train multimodal LLMs to reason with interleaved latent visual tokens (ILVR)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ilvr", "ilvr.*", "data_pipeline", "data_pipeline.*"]),
+    # Ranges stay permissive for cluster users; scripts/setup.sh pins the CPU build here.
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "transformers>=4.50",
+        "webdataset>=0.2.86",
+        "sentencepiece",
+        "tokenizers",
+        "mlflow>=2.10",
+        "pyyaml",
+        "pillow",
+        "tqdm",
+        "safetensors",
+    ],
+    extras_require={
+        "flash": ["flash-attn>=2.5"],
+        "dev": ["pytest>=7", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ilvr-prepare=data_pipeline.prepare:main",
+        ],
+    },
+)
