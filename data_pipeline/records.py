@@ -66,8 +66,9 @@ class Record:
     """One training or evaluation example.
 
     `question` holds one `<image>` placeholder per entry of `images`, in order (a
-    converter adds missing placeholders in front). `steps` is the whole assistant turn;
-    `answer` is the bare final answer used by scorers ("" when the source has none).
+    converter adds missing placeholders in front). `steps` is the whole assistant turn
+    (empty for evaluation-only rows, which training skips as "no_target"); `answer` is
+    the bare final answer used by scorers ("" when the source has none).
     """
 
     id: str
@@ -158,8 +159,6 @@ def record_to_sample(record: Record, index: int, verify_images: bool = True) -> 
 
     Raises RecordError when an image is missing or does not decode.
     """
-    if not record.steps:
-        raise RecordError("malformed_record", f"record {record.id!r} has no assistant steps")
     sample: dict[str, Any] = {"__key__": shard_key(index, record.id)}
 
     def put(prefix: str, i: int, ref: ImageRef) -> str:
