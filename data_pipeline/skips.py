@@ -47,6 +47,10 @@ class SkipCounter:
                 "Fix the data, or raise data.max_skip_fraction."
             )
 
+    def reset(self) -> None:
+        self.seen = 0
+        self.skipped.clear()
+
     def merge(self, counts: dict[str, int], seen: int) -> None:
         self.seen += seen
         self.skipped.update(counts)

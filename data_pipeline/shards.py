@@ -1,0 +1,212 @@
+"""WebDataset shards: the writer, the manifest beside them, and shard-list expansion.
+
+A shard is a plain tar of samples `KEY.json` + `KEY.in0.png` + `KEY.help0.png` ...
+(see records.record_to_sample). `manifest.json` in the shard directory lists each
+shard's sample count, size and sha256, so loaders can plan exact epochs without
+reading the data, and anyone can check a copy is complete.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from braceexpand import braceexpand
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ilvr-shards/1"
+
+
+@dataclass
+class ShardInfo:
+    file: str  # name relative to the manifest's directory
+    samples: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    shards: list[ShardInfo] = field(default_factory=list)
+    source: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, MANIFEST)
+        data = asdict(self)
+        data["total_samples"] = self.total_samples
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+        return path
+
+    @staticmethod
+    def load(path: str) -> "Manifest":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"{path}: not an ILVR shard manifest (format {data.get('format')!r})")
+        return Manifest(
+            shards=[ShardInfo(**s) for s in data["shards"]],
+            source=data.get("source", ""),
+            skipped=data.get("skipped", {}),
+        )
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ShardWriter:
+    """Writes samples into `prefix-000000.tar`, `prefix-000001.tar`, ... of `samples_per_shard` each.
+
+    Each shard is written under a temporary name and renamed when complete, so a
+    crash never leaves a truncated shard with a final name. Tar headers carry a fixed
+    mtime so the same records give byte-identical shards.
+    """
+
+    def __init__(self, out_dir: str, prefix: str = "train", samples_per_shard: int = 1000, source: str = ""):
+        if samples_per_shard < 1:
+            raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
+        self.prefix = prefix
+        self.samples_per_shard = samples_per_shard
+        self.manifest = Manifest(source=source)
+        self._tar = None
+        self._file = None
+        self._count = 0
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        name = f"{self.prefix}-{len(self.manifest.shards):06d}.tar"
+        self._name = name
+        self._file = open(os.path.join(self.out_dir, name + ".tmp"), "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, user="ilvr", group="ilvr")
+        self._count = 0
+
+    def _finish(self) -> None:
+        self._tar.close()  # also closes the file object
+        tmp = os.path.join(self.out_dir, self._name + ".tmp")
+        final = os.path.join(self.out_dir, self._name)
+        os.replace(tmp, final)
+        self.manifest.shards.append(ShardInfo(self._name, self._count, os.path.getsize(final), _sha256(final)))
+        self._tar = self._file = None
+
+    def write(self, sample: dict[str, Any]) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._count += 1
+        if self._count >= self.samples_per_shard:
+            self._finish()
+
+    def close(self, skipped: "dict[str, int] | None" = None) -> Manifest:
+        if self._tar is not None:
+            self._finish()
+        self.manifest.skipped = dict(skipped or {})
+        self.manifest.save(self.out_dir)
+        return self.manifest
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def _is_url(spec: str) -> bool:
+    return "://" in spec or spec.startswith("pipe:")
+
+
+def expand_shards(spec: "str | list[str]", must_exist: bool = False) -> list[str]:
+    """Shard URLs from a brace pattern, a comma-separated list, a directory, or a manifest path.
+
+    A directory (or manifest.json) yields the manifest's shards in order, else the
+    directory's *.tar files sorted. Local files are checked when `must_exist`;
+    remote URLs (pipe:, http://, s3://) are passed through.
+    """
+    items = spec if isinstance(spec, list) else [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ValueError("no shards given")
+    urls: list[str] = []
+    for item in items:
+        if _is_url(item):
+            urls.extend(braceexpand(item))
+            continue
+        if os.path.isdir(item) or os.path.basename(item) == MANIFEST:
+            directory = item if os.path.isdir(item) else os.path.dirname(item)
+            manifest = os.path.join(directory, MANIFEST)
+            if os.path.isfile(manifest):
+                urls.extend(os.path.join(directory, s.file) for s in Manifest.load(manifest).shards)
+            else:
+                found = sorted(glob.glob(os.path.join(directory, "*.tar")))
+                if not found:
+                    raise FileNotFoundError(f"{item!r} holds no manifest.json and no .tar shards")
+                urls.extend(found)
+            continue
+        expanded = list(braceexpand(item))
+        if must_exist:
+            missing = [p for p in expanded if not os.path.isfile(p)]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                raise FileNotFoundError(f"shard {missing[0]!r} does not exist{more}")
+        urls.extend(expanded)
+    if not urls:
+        raise ValueError(f"{spec!r} names no shards")
+    return urls
+
+
+def shard_sample_counts(urls: list[str]) -> list[int]:
+    """Samples per shard, from the manifest beside each shard; shards without one are counted by reading them."""
+    manifests: dict[str, dict[str, int]] = {}
+    counts = []
+    for url in urls:
+        directory, name = os.path.split(url)
+        if directory not in manifests:
+            path = os.path.join(directory, MANIFEST)
+            manifests[directory] = (
+                {s.file: s.samples for s in Manifest.load(path).shards}
+                if not _is_url(url) and os.path.isfile(path) else {}
+            )
+        n = manifests[directory].get(name)
+        counts.append(n if n is not None else count_samples(url))
+    return counts
+
+
+def count_samples(url: str) -> int:
+    """Count the samples of one shard by reading its tar headers (for shards without a manifest)."""
+    import webdataset as wds
+
+    keys = set()
+    stream = wds.gopen(url, "rb")
+    try:
+        for item in wds.tariterators.tar_file_iterator(stream):
+            keys.add(item["fname"].split(".", 1)[0])
+    finally:
+        stream.close()
+    return len(keys)
+
+
+def verify_manifest(directory: str) -> list[str]:
+    """Problems found checking every shard in `directory` against its manifest (empty = all good)."""
+    manifest = Manifest.load(os.path.join(directory, MANIFEST))
+    problems = []
+    for s in manifest.shards:
+        path = os.path.join(directory, s.file)
+        if not os.path.isfile(path):
+            problems.append(f"{s.file}: missing")
+        elif os.path.getsize(path) != s.bytes or _sha256(path) != s.sha256:
+            problems.append(f"{s.file}: size or checksum differs from the manifest")
+    return problems

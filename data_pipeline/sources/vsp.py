@@ -1,0 +1,68 @@
+"""VSP spatial-planning test JSONL rows -> evaluation Records.
+
+Rows carry `text_input` (the prompt, with its `<image>` placeholder),
+`image_input` (the rendered map), `map_id` and `map_desc`, the FrozenLake grid as
+a list of rows of ints: 0 ice, -1 hole, 1 goal, 2 start. They are evaluation rows:
+no target steps and no answer; the scorer simulates the predicted plan on
+`meta["map_desc"]`. `meta["level"]` is the grid size n (the row count; VSP maps
+are n x n).
+
+Ids: in the public test file `map_id` restarts at 0 for every level (3x3..6x6),
+so the 400 rows carry only 100 distinct map ids. A row's id is therefore its `id`
+field when it has one, else f"level{n}-{map_id}" (e.g. "level3-31"), else
+`<file stem>-<line number>`. These depend only on the row, so they are stable
+across runs; a repeated id within one file is rejected as "duplicate_id".
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from data_pipeline.records import Record, RecordError, with_image_placeholders
+from data_pipeline.sources import record_id
+from data_pipeline.sources.ilvr_jsonl import convert_rows, image_refs, path_list, required_text
+
+ICE, HOLE, GOAL, START = 0, -1, 1, 2
+CELL_VALUES = frozenset({ICE, HOLE, GOAL, START})
+
+
+def check_map_desc(map_desc: Any) -> int:
+    """Validate a VSP map (rectangular, known cell values, one start, one goal); return its size n."""
+    if not isinstance(map_desc, list) or not map_desc or not all(isinstance(r, list) and r for r in map_desc):
+        raise RecordError("malformed_record", "map_desc is not a non-empty list of non-empty rows")
+    if len({len(r) for r in map_desc}) != 1:
+        raise RecordError("malformed_record", "map_desc rows differ in length")
+    cells = [c for r in map_desc for c in r]
+    if not all(type(c) is int and c in CELL_VALUES for c in cells):
+        raise RecordError("malformed_record", f"map_desc has a cell outside {sorted(CELL_VALUES)}")
+    for value, name in ((START, "start"), (GOAL, "goal")):
+        if cells.count(value) != 1:
+            raise RecordError("malformed_record", f"map_desc has {cells.count(value)} {name} cells, expected 1")
+    return len(map_desc)
+
+
+def vsp_record_id(row: dict[str, Any], level: int, input_path: str, line_no: int) -> str:
+    """`id`, else "level{n}-{map_id}" (map ids repeat across levels), else file stem and line."""
+    if row.get("id") is None and row.get("map_id") not in (None, ""):
+        return f"level{level}-{row['map_id']}"
+    return record_id(row, input_path, line_no)
+
+
+def row_to_record(row: dict[str, Any], line_no: int, input_path: str, image_root: str | None, task: str | None) -> Record:
+    """One VSP test row as an evaluation Record; raises RecordError for a row that cannot be used."""
+    level = check_map_desc(row.get("map_desc"))
+    images = image_refs(path_list(row.get("image_input"), "image_input"), image_root)
+    meta: dict[str, Any] = {"map_desc": row["map_desc"], "map_id": row.get("map_id"), "level": level}
+    return Record(
+        id=vsp_record_id(row, level, input_path, line_no),
+        task=task or "vsp",
+        question=with_image_placeholders(required_text(row, "text_input"), len(images)),
+        images=images,
+        steps=[],
+        answer="",
+        meta=meta,
+    )
+
+
+def read(input_path: str, image_root: str | None = None, task: str | None = None, **options) -> Iterator[Record | RecordError]:
+    """Evaluation Records from a VSP test JSONL file; unusable rows come out as RecordErrors."""
+    yield from convert_rows(input_path, lambda row, line_no: row_to_record(row, line_no, input_path, image_root, task))

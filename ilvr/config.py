@@ -1,0 +1,312 @@
+"""Typed run configuration: YAML files + dotted CLI overrides, validated before any worker starts.
+
+    cfg = load_config(["configs/tiny_cpu.yaml"], ["train.lr=2e-5", "data.batch_size=4"])
+
+Every mistake (unknown key, wrong type, bad value, missing path) raises ConfigError
+with one message that names the field and says how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the field and the fix."""
+
+
+@dataclass
+class DataConfig:
+    """Where training data comes from and how it is streamed."""
+
+    train_shards: str = ""  # brace pattern ("d/train-{000000..000009}.tar"), a comma list, or a shard dir
+    eval_shards: str = ""
+    processor: str = ""  # local HF processor directory (real Qwen2.5-VL or the tiny one)
+    batch_size: int = 1  # samples per rank per micro-step
+    num_workers: int = 2
+    shuffle_buffer: int = 256  # samples per worker held for shuffling; 0 = no shuffle
+    mode: Literal["exact", "resampled"] = "exact"  # exact epochs, or shards drawn with replacement
+    samples_per_epoch: int = 0  # resampled mode: samples per rank per nominal epoch (0 = dataset size / world)
+    max_length: int = 4096  # longer samples are skipped and counted ("too_long")
+    packing: bool = False  # several samples per row with cu_seqlens (varlen attention path)
+    max_skip_fraction: float = 0.05  # stop the run when more than this fraction of samples is bad
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how it is built."""
+
+    name_or_path: str = ""  # local Qwen2.5-VL / Qwen2-VL directory; "tiny" builds a random tiny model
+    latent_size: int = 8  # K: latent pads per latent segment
+    freeze_vision: bool = True  # vision tower + merger frozen (the reference setting)
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    """Stage-1 selective perceptual supervision and the loss weights."""
+
+    w_ce: float = 1.0
+    w_align: float = 1.0
+    coverage_p: float = 0.9  # keep candidates until this probability mass, capped at K
+    temperature: float = 1.0  # softmax temperature over cosine scores
+    max_candidates: int = 256  # L: helper-image features pooled down to at most this many
+    target_noise: float = 0.01  # std of the noise added to injected targets
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop, schedule, teacher and checkpoints."""
+
+    output_dir: str = "runs/default"
+    stage: Literal["1", "2", "1+2"] = "1+2"
+    stage1_steps: int = 0  # with stage "1+2": optimizer steps of stage 1 before stage 2
+    max_steps: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 42
+    log_every: int = 1
+    save_every: int = 0  # 0 = only at the end and on signals
+    keep_last: int = 2
+    max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation defaults (benchmarks, decoding)."""
+
+    shards: str = ""
+    benchmark: Literal["vsp", "comt", "zebra", "auto"] = "auto"
+    mode: Literal["latent", "text", "constant-latent"] = "latent"
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, e.g. for experiment-tracker params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def save(self, path: str) -> None:
+        data = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()} for s, sec in self.to_dict().items()}
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`, converting strings from the command line."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices and str(value) in {str(c) for c in choices}:
+            value = next(c for c in choices if str(c) == str(value))
+        if value not in choices:
+            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("()[] ").split(",")]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported type {_type_name(tp)}")
+
+
+def _unknown(name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {name!r}.{hint} Known keys here: {', '.join(known)}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown(name, known)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping of {tp.__name__} fields, got {value!r}")
+            kwargs[key] = _build(tp, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """"train.lr=2e-5" -> {"train": {"lr": "2e-5"}} (strings are typed later, by the field)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=2e-5")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: the key must be section.key, e.g. data.batch_size=4")
+    value: Any = raw
+    if raw.strip().startswith(("[", "{")):
+        value = yaml.safe_load(raw)
+    elif raw.strip().lower() in ("null", "none", "~"):
+        value = None
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | None" = None,
+                check_paths: bool = True) -> Config:
+    """Read YAML files in order (later ones win), apply dotted overrides, build and validate."""
+    if isinstance(paths, str):
+        paths = [paths]
+    merged: dict[str, Any] = {}
+    for path in paths or []:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r} must hold a mapping of sections (data:, model:, ...)")
+        merged = _merge(merged, loaded)
+    for text in overrides or []:
+        merged = _merge(merged, parse_override(text))
+    cfg = _build(Config, merged, "")
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Check values that types alone do not catch. Paths are checked when `check_paths`."""
+    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    _require(m.latent_size >= 1, f"model.latent_size={m.latent_size}: K must be >= 1 (the reference uses 8)")
+    _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    _require(d.shuffle_buffer >= 0, f"data.shuffle_buffer={d.shuffle_buffer} must be >= 0")
+    _require(d.max_length >= 16, f"data.max_length={d.max_length} is too small to hold one sample")
+    _require(d.samples_per_epoch >= 0, f"data.samples_per_epoch={d.samples_per_epoch} must be >= 0")
+    _require(0.0 <= d.max_skip_fraction <= 1.0, f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
+    _require(0.0 < lo.coverage_p <= 1.0, f"loss.coverage_p={lo.coverage_p} must be in (0, 1]")
+    _require(lo.temperature > 0, f"loss.temperature={lo.temperature} must be > 0")
+    _require(lo.max_candidates >= 1, f"loss.max_candidates={lo.max_candidates} must be >= 1")
+    _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
+    _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be >= 1")
+    _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
+    _require(0.0 <= t.ema_decay <= 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1] (the reference uses 0.999)")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
+    _require(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = only at the end)")
+    _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    if t.stage == "1+2":
+        _require(0 <= t.stage1_steps <= t.max_steps,
+                 f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps}")
+    _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
+    _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    if not check_paths:
+        return
+    from data_pipeline.shards import expand_shards
+
+    for name in ("train_shards", "eval_shards"):
+        spec = getattr(d, name)
+        if spec:
+            try:
+                expand_shards(spec, must_exist=True)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"data.{name}: {e}. Run ilvr-prepare first, or fix the path.") from None
+    if d.processor:
+        _require(os.path.isdir(d.processor),
+                 f"data.processor={d.processor!r} is not a directory; give a local HF processor dir "
+                 "(scripts/quickstart.sh builds a tiny one)")
+    if m.name_or_path and m.name_or_path != "tiny":
+        _require(os.path.isdir(m.name_or_path),
+                 f"model.name_or_path={m.name_or_path!r} is not a directory; give a local checkpoint or 'tiny'")

@@ -1,0 +1,73 @@
+"""Run a test function on N gloo ranks on CPU, in fresh processes, and collect what each returns.
+
+    results = run_on_ranks(check_fn, world_size=2, some_arg=1)   # results[rank]
+
+`fn` must be a module-level function (it is sent to spawned processes by reference).
+It runs with torch.distributed initialised (gloo) and gets `rank` and `world_size` as
+its first two arguments. A failure on any rank is raised here with that rank's
+traceback; a hang is killed after `timeout` seconds.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world_size, port, queue, kwargs):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        result = fn(rank, world_size, **kwargs)
+        queue.put((rank, True, result))
+    except BaseException:  # report everything, including assertion errors
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 120, **kwargs) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, kwargs)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    results: dict[int, Any] = {}
+    errors = []
+    while not queue.empty():
+        rank, ok, value = queue.get()
+        if ok:
+            results[rank] = value
+        else:
+            errors.append(f"rank {rank} failed:\n{value}")
+    if errors:
+        raise AssertionError("\n".join(errors))
+    if hung:
+        raise TimeoutError(f"ranks {hung} still running after {timeout} s")
+    missing = [r for r in range(world_size) if r not in results]
+    if missing:
+        codes = {r: procs[r].exitcode for r in missing}
+        raise AssertionError(f"ranks {missing} returned nothing (exit codes {codes})")
+    return [results[r] for r in range(world_size)]
