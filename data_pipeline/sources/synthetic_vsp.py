@@ -1,0 +1,110 @@
+"""Synthetic VSP training data, generated on the fly so the quick start needs no download.
+
+Each record is a random solvable map, its shortest plan, and an interleaved trace:
+one text step per move, each followed by a latent step whose helper image is the
+map after that move. Record i depends only on (seed, i), so any prefix of a run
+is reproducible on its own and two runs with the same seed are byte-identical.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+from data_pipeline.records import IMAGE_PLACEHOLDER, ImageRef, Record, RecordError, Step
+from data_pipeline.vsp_world import (
+    CELL_NAMES,
+    DEFAULT_CELL_PX,
+    random_map,
+    render_states,
+    shortest_plan,
+    simulate,
+)
+
+QUESTION = (
+    "You are solving a spatial planning puzzle on a frozen lake drawn as a grid.\n"
+    "\n"
+    "## The map\n"
+    "- Every square is either solid ice or a hole in the ice.\n"
+    "- The player (an elf) stands on the start square; a gift box marks the goal square.\n"
+    "\n"
+    "## How moves work\n"
+    "- A plan is a sequence of moves: 'L' (left), 'R' (right), 'U' (up) or 'D' (down).\n"
+    "- Each move takes the player exactly one square in that direction.\n"
+    "- A move that would leave the map does nothing: the player stays where it is.\n"
+    "- Stepping onto a hole loses the game immediately.\n"
+    "- The plan wins only if the player stands on the goal after its last move.\n"
+    "- Squares are named (row,column), counting from (0,0) at the top-left corner.\n"
+    "\n"
+    f"The map: {IMAGE_PLACEHOLDER}\n"
+    "\n"
+    "Find the shortest plan that brings the player safely to the goal. Put the final "
+    "plan in \\boxed{}, as move letters separated by commas, for example \\boxed{R,D,D}."
+)
+
+
+def _move_text(move: str, before: tuple[int, int], after: tuple[int, int], landed_on: int) -> str:
+    return f"Move {move}: from ({before[0]},{before[1]}) to ({after[0]},{after[1]}), {CELL_NAMES[landed_on]}."
+
+
+def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: int) -> Record:
+    """The training record for one solvable map: question, per-move text + latent steps, answer."""
+    plan = shortest_plan(map_desc)
+    if not plan:
+        raise RecordError("unsolvable_map", f"{record_id}: goal not reachable from start")
+    outcome = simulate(map_desc, plan)
+    if not outcome.success:  # would mean the world rules and the solver disagree
+        raise RecordError("unsolvable_map", f"{record_id}: shortest plan ends {outcome.status}")
+    images = render_states(map_desc, outcome.path, cell_px)
+    steps = []
+    for i, move in enumerate(plan):
+        before, after = outcome.path[i], outcome.path[i + 1]
+        steps.append(Step.of_text(_move_text(move, before, after, map_desc[after[0]][after[1]])))
+        steps.append(Step.of_latent(ImageRef(data=images[i + 1])))
+    answer = ",".join(plan)
+    moves = "move" if len(plan) == 1 else "moves"
+    steps.append(Step.of_text(f"The player reached the goal in {len(plan)} {moves}. The plan is \\boxed{{{answer}}}."))
+    return Record(
+        id=record_id,
+        task=task,
+        question=QUESTION,
+        images=[ImageRef(data=images[0])],
+        steps=steps,
+        answer=answer,
+        meta={"map_desc": map_desc, "level": len(map_desc)},
+    )
+
+
+def read(
+    input_path: str | None = None,
+    image_root: str | None = None,
+    task: str | None = None,
+    num_samples: int = 1000,
+    min_size: int = 3,
+    max_size: int = 8,
+    seed: int = 0,
+    hole_prob: float = 0.25,
+    cell_px: int = DEFAULT_CELL_PX,
+    **options: Any,
+) -> Iterator[Record | RecordError]:
+    """Yield `num_samples` synthetic VSP records with ids f"synvsp-s{seed}-{i:06d}".
+
+    `input_path` and `image_root` exist only to fit the converter contract and are
+    ignored, as are unknown `options`. Map sides are drawn uniformly from
+    min_size..max_size (the level is the side length, as in the real benchmark).
+    """
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if not 2 <= min_size <= max_size:
+        raise ValueError(f"need 2 <= min_size <= max_size, got {min_size}..{max_size}")
+    if not 0.0 <= hole_prob < 1.0:
+        raise ValueError(f"hole_prob must be in [0, 1), got {hole_prob}")
+    task = task or "vsp"
+    for i in range(num_samples):
+        rng = random.Random(f"synthetic-vsp/{seed}/{i}")  # str seeds hash stably across runs
+        size = rng.randint(min_size, max_size)
+        map_desc = random_map(rng, size, hole_prob)
+        record_id = f"synvsp-s{seed}-{i:06d}"
+        try:
+            yield make_record(record_id, map_desc, task, cell_px)
+        except RecordError as e:
+            yield e
