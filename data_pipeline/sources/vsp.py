@@ -2,7 +2,8 @@
 
 Rows carry `text_input` (the prompt, with its `<image>` placeholder),
 `image_input` (the rendered map), `map_id` and `map_desc`, the FrozenLake grid as
-a list of rows of ints: 0 ice, -1 hole, 1 goal, 2 start. They are evaluation rows:
+a list of rows of ints: 0 ice, -1 hole, 1 start (the player), 2 goal
+(see data_pipeline.vsp_world; ILVR_METHOD.md has these two swapped). They are evaluation rows:
 no target steps and no answer; the scorer simulates the predicted plan on
 `meta["map_desc"]`. `meta["level"]` is the grid size n (the row count; VSP maps
 are n x n).
@@ -19,24 +20,15 @@ from typing import Any, Iterator
 
 from data_pipeline.records import Record, RecordError, with_image_placeholders
 from data_pipeline.sources import record_id
+from data_pipeline.vsp_world import validate_map
 from data_pipeline.sources.ilvr_jsonl import convert_rows, image_refs, path_list, required_text
 
-ICE, HOLE, GOAL, START = 0, -1, 1, 2
-CELL_VALUES = frozenset({ICE, HOLE, GOAL, START})
-
-
 def check_map_desc(map_desc: Any) -> int:
-    """Validate a VSP map (rectangular, known cell values, one start, one goal); return its size n."""
-    if not isinstance(map_desc, list) or not map_desc or not all(isinstance(r, list) and r for r in map_desc):
-        raise RecordError("malformed_record", "map_desc is not a non-empty list of non-empty rows")
-    if len({len(r) for r in map_desc}) != 1:
-        raise RecordError("malformed_record", "map_desc rows differ in length")
-    cells = [c for r in map_desc for c in r]
-    if not all(type(c) is int and c in CELL_VALUES for c in cells):
-        raise RecordError("malformed_record", f"map_desc has a cell outside {sorted(CELL_VALUES)}")
-    for value, name in ((START, "start"), (GOAL, "goal")):
-        if cells.count(value) != 1:
-            raise RecordError("malformed_record", f"map_desc has {cells.count(value)} {name} cells, expected 1")
+    """Validate a VSP map with the world model's rules; return its size n."""
+    try:
+        validate_map(map_desc)
+    except (ValueError, TypeError) as e:
+        raise RecordError("malformed_record", f"map_desc: {e}") from None
     return len(map_desc)
 
 
