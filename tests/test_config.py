@@ -1,0 +1,82 @@
+"""Typed config: YAML + dotted overrides, and one clear message per mistake naming the field."""
+from __future__ import annotations
+
+import pytest
+
+from ilvr.config import Config, ConfigError, load_config, parse_override
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "tiny_cpu.yaml")
+
+
+def test_yaml_and_overrides_are_typed():
+    cfg = load_config(TINY, ["train.lr=2e-5", "data.batch_size=8", "data.packing=true",
+                             "train.betas=[0.9, 0.95]", "model.attn_implementation=sdpa"], check_paths=False)
+    assert isinstance(cfg, Config)
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.data.batch_size == 8 and cfg.data.packing is True
+    assert cfg.train.betas == (0.9, 0.95)
+    assert cfg.model.attn_implementation == "sdpa"
+    assert cfg.model.latent_size == 4  # from the YAML
+
+
+def test_later_files_win(tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("train:\n  max_steps: 70\n")
+    cfg = load_config([TINY, str(extra)], check_paths=False)
+    assert cfg.train.max_steps == 70 and cfg.train.lr == 1e-3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.batchsize=4", "unknown config key 'data.batchsize'. Did you mean 'batch_size'?"),
+    ("datta.batch_size=4", "unknown config key 'datta'"),
+    ("data.batch_size=four", "data.batch_size must be an integer, got 'four'"),
+    ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+    ("model.latent_size=0", "model.latent_size=0: K must be >= 1"),
+    ("data.mode=random", "data.mode='random' is not allowed; choose one of ['exact', 'resampled']"),
+    ("loss.coverage_p=1.5", "loss.coverage_p=1.5 must be in (0, 1]"),
+    ("train.lr=-1", "train.lr=-1.0 must be > 0"),
+    ("data.packing=maybe", "data.packing must be true or false"),
+    ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
+    ("train.stage1_steps=500", "train.stage1_steps=500 must be between 0 and train.max_steps=30"),
+    ("lr=1", "the key must be section.key"),
+])
+def test_each_mistake_names_the_field(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override], check_paths=False)
+    assert message in str(e.value)
+
+
+def test_missing_shards_and_processor_are_caught_before_any_worker(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train_shards: shard .*missing-000000.tar.* does not exist"):
+        load_config(TINY, [f"data.train_shards={tmp_path}/missing-{{000000..000003}}.tar", "data.eval_shards=",
+                           "data.processor="])
+    with pytest.raises(ConfigError, match="data.processor=.* is not a directory"):
+        load_config(TINY, ["data.train_shards=", "data.eval_shards=", f"data.processor={tmp_path}/nope"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections"):
+        load_config(str(bad))
+    bad.write_text("data: 3\n")
+    with pytest.raises(ConfigError, match="data must be a mapping"):
+        load_config(str(bad))
+
+
+def test_flat_and_save_round_trip(tmp_path):
+    cfg = load_config(TINY, ["train.lr=3e-4"], check_paths=False)
+    flat = cfg.flat()
+    assert flat["train.lr"] == 3e-4 and flat["model.latent_size"] == 4
+    path = tmp_path / "resolved.yaml"
+    cfg.save(str(path))
+    assert load_config(str(path), check_paths=False) == cfg
+
+
+def test_override_parsing():
+    assert parse_override("train.lr=2e-5") == {"train": {"lr": "2e-5"}}
+    assert parse_override("data.train_shards=a,b") == {"data": {"train_shards": "a,b"}}
+    assert parse_override("eval.shards=null") == {"eval": {"shards": None}}
