@@ -1,10 +1,13 @@
-"""Shared fixtures: paths to the real data beside the project, CUDA skips."""
+"""Shared fixtures: the real data beside the project, the tiny processor (built once), CUDA skips."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+
+from data_pipeline.tiny_processor import build_tiny_processor, load_processor
+from tests.factories import corpus_texts
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("ILVR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -27,3 +30,15 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_processor_dir(tmp_path_factory) -> str:
+    """A tiny Qwen2.5-VL processor dir (with latent tokens), trained once per test session."""
+    return build_tiny_processor(str(tmp_path_factory.mktemp("tiny_processor")), corpus_texts())
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_processor_dir):
+    """(processor, LatentTokenIds) loaded from the tiny processor dir."""
+    return load_processor(tiny_processor_dir)

@@ -13,7 +13,7 @@ from data_pipeline.records import record_to_sample
 from data_pipeline.shards import ShardWriter, shard_sample_counts
 from data_pipeline.skips import TooManySkips
 from tests.distributed import run_on_ranks
-from tests.shard_factory import as_list, make_record, record_id_of, truncate_at_sample, write_shards
+from tests.factories import as_list, numbered_record, record_id_of, truncate_at_sample, write_shards
 
 UNEVEN = [7, 3, 11, 1, 6]  # 28 samples in shards of very different sizes
 
@@ -123,7 +123,7 @@ def test_bad_records_are_skipped_per_reason(tmp_path):
     out = str(tmp_path / "bad")
     writer = ShardWriter(out, prefix="s", samples_per_shard=100)
     for i in range(12):
-        sample = record_to_sample(make_record(i), i)
+        sample = record_to_sample(numbered_record(i), i)
         if i == 2:
             sample["in0.png"] = b"\x89PNG\r\n\x1a\n garbage"  # corrupt image
         if i == 5:
