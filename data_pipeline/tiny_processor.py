@@ -239,3 +239,34 @@ def load_processor(path: str):
         processor = ImageTextProcessor.from_pretrained(path)
     add_latent_tokens(processor.tokenizer)
     return processor, LatentTokenIds.from_tokenizer(processor.tokenizer)
+
+
+def shard_texts(urls: list[str]) -> Iterable[str]:
+    """The question and text steps of every record in the shards (JSON only, no image decoding)."""
+    from data_pipeline.shard_reader import read_samples
+
+    for url in urls:
+        for sample in read_samples(url):
+            meta = json.loads(sample["json"])
+            yield meta["question"].replace("<image>", " ")
+            yield from (s["text"] for s in meta["steps"] if s.get("type") == "text")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m data_pipeline.tiny_processor --shards DIR --out DIR`: train a tiny processor on shard text."""
+    import argparse
+
+    from data_pipeline.shards import expand_shards
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--shards", required=True, help="shards whose text trains the tokenizer")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    args = parser.parse_args(argv)
+    out = build_tiny_processor(args.out, shard_texts(expand_shards(args.shards, must_exist=True)), args.vocab_size)
+    print(f"tiny processor written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

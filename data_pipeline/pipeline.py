@@ -1,0 +1,61 @@
+"""The training data pipeline assembled from the config: shards -> loader -> encoded, collated batches."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from data_pipeline.collate import collate_packed, collate_padded
+from data_pipeline.encode import EncodedSample, encode_record
+from data_pipeline.loader import StreamingLoader, build_loader
+from data_pipeline.records import Record
+from data_pipeline.shards import expand_shards, shard_sample_counts
+from ilvr.config import DataConfig
+from ilvr.model.tokens import LatentTokenIds
+
+
+@dataclass
+class RecordEncoder:
+    """Record -> EncodedSample with fixed settings (a plain object, so worker processes can receive it)."""
+
+    processor: Any
+    latent_ids: LatentTokenIds
+    latent_size: int
+    max_length: int
+
+    def __call__(self, record: Record) -> EncodedSample:
+        return encode_record(record, self.processor, self.latent_ids, self.latent_size, self.max_length)
+
+
+@dataclass
+class BatchCollator:
+    """List of EncodedSamples -> one padded or packed batch."""
+
+    pad_token_id: int
+    packing: bool = False
+
+    def __call__(self, samples: list[EncodedSample]) -> dict[str, Any]:
+        if self.packing:
+            return collate_packed(samples, self.pad_token_id)
+        return collate_padded(samples, self.pad_token_id)
+
+
+def build_train_loader(data: DataConfig, latent_size: int, rank: int, world_size: int,
+                       processor: Any = None, latent_ids: "LatentTokenIds | None" = None,
+                       shards: "str | None" = None) -> StreamingLoader:
+    """The per-rank training loader described by `data` (processor loaded from data.processor if not given)."""
+    if processor is None:
+        from data_pipeline.tiny_processor import load_processor
+
+        processor, latent_ids = load_processor(data.processor)
+    elif latent_ids is None:
+        latent_ids = LatentTokenIds.from_tokenizer(processor.tokenizer)
+    # the tokenizer's own thread pool does not survive fork into loader workers
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    urls = expand_shards(shards or data.train_shards, must_exist=True)
+    encoder = RecordEncoder(processor, latent_ids, latent_size, data.max_length)
+    collator = BatchCollator(processor.tokenizer.pad_token_id, data.packing)
+    return build_loader(urls, shard_sample_counts(urls), encoder, collator, rank=rank, world_size=world_size,
+                        batch_size=data.batch_size, num_workers=data.num_workers, mode=data.mode,
+                        shuffle_buffer=data.shuffle_buffer, seed=data.seed, samples_per_epoch=data.samples_per_epoch,
+                        max_skip_fraction=data.max_skip_fraction)
