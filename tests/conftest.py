@@ -42,3 +42,21 @@ def tiny_processor_dir(tmp_path_factory) -> str:
 def tiny(tiny_processor_dir):
     """(processor, LatentTokenIds) loaded from the tiny processor dir."""
     return load_processor(tiny_processor_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tiny):
+    """Builds a tiny random Qwen2.5-VL matching the tiny processor: factory(seed=0, dtype=float32, **TinySize)."""
+    from ilvr.model.build import TinySize, build_tiny_model, init_latent_embeddings
+
+    processor, latent_ids = tiny
+
+    def make(seed: int = 0, dtype=None, **size):
+        import torch
+
+        model = build_tiny_model(processor.tokenizer, processor.image_processor, TinySize(**size), seed=seed,
+                                 dtype=dtype or torch.float32)
+        init_latent_embeddings(model, processor.tokenizer, latent_ids)
+        return model.eval()
+
+    return make
