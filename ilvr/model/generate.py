@@ -1,0 +1,206 @@
+"""Latent decoding: text tokens, and K fed-back hidden states after each `<|latent_start|>`.
+
+Stock `generate` cannot feed a hidden state back as the next input, so the loop is written
+here on the shared input path (`embed_tokens`, `rope_positions`, `run_decoder`, `lm_head`)
+with a transformers `DynamicCache`. Per sample, a small state machine runs:
+
+    text --(samples <|latent_start|>)--> K latent steps --(forced <|latent_end|>)--> text
+
+In a latent step the input embedding is the sample's own final hidden state (after the last
+norm) at the previous position; the id recorded there is `<|latent_pad|>`. Pad and end are
+never sampled freely (their logits are masked), so every complete segment is exactly
+start + K pads + end. Prompts are LEFT padded; new positions follow stock Qwen-VL generation:
+text position (valid tokens so far) + the per-sample `rope_deltas` of the prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
+from ilvr.model.tokens import LatentTokenIds
+
+MODES = ("latent", "text", "constant-latent")
+LATENT_MARKER = "<latent>"  # stands for one latent segment in GenerationResult.text
+IM_END = "<|im_end|>"
+
+
+@dataclass
+class GenerationResult:
+    """One sample's answer.
+
+    `token_ids` are the generated ids (latent start/pad/end included at their places, eos
+    included when reached). `latent_segments[s] = (index of the first pad in token_ids,
+    number of pads)`; the number is K except for a segment cut by max_new_tokens. `text` is
+    the decoded answer without special tokens, each latent segment written as LATENT_MARKER.
+    """
+
+    id: str
+    text: str
+    token_ids: list[int]
+    latent_segments: list[tuple[int, int]] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def num_latent_segments(self) -> int:
+        return len(self.latent_segments)
+
+
+def left_pad_prompts(prompts, pad_token_id: int, device) -> dict:
+    """EncodedPrompts as one left-padded batch (so every row's last prompt token is at -1)."""
+    t_max = max(int(p.input_ids.numel()) for p in prompts)
+    input_ids = torch.full((len(prompts), t_max), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), t_max), dtype=torch.long)
+    mm_token_type_ids = torch.zeros((len(prompts), t_max), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        n = int(p.input_ids.numel())
+        input_ids[row, t_max - n:] = p.input_ids
+        attention_mask[row, t_max - n:] = 1
+        mm_token_type_ids[row, t_max - n:] = p.mm_token_type_ids
+    batch = {
+        "input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
+        "pixel_values": torch.cat([p.pixel_values for p in prompts]),
+        "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts]),
+    }  # fmt: skip
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end an answer: the tokenizer's eos, <|im_end|>, and the model's generation eos ids."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return {int(i) for i in ids if i is not None and i != getattr(tokenizer, "unk_token_id", None)}
+
+
+def pick_tokens(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Greedy or temperature + nucleus sampling over [B, V] logits (already masked). [B] long."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs >= top_p  # mass before the token already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def decode_with_markers(token_ids: list[int], tokenizer, latent_ids: LatentTokenIds) -> str:
+    """The generated text without special tokens, with LATENT_MARKER where each segment was."""
+    pieces, run = [], []
+    for t in token_ids:
+        if t == latent_ids.start:
+            pieces += [tokenizer.decode(run, skip_special_tokens=True), LATENT_MARKER]
+            run = []
+        elif t not in (latent_ids.pad, latent_ids.end):
+            run.append(t)
+    pieces.append(tokenizer.decode(run, skip_special_tokens=True))
+    return "".join(pieces)
+
+
+class _Sample:
+    """Decoding state of one row: its ids, segments, and where it is in the latent state machine."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.segments: list[list[int]] = []
+        self.latent_left = 0  # latent pads still to feed
+        self.end_next = False  # <|latent_end|> is forced next
+        self.finished = False
+
+    def step(self, proposed: int, latent_ids: LatentTokenIds, latent_size: int, stops: set[int]) -> int:
+        """Record this step's id (the proposal, or the one the latent state forces) and return it."""
+        if self.latent_left:
+            token = latent_ids.pad
+            self.segments[-1][1] += 1
+            self.latent_left -= 1
+            self.end_next = self.latent_left == 0
+        elif self.end_next:
+            token, self.end_next = latent_ids.end, False
+        else:
+            token = proposed
+            if token == latent_ids.start:
+                self.latent_left = latent_size
+                self.segments.append([len(self.ids) + 1, 0])
+            self.finished = token in stops
+        self.ids.append(token)
+        return token
+
+
+@torch.no_grad()
+def generate(model, prompts, tokenizer, latent_ids: LatentTokenIds, latent_size: int, *, mode: str = "latent",
+             max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, constant_latent: torch.Tensor | None = None,
+             use_cache: bool = True) -> list[GenerationResult]:
+    """Decode answers for a batch of EncodedPrompts (each ending with the assistant header).
+
+    mode: "latent" (ILVR inference), "text" (<|latent_start|> masked too: a text-only baseline),
+    "constant-latent" (structure as "latent", but every latent input is `constant_latent`,
+    default the mean input embedding: does the content of the latents matter?).
+    use_cache=False recomputes the whole sequence every step (slow; the reference for tests).
+    The model is used as given (call .eval() first); a sample stops at an eos id or after
+    max_new_tokens ids (latent pads count), and then feeds masked-out pad tokens.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if latent_size < 1:
+        raise ValueError(f"latent_size must be >= 1, got {latent_size}")
+    if not prompts:
+        return []
+    embedding = model.get_input_embeddings()
+    device, dtype = embedding.weight.device, embedding.weight.dtype
+    stops = stop_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
+    banned = [latent_ids.pad, latent_ids.end] + ([latent_ids.start] if mode == "text" else [])
+    banned = torch.tensor(banned, device=device)
+    constant = None
+    if mode == "constant-latent":
+        constant = embedding.weight.mean(0) if constant_latent is None else constant_latent
+        constant = constant.to(device=device, dtype=dtype).view(-1)
+
+    batch = left_pad_prompts(prompts, pad_id, device)
+    mask = batch["attention_mask"]
+    pending_embeds = embed_tokens(model, batch)  # inputs the decoder has not seen yet
+    pending_pos, deltas = rope_positions(model, batch)
+    # stock generation: position of a new token = its text position (valid tokens before it) + rope_delta
+    first_new_pos = mask.sum(1) + deltas.view(-1).to(device)  # [B]
+    all_embeds, all_pos = pending_embeds, pending_pos
+    cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
+    samples = [_Sample() for _ in prompts]
+
+    for step in range(max_new_tokens):
+        if use_cache:
+            hidden, cache = run_decoder(model, pending_embeds, pending_pos, mask, cache=cache, use_cache=True)
+        else:
+            hidden, _ = run_decoder(model, all_embeds, all_pos, mask)
+        last = hidden[:, -1]  # [B, H]: final-norm state at each row's newest position
+        logits = model.lm_head(last).float().index_fill(-1, banned, float("-inf"))  # out of place
+        proposed = pick_tokens(logits, do_sample, temperature, top_p, generator).tolist()
+
+        alive = [not s.finished for s in samples]
+        tokens = [s.step(p, latent_ids, latent_size, stops) if a else pad_id
+                  for s, p, a in zip(samples, proposed, alive)]
+        if all(s.finished for s in samples) or step == max_new_tokens - 1:
+            break
+        new = embedding(torch.tensor(tokens, device=device))  # [B, H]
+        is_latent = torch.tensor([a and t == latent_ids.pad for a, t in zip(alive, tokens)], device=device)
+        fed_back = last if constant is None else constant.expand_as(last)
+        new = torch.where(is_latent[:, None], fed_back.to(new.dtype), new)
+        pending_embeds = new[:, None]
+        pending_pos = (first_new_pos + step).view(1, -1, 1).expand(3, -1, -1)
+        mask = torch.cat([mask, torch.tensor(alive, dtype=mask.dtype, device=device)[:, None]], dim=1)
+        if not use_cache:
+            all_embeds = torch.cat([all_embeds, pending_embeds], dim=1)
+            all_pos = torch.cat([all_pos, pending_pos], dim=2)
+
+    return [
+        GenerationResult(id=p.id, text=decode_with_markers(s.ids, tokenizer, latent_ids), token_ids=s.ids,
+                         latent_segments=[tuple(seg) for seg in s.segments], finished=s.finished)
+        for p, s in zip(prompts, samples)
+    ]
