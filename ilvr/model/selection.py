@@ -1,0 +1,230 @@
+"""Stage-1 teacher targets: which helper-image features each latent segment is taught to produce.
+
+ONE teacher pass per batch, whatever the number of latent segments (the reference runs
+one per segment). For segment t of a sample the context query is the mean of
+  (a) a user-turn summary: the mean teacher state over the prompt's text tokens, averaged
+      with the input-image states weighted by prompt->image attention of the last layer;
+  (b) the mean teacher state over the assistant tokens just before the segment: from the
+      previous segment's `<|latent_end|>` (or the first assistant token) through this
+      segment's `<|latent_start|>`;
+  (c) for t > 0, the mean of the vectors selected for segment t-1.
+The prompt is every leading untrained (-100) token of a sample, so the system message and
+the assistant header are part of it: they are the same for every sample, and the image
+weights do not depend on rows that precede the images. "Teacher state" is the final
+(post-norm) hidden state. Candidates are the helper image's vision+merger features (LLM
+input space), pooled over contiguous raster chunks to at most L. Scores: cosine(candidate,
+query) -> softmax(/temperature) -> take the most probable until their mass reaches
+coverage_p, at most K, at least 1; the K* picks go back in raster order.
+
+Every teacher module is called in every step (dummy images when there are none), so the
+teacher may be a ZeRO-3-partitioned module whose ranks must make the same calls.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ilvr.model.inputs import dummy_image, embed_tokens, image_features, rope_positions
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Selection:
+    """Targets for the batch's latent segments, in `latent_segments` order."""
+
+    targets: torch.Tensor  # [S, K, H], zeros beyond counts[s]
+    counts: torch.Tensor  # [S] long, K* per segment
+    max_prob: torch.Tensor  # [S] float, the largest candidate probability
+    num_candidates: torch.Tensor  # [S] long, candidates after pooling
+
+
+def pool_rows(features: torch.Tensor, sizes: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split `features` [N, H] into consecutive groups of `sizes`; mean-pool each group over contiguous
+    chunks down to at most `max_rows` rows. Returns (pooled [G, R, H] fp32, mask [G, R])."""
+    device, width = features.device, features.shape[-1]
+    groups = sizes.numel()
+    rows = int(min(max_rows, int(sizes.max()))) if groups else 1
+    group = torch.repeat_interleave(torch.arange(groups, device=device), sizes)
+    offset = torch.cumsum(sizes, 0) - sizes
+    j = torch.arange(features.shape[0], device=device) - offset[group]
+    n = sizes[group]
+    slot = torch.where(n > max_rows, j * max_rows // n, j)  # chunk c holds rows floor(c*n/L)..
+    flat = group * rows + slot
+    sums = features.new_zeros(groups * rows, width, dtype=torch.float32).index_add_(0, flat, features.float())
+    count = torch.bincount(flat, minlength=groups * rows).to(torch.float32)
+    pooled = sums / count.clamp(min=1)[:, None]
+    return pooled.view(groups, rows, width), (count > 0).view(groups, rows)
+
+
+def helper_candidates(teacher, batch: dict[str, Any], max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each helper image's features (vision encoder + merger), pooled to <= max_rows: ([G, R, H], [G, R])."""
+    pixels, grid = batch["helper_pixel_values"], batch["helper_image_grid_thw"]
+    device = batch["input_ids"].device
+    if grid.numel() == 0:  # keep the vision calls identical across ranks
+        pixels, dummy_grid = dummy_image(teacher, device)
+        feats = image_features(teacher, pixels, dummy_grid)
+        empty = feats.new_zeros(0, 1, feats.shape[-1], dtype=torch.float32)
+        return empty, torch.zeros(0, 1, dtype=torch.bool, device=device)
+    feats = image_features(teacher, pixels.to(device), grid.to(device))
+    merge = teacher.config.vision_config.spatial_merge_size
+    return pool_rows(feats, grid.to(device).prod(-1) // merge**2, max_rows)
+
+
+def select_by_coverage(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, cap: torch.Tensor,
+                       temperature: float, coverage_p: float, width: int):
+    """Coverage selection for S queries at once: (targets [S, width, H], counts [S], max prob [S]).
+
+    cands [S, R, H] with mask [S, R] (padding never picked); cap [S] bounds K* (<= width).
+    """
+    cos = F.cosine_similarity(cands.float(), query.float()[:, None, :], dim=-1)
+    probs = (cos / temperature).masked_fill(~mask, float("-inf")).softmax(-1)
+    sorted_p, order = probs.sort(-1, descending=True)
+    counts = (sorted_p.cumsum(-1) < coverage_p).sum(-1) + 1
+    counts = torch.minimum(counts, torch.minimum(cap, mask.sum(-1))).clamp(min=1)
+    if order.shape[1] < width:
+        order = F.pad(order, (0, width - order.shape[1]))
+    keep = torch.arange(width, device=cands.device) < counts[:, None]
+    raster = torch.where(keep, order[:, :width], cands.shape[1]).sort(-1).values  # unpicked sort last
+    picked = cands.gather(1, raster.clamp(max=cands.shape[1] - 1)[..., None].expand(-1, -1, cands.shape[-1]))
+    return picked * keep[..., None], counts, sorted_p[:, 0]
+
+
+def sample_spans(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, start, end) of each sample: rows of a right-padded batch, or the pieces of a packed row."""
+    ids = batch["input_ids"]
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"].to(ids.device, torch.long)
+        return torch.zeros_like(cu[:-1]), cu[:-1], cu[1:]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    mask = batch.get("attention_mask")
+    ends = mask.sum(1).long() if mask is not None else torch.full_like(rows, ids.shape[1])
+    return rows, torch.zeros_like(rows), ends
+
+
+def span_tokens(rows, starts, ends):
+    """Every token of the spans [start, end) as (span index, row, column), flat."""
+    lengths = (ends - starts).clamp(min=0)
+    span = torch.repeat_interleave(torch.arange(lengths.numel(), device=rows.device), lengths)
+    offset = torch.cumsum(lengths, 0) - lengths
+    cols = starts[span] + torch.arange(span.numel(), device=rows.device) - offset[span]
+    return span, rows[span], cols
+
+
+def prompt_ends(labels: torch.Tensor, rows, starts, ends) -> torch.Tensor:
+    """Index of each sample's first trained token: its prompt is [start, prompt end). [n]."""
+    span, r, c = span_tokens(rows, starts, ends)
+    trained = labels[r, c] != IGNORE_INDEX
+    return ends.clone().scatter_reduce_(0, span[trained], c[trained], "amin")
+
+
+def span_means(values, rows, starts, ends, weights=None) -> torch.Tensor:
+    """Weighted mean of values [B, T, H] over each span (fp32, zero for empty spans). [n, H]."""
+    span, r, c = span_tokens(rows, starts, ends)
+    w = torch.ones(span.numel(), device=values.device) if weights is None else weights[r, c].float()
+    sums = values.new_zeros(rows.numel(), values.shape[-1], dtype=torch.float32)
+    sums.index_add_(0, span, values[r, c].float() * w[:, None])
+    total = torch.zeros(rows.numel(), device=values.device).index_add_(0, span, w)
+    return sums / total.clamp(min=1e-12)[:, None]
+
+
+def prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_end, is_image) -> tuple:
+    """Prompt->image attention of the last decoder layer, recomputed from its input states.
+
+    Softmax over each prompt row's causal keys, averaged over heads and prompt-text rows,
+    renormalised over image tokens (equal weights when it sums to zero). Returns the weights
+    [n, P] over each sample's prompt (left-aligned) and the gather indices (row, col) [n, P].
+    """
+    lm = teacher.model.language_model
+    layer, attn = lm.layers[-1], lm.layers[-1].self_attn
+    length = int((prompt_end - starts).max())
+    cols = starts[:, None] + torch.arange(length, device=rows.device)
+    valid = cols < prompt_end[:, None]
+    cols = cols.clamp(max=layer_input.shape[1] - 1)
+    r = rows[:, None].expand_as(cols)
+    x = layer.input_layernorm(layer_input[r, cols])
+    cos, sin = lm.rotary_emb(x, positions[:, r, cols])
+    n, p = cols.shape
+    q = attn.q_proj(x).view(n, p, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(n, p, -1, attn.head_dim).transpose(1, 2)
+    apply_rope = importlib.import_module(type(attn).__module__).apply_rotary_pos_emb
+    q, k = apply_rope(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # as repeat_kv: head h reads kv head h // groups
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    eye = torch.eye(p, dtype=torch.bool, device=x.device)
+    allowed = (torch.ones_like(eye).tril() & valid[:, None, None, :]) | eye
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).mean(1)  # [n, P, P]
+    image = is_image[r, cols] & valid
+    text_rows = (valid & ~image).float()
+    to_keys = (probs * text_rows[:, :, None]).sum(1) / text_rows.sum(1, keepdim=True).clamp(min=1)
+    w = to_keys * image
+    total = w.sum(1, keepdim=True)
+    equal = image.float() / image.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(total > 0, w / total.clamp(min=1e-30), equal), (r, cols)
+
+
+def teacher_states(teacher, batch: dict[str, Any]):
+    """ONE teacher pass: (final hidden states [B, T, H], input of the last layer [B, T, H], 3-row positions)."""
+    embeds = embed_tokens(teacher, batch, always_run_vision=True)
+    positions, _ = rope_positions(teacher, batch)
+    lm = teacher.model.language_model
+    last = len(lm.layers) - 1
+    out = lm(inputs_embeds=embeds, position_ids=positions, attention_mask=batch.get("attention_mask"),
+             use_cache=False, output_hidden_states=[last])
+    return out.last_hidden_state, out.hidden_states[last], positions[-3:]
+
+
+def _segment_order(owner, first_pad, size):
+    """Per segment: its ordinal t within its sample, the previous segment (index) and that one's end marker."""
+    before = (owner[:, None] == owner[None, :]) & (first_pad[None, :] < first_pad[:, None])
+    ordinal = before.sum(1)
+    prev = torch.where(before, first_pad[None, :], -1).argmax(1)
+    return ordinal, prev, first_pad[prev] + size[prev]
+
+
+@torch.no_grad()
+def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -> Selection:
+    """Stage-1 targets for every latent segment of `batch` from one teacher pass (no gradients)."""
+    device = batch["input_ids"].device
+    seg = batch["latent_segments"].to(device)
+    cands, cmask = helper_candidates(teacher, batch, loss_cfg.max_candidates)
+    final, layer_input, positions = teacher_states(teacher, batch)
+    rows, starts, ends = sample_spans(batch)
+    prompt_end = prompt_ends(batch["labels"].to(device), rows, starts, ends)
+    is_image = batch["mm_token_type_ids"].to(device).bool()
+
+    text = span_means(final, rows, starts, prompt_end, weights=~is_image)
+    weights, (pr, pc) = prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_end, is_image)
+    image = (weights[..., None] * final[pr, pc].float()).sum(1)
+    has_image = (is_image[pr, pc] & (pc < prompt_end[:, None])).any(1)
+    user = torch.where(has_image[:, None], (text + image) / 2, text)
+
+    n_seg, hidden = seg.shape[0], final.shape[-1]
+    targets = final.new_zeros(n_seg, latent_size, hidden, dtype=cands.dtype)
+    counts = torch.zeros(n_seg, dtype=torch.long, device=device)
+    max_prob = torch.zeros(n_seg, device=device)
+    if n_seg == 0:
+        return Selection(targets, counts, max_prob, counts.clone())
+    if int(seg[:, 2].max()) > latent_size:
+        raise ValueError(f"a latent segment has {int(seg[:, 2].max())} pads > latent_size {latent_size}")
+    seg_row, first_pad, size, helper = seg.unbind(1)
+    inside = (rows[None] == seg_row[:, None]) & (starts[None] <= first_pad[:, None]) & (first_pad[:, None] < ends[None])
+    owner = inside.float().argmax(1)
+    ordinal, prev, prev_end = _segment_order(owner, first_pad, size)
+    context = span_means(final, seg_row, torch.where(ordinal > 0, prev_end, prompt_end[owner]), first_pad)
+
+    picked_mean = torch.zeros(n_seg, hidden, device=device)
+    for t in range(int(ordinal.max()) + 1):
+        idx = (ordinal == t).nonzero().squeeze(1)
+        parts = [user[owner[idx]], context[idx]] + ([picked_mean[prev[idx]]] if t > 0 else [])
+        query = torch.stack(parts).mean(0)
+        h = helper[idx]
+        tg, cnt, mp = select_by_coverage(cands[h], cmask[h].to(device), query, size[idx], loss_cfg.temperature,
+                                         loss_cfg.coverage_p, latent_size)
+        targets[idx], counts[idx], max_prob[idx] = tg.to(targets.dtype), cnt, mp
+        picked_mean[idx] = tg.float().sum(1) / cnt[:, None]
+    return Selection(targets, counts, max_prob, cmask.to(device)[helper].sum(1))
