@@ -26,7 +26,10 @@ image size, and for evidence that the shard format is no slower than the referen
 
 Everything is written under a temporary directory (or `--workdir`), removed at the end
 unless `--workdir` was given. Each row gets a short warm-up before it is timed; the timed
-rows run interleaved, `--repeats` times each, and the mean (and min/max) is reported.
+rows run interleaved, `--repeats` times each, and the mean (and min/max) is reported, with
+samples per CPU-second beside it (steadier than wall time when other work shares the machine).
+The main process runs torch with `--threads` threads (default 1, what a DataLoader worker
+gets), so "per worker" means one core in every row.
 """
 from __future__ import annotations
 
@@ -46,8 +49,8 @@ TARGET_SAMPLES_PER_S = 10.0
 LATENT_SIZE = 8
 MAX_LENGTH = 16384  # far above the longest sample (~1k tokens at the default image size)
 SAMPLES_PER_SHARD = 64
-STAGE_SUBSET = 32  # samples timed stage by stage
-WARMUP_BATCHES = 2
+STAGE_SUBSET = 16  # samples timed stage by stage
+WARMUP_BATCHES = 4
 
 
 # ----------------------------------------------------------------------------- data
@@ -137,22 +140,39 @@ class PassResult:
     samples: int
     tokens: list[int]  # real (non-padding) tokens per sample
     ids: list[str]
+    pixel_bytes: int  # bytes of pixel_values + helper_pixel_values over all batches
+    cpu_seconds: float  # user + sys CPU time of this process and its (joined) worker processes
 
     @property
     def rate(self) -> float:
         return self.samples / self.seconds
 
+    @property
+    def cpu_rate(self) -> float:
+        return self.samples / self.cpu_seconds
+
+
+def _cpu_seconds() -> float:
+    """User + sys CPU seconds used so far by this process and its waited-for children (loader workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
 
 def _consume(batches: Iterable[dict], limit_batches: int | None = None) -> PassResult:
-    t0 = time.perf_counter()
-    samples, tokens, ids = 0, [], []
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    samples, tokens, ids, pixel_bytes = 0, [], [], 0
     for n, batch in enumerate(batches, 1):
         samples += len(batch["ids"])
+        pixel_bytes += batch["pixel_values"].nbytes + batch["helper_pixel_values"].nbytes
         ids += batch["ids"]
         tokens += batch["attention_mask"].sum(1).tolist()
         if limit_batches is not None and n >= limit_batches:
             break
-    return PassResult(time.perf_counter() - t0, samples, tokens, ids)
+    seconds = time.perf_counter() - t0
+    del batches  # a loader with workers joins them when its iterator goes; their CPU time then counts
+    return PassResult(seconds, samples, tokens, ids, pixel_bytes, _cpu_seconds() - c0)
 
 
 def ours_pass(urls: list[str], counts: list[int], encoder, collator, batch_size: int, num_workers: int,
@@ -284,8 +304,9 @@ def machine_info() -> dict[str, Any]:
 
 def summarise(runs: list[PassResult]) -> dict[str, float]:
     rates = [r.rate for r in runs]
-    return {"mean": statistics.fmean(rates), "min": min(rates), "max": max(rates),
+    return {"mean": statistics.fmean(rates), "median": statistics.median(rates), "min": min(rates), "max": max(rates),
             "stdev": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+            "per_cpu_second": statistics.fmean(r.cpu_rate for r in runs),
             "seconds_mean": statistics.fmean(r.seconds for r in runs), "samples": runs[0].samples}
 
 
@@ -297,12 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny image settings (build_tiny_processor's defaults)")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
     parser.add_argument("--workdir", default=None, help="write the data here and keep it (default: a temp dir, removed)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads in the main process (default 1, as in a DataLoader worker: one worker, one core)")
     args = parser.parse_args(argv)
     if args.samples < args.batch_size or args.batch_size < 1 or args.repeats < 1:
         parser.error("need --samples >= --batch-size >= 1 and --repeats >= 1")
     # the tokenizer's own thread pool does not survive fork into loader workers (as build_train_loader does)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     from data_pipeline.pipeline import BatchCollator, RecordEncoder
     from data_pipeline.shards import shard_sample_counts
     from data_pipeline.tiny_processor import build_tiny_processor, load_processor
@@ -366,20 +392,26 @@ def main(argv: list[str] | None = None) -> int:
         stage_runs = [stage_split(urls, jsonl, ref_dir, processor, encoder, collator, args.batch_size, stage_n)
                       for _ in range(args.repeats)]
         stages = {k: statistics.fmean(r[k] for r in stage_runs) for k in stage_runs[0]}
+        stages_min = {k: min(r[k] for r in stage_runs) for k in stage_runs[0]}
 
         summary = {name: summarise(r) for name, r in runs.items()}
         ours0, ref = summary[names[0]]["mean"], summary[names[2]]["mean"]
         tokens = runs[names[0]][0].tokens
+        pixel_mib = runs[names[0]][0].pixel_bytes / runs[names[0]][0].samples / 2**20
 
         print()
         print(f"throughput, one worker, samples/s (mean of {args.repeats} passes over {args.samples} samples, "
               f"after a {WARMUP_BATCHES}-batch warm-up)")
         width = max(len(n) for n in names)
-        print(f"  {'path':<{width}}  {'mean':>7}  {'min':>7}  {'max':>7}  {'s/pass':>7}")
+        print(f"  {'path':<{width}}  {'mean':>7}  {'median':>7}  {'min':>7}  {'max':>7}  {'s/pass':>7}  {'/CPU-s':>7}")
         for name in names:
             s = summary[name]
-            print(f"  {name:<{width}}  {s['mean']:7.1f}  {s['min']:7.1f}  {s['max']:7.1f}  {s['seconds_mean']:7.2f}")
-        print(f"  ratio ours (0 workers) / reference = {ours0 / ref:.2f}x; "
+            print(f"  {name:<{width}}  {s['mean']:7.1f}  {s['median']:7.1f}  {s['min']:7.1f}  {s['max']:7.1f}"
+                  f"  {s['seconds_mean']:7.2f}  {s['per_cpu_second']:7.1f}")
+        print("  (/CPU-s: samples per CPU-second of this process and its workers, user + sys; "
+              "less sensitive than wall time to other load on the machine)")
+        median_ratio = summary[names[0]]["median"] / summary[names[2]]["median"]
+        print(f"  ratio ours (0 workers) / reference = {ours0 / ref:.2f}x (of means; {median_ratio:.2f}x of medians); "
               f"ours (1 worker) / reference = {summary[names[1]]['mean'] / ref:.2f}x")
         verdict = "meets" if ours0 >= TARGET_SAMPLES_PER_S else "MISSES"
         print(f"  target >= {TARGET_SAMPLES_PER_S:.0f} samples/s per worker: ours (0 workers) {verdict} it")
@@ -388,16 +420,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per-stage split of our path ({stage_n} samples, each stage timed on its own, mean of {args.repeats})")
         main_stages = ["read + JSON (tar)", "image decode", "image processor", "tokenization", "collate"]
         total = sum(stages[k] for k in main_stages)
-        print(f"  {'stage':<36}  {'ms/sample':>9}  {'share':>6}")
+        print(f"  {'stage':<36}  {'ms/sample':>9}  {'share':>6}  {'min ms':>7}")
         for k in main_stages:
-            print(f"  {k:<36}  {1000 * stages[k] / stage_n:9.2f}  {stages[k] / total:6.1%}")
+            print(f"  {k:<36}  {1000 * stages[k] / stage_n:9.2f}  {stages[k] / total:6.1%}"
+                  f"  {1000 * stages_min[k] / stage_n:7.2f}")
         print(f"  {'sum of stages':<36}  {1000 * total / stage_n:9.2f}  -> {stage_n / total:.1f} samples/s")
         for k in ("(whole encode, for reference)", "reference: read JSONL + PNG files"):
-            print(f"  {k:<36}  {1000 * stages[k] / stage_n:9.2f}")
+            print(f"  {k:<36}  {1000 * stages[k] / stage_n:9.2f}  {'':>6}  {1000 * stages_min[k] / stage_n:7.2f}")
 
         print()
         print(f"tokens per sample: mean {statistics.fmean(tokens):.0f}, min {min(tokens)}, max {max(tokens)} "
               f"(prompt incl. image tokens, assistant turn incl. {LATENT_SIZE} pads per latent step)")
+        print(f"pixel tensors per sample (input + helper images, float32): {pixel_mib:.1f} MiB")
         info = machine_info()
         print(f"machine: {info['nproc']} CPUs ({info['affinity']} usable), {info['cpu']}; torch {info['torch']} "
               f"({info['torch_threads']} threads), transformers {info['transformers']}, Python {info['python']}")
@@ -405,16 +439,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             result = {
                 "settings": {"samples": args.samples, "batch_size": args.batch_size, "repeats": args.repeats,
-                             "tiny": args.tiny, "image": settings, "latent_size": LATENT_SIZE,
+                             "tiny": args.tiny, "threads": args.threads, "image": settings, "latent_size": LATENT_SIZE,
                              "max_length": MAX_LENGTH, "samples_per_shard": SAMPLES_PER_SHARD,
                              "helper_images_per_sample": n_helpers / args.samples},
                 "throughput": {name: {**summary[name], "rates": [r.rate for r in runs[name]]} for name in names},
                 "ratio_ours0_over_reference": ours0 / ref,
+                "ratio_ours0_over_reference_medians": median_ratio,
                 "ratio_ours1_over_reference": summary[names[1]]["mean"] / ref,
                 "target_samples_per_s": TARGET_SAMPLES_PER_S,
                 "stages_ms_per_sample": {k: 1000 * v / stage_n for k, v in stages.items()},
+                "stages_ms_per_sample_min": {k: 1000 * v / stage_n for k, v in stages_min.items()},
                 "stage_subset": stage_n,
                 "tokens_per_sample": {"mean": statistics.fmean(tokens), "min": min(tokens), "max": max(tokens)},
+                "pixel_mib_per_sample": pixel_mib,
                 "machine": info,
             }
             with open(args.out, "w", encoding="utf-8") as f:

@@ -8,7 +8,6 @@ rtol 1e-8 (observed: loss equal, gradients within 1e-16), and the stock model is
 from __future__ import annotations
 
 import itertools
-import time
 
 import pytest
 import torch
@@ -161,17 +160,3 @@ def test_rejects_packed_batches_and_gradient_checkpointing(tiny, tiny_model_fact
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         stage2_loss(model.train(), batch)
 
-
-def test_timing_against_naive(tiny, tiny_model_factory):
-    """Not an assertion: forward+backward seconds at B=4 on the default tiny model (run with -s to see)."""
-    model = tiny_model_factory()
-    _, batch = _batch(tiny, [(2, 3), (1, 1), (1, 2), (0, 0)])
-    times = {}
-    for name, fn in (("stage2_loss", stage2_loss), ("naive", naive_stage2_loss)):
-        fn(model, batch).loss.backward()  # warm-up
-        start = time.perf_counter()
-        for _ in range(2):
-            model.zero_grad()
-            fn(model, batch).loss.backward()
-        times[name] = (time.perf_counter() - start) / 2
-    print(f"\nstage 2 fwd+bwd, B=4, K={K}: ours {times['stage2_loss']:.3f}s, naive {times['naive']:.3f}s")
