@@ -42,8 +42,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 TARGET_SAMPLES_PER_S = 10.0
 LATENT_SIZE = 8
@@ -97,7 +98,8 @@ def write_reference_jsonl(records: list, out_dir: str) -> str:
                 if step.kind == "text":
                     plan.append({"type": "text", "content": step.text})
                 else:
-                    plan.append({"type": "latent", "helper_image": save(f"{record.id}_help{n_help}.png", step.image.load())})
+                    helper = save(f"{record.id}_help{n_help}.png", step.image.load())
+                    plan.append({"type": "latent", "helper_image": helper})
                     n_help += 1
             row = {"id": record.id, "text_input": record.question, "image_input": inputs, "sequence_plan": plan,
                    "map_desc": record.meta.get("map_desc")}
@@ -257,7 +259,7 @@ def stage_split(urls: list[str], jsonl: str, image_root: str, processor, encoder
     image_token = getattr(processor, "image_token", "<|image_pad|>")
 
     def tokenize() -> None:
-        for rec, (a, _) in zip(records, processed):
+        for rec, (a, _) in zip(records, processed, strict=True):
             messages = [{"role": "user", "content": _user_content(rec.question, len(rec.images))}]
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             counts = (a["image_grid_thw"].prod(-1) // merge).tolist()
@@ -270,13 +272,11 @@ def stage_split(urls: list[str], jsonl: str, image_root: str, processor, encoder
 
     # the reference way's read stage: JSON rows + converter + reading the PNG files
     def reference_read() -> None:
-        k = 0
-        for item in ilvr_jsonl.read(jsonl, image_root):
+        for k, item in enumerate(ilvr_jsonl.read(jsonl, image_root), 1):
             if isinstance(item, RecordError):
                 raise item
             for ref in item.images + item.helper_images:
                 ref.load()
-            k += 1
             if k >= n:
                 break
 
@@ -297,7 +297,8 @@ def machine_info() -> dict[str, Any]:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"nproc": os.cpu_count(), "affinity": usable,
             "cpu": model, "python": platform.python_version(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__}
 
@@ -317,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (default 3)")
     parser.add_argument("--tiny", action="store_true", help="tiny image settings (build_tiny_processor's defaults)")
     parser.add_argument("--out", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--workdir", default=None, help="write the data here and keep it (default: a temp dir, removed)")
+    parser.add_argument("--workdir", default=None, help="write the data here and keep it (default: temp dir, removed)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in the main process (default 1, as in a DataLoader worker: one worker, one core)")
+                        help="torch threads in the main process (default 1, as in a DataLoader worker: one core)")
     args = parser.parse_args(argv)
     if args.samples < args.batch_size or args.batch_size < 1 or args.repeats < 1:
         parser.error("need --samples >= --batch-size >= 1 and --repeats >= 1")
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data: {args.samples} synthetic VSP records, images {min(sides)}..{max(sides)} px, "
               f"{n_helpers / args.samples:.2f} helper images/sample; generated in {t_gen:.1f} s")
         print(f"  ours: {len(urls)} shards, {shard_bytes / 2**20:.1f} MiB, written in {t_shards:.1f} s | "
-              f"reference: {os.path.basename(jsonl)} + {args.samples + n_helpers} PNG files, written in {t_jsonl:.1f} s")
+              f"reference: {os.path.basename(jsonl)} + {args.samples + n_helpers} PNG files, "
+              f"written in {t_jsonl:.1f} s")
         print(f"processor: {type(processor).__name__}, image settings "
               + ", ".join(f"{k}={v}" for k, v in settings.items())
               + f" ({'tiny' if args.tiny else 'Qwen2.5-VL defaults'}); vocab {len(processor.tokenizer)}; "
@@ -383,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # every path must have produced the same samples with the same token counts
         names = list(rows)
-        base = set(zip(runs[names[0]][0].ids, runs[names[0]][0].tokens))
+        base = set(zip(runs[names[0]][0].ids, runs[names[0]][0].tokens, strict=True))
         for name in names[1:]:
-            if set(zip(runs[name][0].ids, runs[name][0].tokens)) != base:
+            if set(zip(runs[name][0].ids, runs[name][0].tokens, strict=True)) != base:
                 raise RuntimeError(f"{name!r} produced different samples or token counts than {names[0]!r}")
 
         stage_n = min(STAGE_SUBSET, args.samples)
