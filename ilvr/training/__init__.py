@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engines, the momentum teacher, the loop, checkpoints, tracking."""
