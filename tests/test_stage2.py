@@ -137,6 +137,20 @@ def test_decoder_call_counts(tiny, tiny_model_factory):
     handle.remove()
 
 
+def test_padding_calls_for_other_ranks_changes_nothing_but_the_count(tiny, tiny_model_factory):
+    """ZeRO-3 ranks must make the same calls: a rank with fewer segments pads with hole-only calls."""
+    model = tiny_model_factory()
+    _, batch = _batch(tiny, [(1, 1), (0, 0)])  # this rank: 1 segment; another rank has 3
+    calls, handle = _decoder_calls(model)
+    with torch.no_grad():
+        plain = stage2_loss(model, batch)
+        calls.clear()
+        padded = stage2_loss(model, batch, always_run_vision=True, min_segments=3, min_steps=K)
+    handle.remove()
+    assert len(calls) == (3 + 1) + 3 * K == padded.stats["decoder_calls"]
+    torch.testing.assert_close(padded.loss, plain.loss, atol=1e-6, rtol=1e-6)
+
+
 def test_loss_decreases_with_sgd(tiny, tiny_model_factory):
     model = tiny_model_factory().train()
     _, batch = _batch(tiny, [(1, 2), (0, 1)])

@@ -72,22 +72,25 @@ def _segments_per_row(batch) -> tuple[list[int], list[list[tuple[int, int]]]]:
     return [int(n) for n in lengths], rows
 
 
-def _lockstep_plan(lengths: list[int], rows: list[list[tuple[int, int]]], width: int, device):
+def _lockstep_plan(lengths: list[int], rows: list[list[tuple[int, int]]], width: int, device,
+                   min_segments: int = 0, min_steps: int = 0):
     """The decoder calls of `stage2_loss` in order (chunk 0, K_0 latent steps, chunk 1, ..., chunk S_max),
     and for each sequence position the slot holding its output in the concatenated outputs ([B, width]).
 
     Chunk t of a row runs from its segment t-1's `<|latent_end|>` to its segment t's first
     pad (exclusive, so it ends with `<|latent_start|>`); its last chunk runs to the row's
-    end. Rows with fewer segments have empty chunks and no steps. Built on the CPU, moved once.
+    end. Rows with fewer segments have empty chunks and no steps. Every call has at least
+    one slot; `min_segments` / `min_steps` add calls made only of holes, so that every
+    rank of a ZeRO-3 job makes the same module calls. Built on the CPU, moved once.
     """
-    n_rows, s_max = len(rows), max((len(s) for s in rows), default=0)
+    n_rows, s_max = len(rows), max([len(s) for s in rows] + [min_segments])
     calls: list[_Call] = []
     physical = torch.zeros(n_rows, width, dtype=torch.long)
     offset = 0
 
     def add(spans: list[tuple[int, int]], latent: bool) -> None:
         nonlocal offset
-        n = max(b - a for a, b in spans)
+        n = max(1, max(b - a for a, b in spans))
         index = torch.zeros(n_rows, n, dtype=torch.long)
         live = torch.zeros(n_rows, n, dtype=torch.bool)
         for r, (a, b) in enumerate(spans):
@@ -104,7 +107,7 @@ def _lockstep_plan(lengths: list[int], rows: list[list[tuple[int, int]]], width:
              for r, segs in enumerate(rows)], latent=False)
         if t == s_max:
             break
-        for j in range(max(segs[t][1] for segs in rows if t < len(segs))):
+        for j in range(max([segs[t][1] for segs in rows if t < len(segs)] + [min_steps])):
             add([(segs[t][0] + j, segs[t][0] + j + 1) if t < len(segs) and j < segs[t][1] else (0, 0)
                  for segs in rows], latent=True)
         starts = [segs[t][0] + segs[t][1] if t < len(segs) else starts[r] for r, segs in enumerate(rows)]
@@ -135,8 +138,13 @@ def _pad_mask(shape, rows: list[list[tuple[int, int]]], device) -> torch.Tensor:
     return mask
 
 
-def stage2_loss(model, batch: dict, always_run_vision: bool = False) -> Stage2Output:
-    """Stage-2 CE with the latents fed back through a KV cache: (S_max + 1) chunk calls + sum_t K_t steps."""
+def stage2_loss(model, batch: dict, always_run_vision: bool = False, min_segments: int = 0,
+                min_steps: int = 0) -> Stage2Output:
+    """Stage-2 CE with the latents fed back through a KV cache: (S_max + 1) chunk calls + sum_t K_t steps.
+
+    Under ZeRO-3 pass the largest segment count of any rank as `min_segments` and K as
+    `min_steps` (and `always_run_vision=True`): every rank then makes the same calls.
+    """
     from transformers import DynamicCache
 
     _check_batch(model, batch, uses_cache=True)
@@ -144,7 +152,7 @@ def stage2_loss(model, batch: dict, always_run_vision: bool = False) -> Stage2Ou
     embeds = embed_tokens(model, batch, always_run_vision=always_run_vision)
     positions, _ = rope_positions(model, batch)
     n_rows, device = embeds.shape[0], embeds.device
-    plan, physical = _lockstep_plan(lengths, rows, embeds.shape[1], device)
+    plan, physical = _lockstep_plan(lengths, rows, embeds.shape[1], device, min_segments, min_steps)
 
     cache = DynamicCache(config=model.model.language_model.config)
     seen = torch.zeros(n_rows, 0, dtype=torch.bool, device=device)  # live slots of the cache so far
