@@ -22,6 +22,7 @@ setup(
         "pillow",
         "tqdm",
         "safetensors",
+        "accelerate>=1.1",  # transformers' DeepSpeed integration (ZeRO-3 loading) needs it
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
@@ -30,6 +31,8 @@ setup(
     entry_points={
         "console_scripts": [
             "ilvr-prepare=data_pipeline.prepare:main",
+            "ilvr-train=ilvr.train:main",
+            "ilvr-export=ilvr.export:main",
         ],
     },
 )

@@ -85,6 +85,8 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end and on signals
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
+    stop_after: int = 0  # leave (with a checkpoint) after this many steps in this process; 0 = run to max_steps
+    collective_timeout: int = 600  # seconds a collective may wait before a dead rank stops the job
 
 
 @dataclass
@@ -287,6 +289,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = only at the end)")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    _require(t.stop_after >= 0, f"train.stop_after={t.stop_after} must be >= 0 (0 = run to train.max_steps)")
+    _require(t.collective_timeout >= 10, f"train.collective_timeout={t.collective_timeout} must be >= 10 seconds")
     if t.stage == "1+2":
         _require(0 <= t.stage1_steps <= t.max_steps,
                  f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps}")

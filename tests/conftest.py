@@ -10,6 +10,10 @@ from data_pipeline.tiny_processor import build_tiny_processor, load_processor
 from tests.factories import corpus_texts
 
 REPO = Path(__file__).resolve().parents[1]
+# DeepSpeed on CPU, and one cache for the op it compiles on first use (~24 s otherwise)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(os.environ.get("ILVR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -10,7 +10,9 @@ traceback; a hang is killed after `timeout` seconds.
 from __future__ import annotations
 
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -42,26 +44,32 @@ def _entry(fn, rank, world_size, port, queue, kwargs):
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 120, **kwargs) -> list[Any]:
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, kwargs)) for r in range(world_size)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
     results: dict[int, Any] = {}
     errors = []
-    while not queue.empty():
-        rank, ok, value = queue.get()
+    deadline = time.monotonic() + timeout
+    # read while the ranks run: a rank blocks on a full pipe until its (large) result is read
+    while len(results) + len(errors) < world_size and time.monotonic() < deadline:
+        try:
+            rank, ok, value = queue.get(timeout=0.2)
+        except queue_module.Empty:
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break
+            continue
         if ok:
             results[rank] = value
         else:
             errors.append(f"rank {rank} failed:\n{value}")
+    hung = [r for r, p in enumerate(procs) if p.is_alive() and r not in results]
+    for p in procs:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
     if errors:
         raise AssertionError("\n".join(errors))
     if hung:

@@ -16,7 +16,8 @@ from ilvr.model.generate import LATENT_MARKER, generate, left_pad_prompts
 from tests.factories import vsp_like_record
 
 K = 4
-MIX = 0.4
+MIX = 0.4  # logit bias on <|latent_start|>: a mix of text and latent segments
+FORCE = 100.0  # a segment whenever text is decoded
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_text_mode_matches_stock_generate_and_emits_no_latents(setup):
     """Positions of new tokens (left padding, images, rope_deltas) as in stock transformers generation."""
     model, tokenizer, latent_ids, prompts = setup
     batch = left_pad_prompts(prompts, tokenizer.pad_token_id, "cpu")
-    with logit_bias(model, latent_ids.start, 100.0):
+    with logit_bias(model, latent_ids.start, FORCE):
         with captured_logits(model) as ours_logits:
             ours = generate(model, prompts, tokenizer, latent_ids, K, mode="text", max_new_tokens=16)
         with captured_logits(model) as stock_logits, torch.no_grad():
@@ -166,7 +167,7 @@ def test_constant_latent_feeds_a_constant_and_keeps_the_structure(setup, constan
     model, tokenizer, latent_ids, prompts = setup
     vector = torch.zeros(model.config.text_config.hidden_size) if constant == "zeros" else None
     expected = vector if vector is not None else model.get_input_embeddings().weight.mean(0)
-    with logit_bias(model, latent_ids.start, MIX):
+    with logit_bias(model, latent_ids.start, FORCE):  # segments regardless of the random weights
 
         def run(mode):
             return generate(model, prompts[:2], tokenizer, latent_ids, K, mode=mode, max_new_tokens=20,
@@ -205,7 +206,7 @@ def test_sampling_is_reproducible_with_a_generator(setup):
 
 def test_max_new_tokens_cuts_inside_a_segment(setup):
     model, tokenizer, latent_ids, prompts = setup
-    with logit_bias(model, latent_ids.start, 100.0):
+    with logit_bias(model, latent_ids.start, FORCE):
         for n, segments in ((1, [(1, 0)]), (4, [(1, 3)]), (7, [(1, K), (7, 0)])):
             r = generate(model, prompts[:1], tokenizer, latent_ids, K, max_new_tokens=n)[0]
             assert len(r.token_ids) == n and not r.finished and r.latent_segments == segments

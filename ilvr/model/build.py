@@ -82,7 +82,7 @@ def tiny_config(tokenizer, image_processor, size: TinySize = TinySize(), attn_im
             hidden_size=size.hidden, intermediate_size=size.intermediate, num_hidden_layers=size.layers,
             num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, vocab_size=len(tokenizer),
             max_position_embeddings=32768, bos_token_id=None, eos_token_id=tid("<|im_end|>"),
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=None,  # no padding row: its init indexes the weight, which fails under zero.Init
             rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section(head_dim)},
         ),
         vision_config=dict(

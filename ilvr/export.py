@@ -1,0 +1,150 @@
+"""ilvr-export: a training checkpoint -> a Hugging Face model directory stock transformers loads.
+
+    ilvr-export --checkpoint runs/x/checkpoints/step-500 --out exported/ [--processor DIR]
+
+Contract with the trainer (what a checkpoint dir must hold; ilvr.training.checkpoint writes it):
+  ds/                    DeepSpeed ZeRO shards under tag "ds" (engine.save_checkpoint(dir, tag="ds"))
+  model_config/config.json  the student's config (model.config.save_pretrained), with
+                         `ilvr_latent_token_ids` set by ilvr.model.build.init_latent_embeddings
+  processor/             the processor (processor.save_pretrained), latent tokens included;
+                         --processor overrides it
+  trainer.json           {"step": N, "config": Config.to_dict(), optionally "stage": "1"|"2", ...}
+  COMPLETE               the checkpoint finished saving
+
+The exported dir holds the model (safetensors, the config), the processor with the latent
+tokens, and ilvr_settings.json (K, latent token strings and ids, stage, step, loss settings)
+that ILVR inference needs besides the weights. It is written to `<out>.tmp` and renamed, so
+an interrupted export never leaves a half directory at `out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+
+import torch
+
+from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "ilvr_settings.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def latent_settings(tokenizer, latent_size: int) -> dict:
+    """The latent-token part of ilvr_settings.json, looked up in `tokenizer`."""
+    ids = LatentTokenIds.from_tokenizer(tokenizer)
+    return {
+        "latent_size": int(latent_size),
+        "latent_tokens": {name: {"token": tok, "id": tid}
+                          for name, tok, tid in zip(("start", "pad", "end"), LATENT_TOKENS, ids.as_tuple())},
+    }
+
+
+def export_model(model, processor, out_dir: str, settings: dict) -> str:
+    """Save `model` (safetensors), `processor` and ilvr_settings.json (`settings` + latent tokens) to out_dir.
+
+    `settings` must hold "latent_size"; the latent token ids are taken from the processor's
+    tokenizer and must match the model config's `ilvr_latent_token_ids` when it has them.
+    """
+    if "latent_size" not in settings:
+        raise ValueError("settings must hold latent_size (K)")
+    full = {**settings, **latent_settings(processor.tokenizer, settings["latent_size"])}
+    ids = [t["id"] for t in full["latent_tokens"].values()]
+    recorded = getattr(model.config, "ilvr_latent_token_ids", None)
+    if recorded is not None and list(recorded) != ids:
+        raise ValueError(f"the model was trained with latent token ids {list(recorded)}, the processor has {ids}: "
+                         "export with the processor used for training")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(processor.tokenizer) > rows:
+        raise ValueError(f"the tokenizer has {len(processor.tokenizer)} tokens, the model only {rows} embedding rows")
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)  # transformers 5 always writes safetensors
+    processor.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, SETTINGS_FILE), "w", encoding="utf-8") as f:
+        json.dump(full, f, indent=2)
+    return out_dir
+
+
+def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The full fp32 state dict of a checkpoint's ZeRO shards (DeepSpeed's public zero_to_fp32 API)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="ds")
+
+
+def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32):
+    """A stock HF model built from `<checkpoint>/model_config` holding the consolidated weights (strict)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(os.path.join(checkpoint, "model_config"), local_files_only=True)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
+    return model.to(dtype).eval()
+
+
+def checkpoint_settings(trainer_state: dict) -> dict:
+    """ilvr_settings.json fields from trainer.json: K, stage, step, the loss settings."""
+    config = trainer_state.get("config") or {}
+    train = config.get("train", {})
+    stage = trainer_state.get("stage") or train.get("stage")
+    if stage == "1+2":  # which of the two the checkpoint is in
+        stage = "1" if trainer_state.get("step", 0) < train.get("stage1_steps", 0) else "2"
+    if "latent_size" not in config.get("model", {}):
+        raise ValueError("trainer.json has no config.model.latent_size")
+    return {"latent_size": config["model"]["latent_size"], "stage": stage, "step": trainer_state.get("step"),
+            "loss": config.get("loss", {})}
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None = None, dtype: str = "fp32",
+                      overwrite: bool = False) -> str:
+    """Consolidate `checkpoint` and write the HF directory `out_dir` (via `<out_dir>.tmp` + rename)."""
+    from data_pipeline.tiny_processor import load_processor
+
+    if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
+        raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker)")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    processor_dir = processor_dir or os.path.join(checkpoint, "processor")
+    if not os.path.isdir(processor_dir):
+        raise FileNotFoundError(f"no processor at {processor_dir}; pass --processor DIR")
+    with open(os.path.join(checkpoint, "trainer.json"), encoding="utf-8") as f:
+        settings = checkpoint_settings(json.load(f))
+    processor, _ = load_processor(processor_dir)
+    model = model_from_checkpoint(checkpoint, DTYPES[dtype])
+
+    tmp = os.path.normpath(out_dir) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_model(model, processor, tmp, {**settings, "source_checkpoint": os.path.abspath(checkpoint)})
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    log.info("exported %s -> %s", checkpoint, out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ilvr-export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a step-<N> checkpoint dir, or a run dir (its latest)")
+    parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    parser.add_argument("--processor", default=None, help="processor dir (default: <checkpoint>/processor)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from ilvr.training.checkpoint import is_complete, latest
+
+    checkpoint = args.checkpoint if is_complete(args.checkpoint) else latest(args.checkpoint)
+    if checkpoint is None:
+        parser.error(f"{args.checkpoint} is neither a complete checkpoint nor a run dir with one")
+    export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

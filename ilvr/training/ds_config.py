@@ -1,0 +1,229 @@
+"""DeepSpeed JSON configs with "auto" values, resolved from the training config before any engine starts.
+
+    ds = resolve_ds_config("ds_configs/zero3.json", cfg, world_size=2, hidden_size=3584)
+
+Why: DeepSpeed itself drops or rejects "auto" without a word, so a config copied from LLaVA or
+LLaMA-Factory would silently train with DeepSpeed's defaults (no clipping, lr 1e-3, fp32...).
+Here every "auto" is replaced from `Config` and the model, explicit values are kept but checked
+against the training config, and an "auto" nobody knows is an error that names its key path.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any
+
+AUTO = "auto"
+ADAM_EPS = 1e-8
+SCHEDULER_FOR = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+class DeepSpeedConfigError(ValueError):
+    """A DeepSpeed config that cannot be resolved; the message names the key path(s) and the fix."""
+
+
+def load_ds_config(ds: "dict | str | os.PathLike") -> dict:
+    """A private deep copy of a config dict, or the parsed JSON file."""
+    if isinstance(ds, dict):
+        return copy.deepcopy(ds)
+    path = os.fspath(ds)
+    if not os.path.isfile(path):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path!r} does not exist (see ds_configs/ for templates)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DeepSpeedConfigError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+    return data
+
+
+def resolve_dtype(dtype: str, cuda: "bool | None" = None) -> str:
+    """model.dtype -> "bf16" | "fp16" | "fp32"; "auto" means bf16 on CUDA, fp32 on CPU."""
+    if dtype != AUTO:
+        return dtype
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return "bf16" if cuda else "fp32"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or (isinstance(a, bool) and isinstance(b, bool) and a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+class _Filler:
+    """Fills one config tree in place and collects every conflict, so one error lists them all."""
+
+    def __init__(self, tree: dict):
+        self.tree = tree
+        self.conflicts: list[str] = []
+
+    def node(self, path: str, create: bool) -> "tuple[dict | None, str]":
+        *parents, key = path.split(".")
+        node = self.tree
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                if not create:
+                    return None, key
+                node[p] = {}
+            node = node[p]
+        return node, key
+
+    def fill(self, path: str, value: Any, source: str, must_match: bool = True, add_missing: bool = False) -> None:
+        """"auto" -> value; a missing key gets it too when `add_missing`; explicit values must match."""
+        node, key = self.node(path, create=add_missing)
+        if node is None:
+            return
+        if key not in node:
+            if add_missing:
+                node[key] = value
+            return
+        current = node[key]
+        if current == AUTO:
+            node[key] = value
+        elif must_match and not _same(current, value):
+            self.conflicts.append(f"{path}={current!r} in the DeepSpeed config conflicts with {source}={value!r}")
+
+
+def _auto_paths(tree: Any, prefix: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [p for k, v in tree.items() for p in _auto_paths(v, f"{prefix}{k}.")]
+    if isinstance(tree, list):
+        return [p for i, v in enumerate(tree) for p in _auto_paths(v, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if tree == AUTO else []
+
+
+_WARMUP_KEYS = {"warmup_num_steps", "warmup_type", "last_batch_iteration"}
+SCHEDULER_KEYS = {  # the keyword arguments of DeepSpeed's scheduler classes (deepspeed/runtime/lr_schedules.py)
+    "WarmupLR": _WARMUP_KEYS | {"warmup_min_lr", "warmup_max_lr"},
+    "WarmupDecayLR": _WARMUP_KEYS | {"warmup_min_lr", "warmup_max_lr", "total_num_steps"},
+    "WarmupCosineLR": _WARMUP_KEYS | {"warmup_min_ratio", "cos_min_ratio", "total_num_steps"},
+}
+
+
+def scheduler_params(cfg, kind: str) -> "tuple[dict, dict]":
+    """(params that must match the training config, params that only fill gaps) for a DeepSpeed scheduler.
+
+    Warmup is linear and the decay ends at 0. DeepSpeed >= 0.19.6 rejects warmup_num_steps=0 and
+    stretches any warmup to at least 2 steps, so without warmup the cosine and constant schedules
+    "warm up" from the full lr. WarmupDecayLR decays towards warmup_min_lr, which must stay 0, so
+    a linear schedule always has those 2 warmup steps.
+    """
+    t = cfg.train
+    warmup = max(1, t.warmup_steps)
+    flat = t.warmup_steps == 0
+    match = {"warmup_num_steps": (warmup, "train.warmup_steps")}
+    if kind != "WarmupLR":
+        match["total_num_steps"] = (t.max_steps, "train.max_steps")
+    if kind == "WarmupCosineLR":
+        gaps = {"warmup_min_ratio": 1.0 if flat else 0.0, "cos_min_ratio": 0.0, "warmup_type": "linear"}
+        return match, gaps
+    match["warmup_max_lr"] = (t.lr, "train.lr")
+    gaps = {"warmup_min_lr": t.lr if flat and kind == "WarmupLR" else 0.0, "warmup_type": "linear"}
+    return match, gaps
+
+
+def _resolve_scheduler(out: dict, f: _Filler, cfg) -> None:
+    kind = SCHEDULER_FOR[cfg.train.lr_schedule]
+    sched = out.setdefault("scheduler", {})
+    if not isinstance(sched, dict):
+        raise DeepSpeedConfigError(f"scheduler must be a JSON object, got {sched!r}")
+    if sched.get("type", AUTO) == AUTO:
+        sched["type"] = kind
+    elif sched["type"] != kind:
+        f.conflicts.append(f"scheduler.type={sched['type']!r} in the DeepSpeed config conflicts with "
+                           f"train.lr_schedule={cfg.train.lr_schedule!r} (which needs {kind!r})")
+        return
+    params = sched.setdefault("params", {})
+    for key in [k for k in params if k not in SCHEDULER_KEYS[kind]]:
+        if params[key] != AUTO:  # DeepSpeed would fail with "unexpected keyword argument"
+            f.conflicts.append(f"scheduler.params.{key}={params[key]!r} is not a parameter of {kind} "
+                               f"(chosen by train.lr_schedule={cfg.train.lr_schedule!r})")
+        del params[key]  # "auto" for a parameter this schedule does not have: nothing to fill
+    match, gaps = scheduler_params(cfg, kind)
+    for key, (value, source) in match.items():
+        f.fill(f"scheduler.params.{key}", value, source, add_missing=True)
+    for key, value in gaps.items():
+        f.fill(f"scheduler.params.{key}", value, "defaults", must_match=False, add_missing=True)
+
+
+def resolve_ds_config(ds: "dict | str | os.PathLike", cfg, world_size: int, hidden_size: "int | None",
+                      *, cuda: "bool | None" = None) -> dict:
+    """Return a copy of `ds` with every "auto" replaced; raise DeepSpeedConfigError on conflicts.
+
+    Training-config keys that are missing are added (DeepSpeed's own defaults -- no clipping,
+    lr 1e-3, no scheduler -- would silently disagree with `cfg`); the optimizer and scheduler
+    sections are created when absent. `cuda` overrides CUDA detection for dtype "auto".
+    """
+    if world_size < 1:
+        raise DeepSpeedConfigError(f"world_size={world_size} must be >= 1")
+    out = load_ds_config(ds)
+    d, t = cfg.data, cfg.train
+    f = _Filler(out)
+    micro, accum = d.batch_size, t.grad_accum
+    f.fill("train_micro_batch_size_per_gpu", micro, "data.batch_size", add_missing=True)
+    f.fill("gradient_accumulation_steps", accum, "train.grad_accum", add_missing=True)
+    f.fill("train_batch_size", micro * accum * world_size,
+           f"data.batch_size*train.grad_accum*world_size ({micro}*{accum}*{world_size})", add_missing=True)
+    f.fill("gradient_clipping", t.max_grad_norm, "train.max_grad_norm", add_missing=True)
+
+    dtype = resolve_dtype(cfg.model.dtype, cuda)
+    source = f"model.dtype={cfg.model.dtype!r} (-> {dtype}), so enabled"
+    for name in ("bf16", "fp16"):
+        f.fill(f"{name}.enabled", dtype == name, source, add_missing=dtype == name)
+
+    if not isinstance(out.get("optimizer"), dict):
+        out["optimizer"] = {"type": "AdamW", "params": {"torch_adam": True}}
+    out["optimizer"].setdefault("type", "AdamW")
+    f.fill("optimizer.params.lr", t.lr, "train.lr", add_missing=True)
+    f.fill("optimizer.params.betas", list(t.betas), "train.betas", add_missing=True)
+    f.fill("optimizer.params.weight_decay", t.weight_decay, "train.weight_decay", add_missing=True)
+    f.fill("optimizer.params.eps", ADAM_EPS, "default eps", must_match=False)
+    _resolve_scheduler(out, f, cfg)
+
+    hidden_keys = {"reduce_bucket_size": lambda h: h * h,
+                   "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+                   "stage3_param_persistence_threshold": lambda h: 10 * h}
+    zero = out.get("zero_optimization")
+    wanted = [k for k in hidden_keys if isinstance(zero, dict) and zero.get(k) == AUTO]
+    if wanted and not (isinstance(hidden_size, int) and hidden_size > 0):
+        raise DeepSpeedConfigError(f"zero_optimization.{wanted[0]} is \"auto\" but the model's hidden size is "
+                                   f"unknown ({hidden_size!r}); pass hidden_size or set a number in the config")
+    for key in wanted:
+        f.fill(f"zero_optimization.{key}", hidden_keys[key](hidden_size), "hidden size", must_match=False)
+
+    if f.conflicts:
+        raise DeepSpeedConfigError("DeepSpeed config disagrees with the training config:\n  - "
+                                   + "\n  - ".join(f.conflicts)
+                                   + "\nSet these keys to \"auto\" or change the training config.")
+    left = _auto_paths(out)
+    if left:
+        raise DeepSpeedConfigError(f"DeepSpeed config has \"auto\" values nothing can fill: {', '.join(left)}. "
+                                   "Replace them with numbers (DeepSpeed would ignore or reject them).")
+    return out
+
+
+def describe(resolved: dict) -> str:
+    """Pretty JSON for the log."""
+    return json.dumps(resolved, indent=2)
+
+
+def save_resolved(resolved: dict, path: str) -> str:
+    """Write the resolved config beside the run (atomically) so a run can be reproduced exactly."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(describe(resolved) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,132 @@
+"""End to end: `ilvr/train.py` on 2 gloo ranks with DeepSpeed (torchrun), on synthetic VSP shards."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data_pipeline.records import record_to_sample
+from data_pipeline.shards import ShardWriter
+from data_pipeline.sources.synthetic_vsp import read as synthetic
+from tests.conftest import REPO
+from tests.distributed import free_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("train_shards"))
+    writer = ShardWriter(out, prefix="train", samples_per_shard=8)
+    for i, rec in enumerate(synthetic(num_samples=48, seed=7, min_size=3, max_size=4)):
+        writer.write(record_to_sample(rec, i))
+    writer.close()
+    return out
+
+
+def command(out_dir: str, shards: str, processor: str, *overrides: str, ds: str = "zero3", nproc: int = 2):
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            str(REPO / "ilvr" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / f"{ds}.json"),
+            "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"train.output_dir={out_dir}",
+            f"data.train_shards={shards}", "data.eval_shards=", f"data.processor={processor}", "data.num_workers=0",
+            "data.batch_size=2", "train.log_every=1", *overrides]
+
+
+def env() -> dict:
+    e = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("MLFLOW_RUN_ID", None)
+    return e
+
+
+def train(*args, timeout: float = 400, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(*args, **kw), env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(out_dir: str) -> dict[int, dict]:
+    """Per step, the last logged metrics (a resumed run logs the steps after its checkpoint again)."""
+    rows = {}
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return rows
+
+
+def test_zero3_two_stages_loss_falls_and_mlflow_has_the_run(tmp_path, shards, tiny_processor_dir):
+    out = str(tmp_path / "run")
+    train(out, shards, tiny_processor_dir, "train.max_steps=30", "train.stage1_steps=20", "train.save_every=0",
+          "train.warmup_steps=2", "train.lr=2e-3")
+    m = metrics(out)
+    assert sorted(m) == list(range(1, 31))
+    assert {m[s]["stage"] for s in range(1, 21)} == {1.0} and {m[s]["stage"] for s in range(21, 31)} == {2.0}
+    first = sum(m[s]["ce"] for s in (1, 2, 3)) / 3
+    late = sum(m[s]["ce"] for s in (18, 19, 20)) / 3
+    assert late < first - 0.5, (first, late)
+    assert all(m[s]["align"] >= 0 for s in range(1, 21)) and "latent/selected_mean" in m[5]
+    assert m[30]["ce"] < m[21]["ce"] + 0.5  # stage 2 trains on from stage 1 without blowing up
+    assert os.path.isfile(os.path.join(out, "checkpoints", "step-30", "COMPLETE"))
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{os.path.abspath(out)}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.latent_size"] == "4" and run.data.tags.get("world_size") == "2"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 30
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, shards, tiny_processor_dir):
+    common = ("train.max_steps=7", "train.stage1_steps=4", "train.save_every=0", "train.warmup_steps=1")
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train(straight, shards, tiny_processor_dir, *common)
+    train(split, shards, tiny_processor_dir, *common, "train.stop_after=3")  # "preempted" after step 3
+    assert sorted(metrics(split)) == [1, 2, 3]
+    train(split, shards, tiny_processor_dir, *common)  # --resume auto
+    a, b = metrics(straight), metrics(split)
+    assert sorted(b) == list(range(1, 8))
+    for step in range(1, 8):  # fp32 on CPU: exactly the same numbers
+        assert b[step]["loss"] == a[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{os.path.abspath(split)}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1, "the resumed run logs into the same MLflow run"
+
+
+def test_zero2_trains(tmp_path, shards, tiny_processor_dir):
+    out = str(tmp_path / "z2")
+    train(out, shards, tiny_processor_dir, "train.max_steps=3", "train.stage1_steps=2", ds="zero2")
+    assert sorted(metrics(out)) == [1, 2, 3]
+
+
+def test_killing_one_rank_ends_the_job_quickly(tmp_path, shards, tiny_processor_dir):
+    out = str(tmp_path / "kill")
+    proc = subprocess.Popen(command(out, shards, tiny_processor_dir, "train.max_steps=1000", "train.save_every=0",
+                                    "train.collective_timeout=60"),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        path = os.path.join(out, "metrics.jsonl")
+        while time.time() < deadline and not (os.path.isfile(path) and len(open(path).readlines()) >= 2):
+            assert proc.poll() is None, "training ended before the test could kill a rank"
+            time.sleep(0.5)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed_at = time.time()
+        code = proc.wait(timeout=120)
+        assert code != 0
+        assert time.time() - killed_at < 120
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
