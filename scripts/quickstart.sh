@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job end to end on this CPU machine: data -> shards -> tiny processor -> streamed batches.
+# The main job end to end on this CPU machine:
+# data -> shards -> tiny processor -> ZeRO-3 training on 2 ranks (stage 1 -> stage 2) -> MLflow -> export.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -18,6 +19,20 @@ echo "== 1. synthetic VSP data -> WebDataset shards"
 echo "== 2. tiny Qwen2.5-VL processor trained on the shards' text"
 "$PY" -m data_pipeline.tiny_processor --shards "$OUT/shards/train" --out "$OUT/processor"
 
-echo "== 3. stream training batches on 2 ranks"
-"$PY" -m data_pipeline.preview --config "$CONFIG" --world-size 2 --batches 8 "$@"
-echo "quickstart: done (outputs in $OUT)"
+echo "== 3. the batches each of 2 ranks will stream"
+"$PY" -m data_pipeline.preview --config "$CONFIG" --world-size 2 --batches 2
+
+echo "== 4. DeepSpeed ZeRO-3 training on 2 ranks: stage 1 (momentum teacher) then stage 2"
+rm -rf "$OUT/train"
+PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$VENV/bin/deepspeed" --num_gpus 2 --master_port "$PORT" ilvr/train.py --deepspeed ds_configs/zero3.json \
+  --config "$CONFIG" --resume never "$@" 2>&1 | grep --line-buffered -E "ilvr\.|Error|error" || true
+test -f "$OUT/train/checkpoints/latest" || { echo "quickstart: training failed (no checkpoint)"; exit 1; }
+
+echo "== 5. MLflow (sqlite store in $OUT/train/mlflow.db; browse: mlflow ui --backend-store-uri sqlite:///$PWD/$OUT/train/mlflow.db)"
+"$PY" -m ilvr.training.tracking "$OUT/train"
+
+echo "== 6. export the last checkpoint as a Hugging Face directory"
+rm -rf "$OUT/export"
+"$PY" -m ilvr.export --checkpoint "$OUT/train" --out "$OUT/export"
+echo "quickstart: done (outputs in $OUT; evaluation joins this script with the evaluation issue)"

@@ -274,3 +274,24 @@ class Tracker:
                 self.client.log_artifact(self.run_id, path, artifact_path)
         except Exception as e:
             self._fail("log_artifact", e)
+
+
+def summarize(output_dir: str) -> str:
+    """A few lines about the runs in a run directory's default store (used by the quick start)."""
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{os.path.abspath(output_dir)}/mlflow.db")
+    lines = []
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        loss = client.get_metric_history(run.info.run_id, "loss")
+        arts = [a.path for a in client.list_artifacts(run.info.run_id)]
+        first, last = (loss[0].value, loss[-1].value) if loss else (float("nan"), float("nan"))
+        lines.append(f"MLflow run {run.info.run_id} ({run.info.status}): {len(run.data.params)} params, "
+                     f"{len(loss)} loss points ({first:.3f} -> {last:.3f}), artifacts {arts}")
+    return "\n".join(lines) or f"no MLflow runs under {output_dir}"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(summarize(sys.argv[1]))

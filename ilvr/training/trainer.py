@@ -178,7 +178,7 @@ class Trainer:
 
     def _release_teacher(self) -> None:
         if self.teacher is not None:
-            log.info("stage 2 from step %d: the momentum teacher is released", self.step)
+            log.info("stage 2 from step %d on: the momentum teacher is released", self.step + 1)
             self.teacher = None
 
     def run(self) -> dict[str, float]:
