@@ -63,7 +63,6 @@ import sys
 import tempfile
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -111,13 +110,16 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, queue, opts: dict) -> None:
-    """One rank: process group (gloo), the three measurements, its results back through `queue`."""
+    """One rank: process group (gloo, started by DeepSpeed as the trainer does), the three measurements, its
+    results back through `queue`."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=opts["timeout"]))
+        from ilvr.training.distributed import dist_info_from_env, init_distributed
+
+        init_distributed(dist_info_from_env(), opts["timeout"])
         queue.put((rank, True, rank_main(rank, world_size, opts)))
     except BaseException:  # noqa: BLE001 -- every failure, assertions included, goes back to the parent
         queue.put((rank, False, traceback.format_exc()))

@@ -294,6 +294,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.stage == "1+2":
         _require(0 <= t.stage1_steps <= t.max_steps,
                  f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps}")
+    _require(not (m.gradient_checkpointing and t.stage in ("2", "1+2")),
+             f"model.gradient_checkpointing=true cannot run stage 2 (train.stage={t.stage!r}): its latents go through "
+             "the KV cache, which transformers drops under checkpointing; use train.stage=1, or turn it off")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     if not check_paths:

@@ -40,6 +40,7 @@ def test_later_files_win(tmp_path):
     ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
     ("train.stage1_steps=500", "train.stage1_steps=500 must be between 0 and train.max_steps=30"),
     ("lr=1", "the key must be section.key"),
+    ("model.gradient_checkpointing=true", "model.gradient_checkpointing=true cannot run stage 2"),
 ])
 def test_each_mistake_names_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -80,3 +81,11 @@ def test_override_parsing():
     assert parse_override("train.lr=2e-5") == {"train": {"lr": "2e-5"}}
     assert parse_override("data.train_shards=a,b") == {"data": {"train_shards": "a,b"}}
     assert parse_override("eval.shards=null") == {"eval": {"shards": None}}
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("qwen25vl_*.yaml")))
+def test_reference_recipes_load_with_the_reference_constants(recipe):
+    cfg = load_config(str(REPO / "configs" / recipe), check_paths=False)
+    assert (cfg.model.latent_size, cfg.train.ema_decay, cfg.loss.coverage_p, cfg.loss.max_candidates) == (8, 0.999, 0.9, 256)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.data.batch_size, cfg.train.grad_accum) == (1e-5, 0.01, 1, 8)
+    assert cfg.model.dtype == "bf16" and cfg.data.max_length == 32768 and cfg.eval.max_new_tokens == 4096
