@@ -309,11 +309,19 @@ def rematerialise_persistent(*modules) -> int:
 
 
 def count_collectives(fn) -> int:
-    """How many c10d (gloo) collectives `fn()` issues."""
+    """How many c10d (gloo) collectives `fn()` issues (profiler events; kineto's stderr chatter is dropped)."""
     import torch
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w", encoding="utf-8") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
     return sum(1 for e in prof.events() if e.name.startswith("gloo:"))
 
 
@@ -423,12 +431,13 @@ def rank_main(rank: int, world_size: int, opts: dict) -> dict[str, Any]:
     import gc
     import logging
 
+    import deepspeed  # noqa: F401 -- sets its logger's level on import; quieten it afterwards
     import torch
 
     torch.set_num_threads(opts["threads"])
     logging.basicConfig(level=logging.WARNING, force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):  # DeepSpeed warns about lr before step 1
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

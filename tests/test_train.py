@@ -109,17 +109,39 @@ def test_zero2_trains(tmp_path, shards, tiny_processor_dir):
     assert sorted(metrics(out)) == [1, 2, 3]
 
 
+def _wait_for_steps(proc, out: str, n: int, timeout: float = 300) -> None:
+    deadline, path = time.time() + timeout, os.path.join(out, "metrics.jsonl")
+    while time.time() < deadline and not (os.path.isfile(path) and len(open(path).readlines()) >= n):
+        assert proc.poll() is None, "training ended before the test could act"
+        time.sleep(0.5)
+
+
+def test_sigusr1_to_one_rank_checkpoints_everywhere_and_exits_cleanly(tmp_path, shards, tiny_processor_dir):
+    out = str(tmp_path / "usr1")
+    proc = subprocess.Popen(command(out, shards, tiny_processor_dir, "train.max_steps=1000", "train.save_every=0"),
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_steps(proc, out, 2)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[-1]), signal.SIGUSR1)  # e.g. Slurm's warning before the time limit, to one rank
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    last = max(metrics(out))
+    assert last < 1000
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == f"step-{last}"
+    assert all(os.path.isfile(os.path.join(out, "checkpoints", f"step-{last}", f"rank{r}.json")) for r in (0, 1))
+
+
 def test_killing_one_rank_ends_the_job_quickly(tmp_path, shards, tiny_processor_dir):
     out = str(tmp_path / "kill")
     proc = subprocess.Popen(command(out, shards, tiny_processor_dir, "train.max_steps=1000", "train.save_every=0",
                                     "train.collective_timeout=60"),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        path = os.path.join(out, "metrics.jsonl")
-        while time.time() < deadline and not (os.path.isfile(path) and len(open(path).readlines()) >= 2):
-            assert proc.poll() is None, "training ended before the test could kill a rank"
-            time.sleep(0.5)
+        _wait_for_steps(proc, out, 2)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(workers[-1]), signal.SIGKILL)
