@@ -1,6 +1,6 @@
 """Training-side cost of ILVR on DeepSpeed ZeRO-3, on 2 gloo ranks on CPU: EMA teacher, memory, step breakdown.
 
-    python -m bench.train [--samples 128] [--ema-repeats 5] [--big-steps 3] [--steps 10] [--json PATH]
+    python -m bench.train [--samples 128] [--ema-repeats 15] [--big-steps 3] [--steps 10] [--json PATH]
 
 The script writes synthetic VSP shards and a tiny processor to a temporary directory, then
 starts 2 gloo ranks itself (torch.multiprocessing spawn, 1 torch thread each) that build the
@@ -26,15 +26,16 @@ measures, side by side in one run:
    forward+backward with teacher targets, optimizer step, EMA) give the EMA's share of a step
    (target <= 1%). Both updates start from the same teacher and student; the gathered
    teacher weights must agree (max |diff| printed), and the c10d collectives each issues are
-   counted. The reference frees the resident copies of persistent parameters on its way out
-   (GatheredParameters re-partitions everything it gathered); the next training forward would
-   fetch them again, so after each reference call they are re-gathered untimed, leaving ours
-   the state it has in training.
+   counted. The reference frees the resident full copies of persistent parameters on its way
+   out (GatheredParameters re-partitions everything it gathered); the next training forward
+   would fetch them again, so after each reference call the ones that were resident after the
+   training steps are re-gathered untimed, which leaves ours the state it has in training.
 2. Memory per rank of the teacher on the same model: bytes of its local partitions
    (`ds_tensor`, padding included), of the full copies of persistent parameters, and of its
    fp32 EMA buffers, beside params x (2+4) / world_size (the claim for bf16 training: bf16
    shard + fp32 EMA shard), params x (4+4) / world_size (this fp32 run) and params x 4 (one
-   full fp32 replica of the teacher alone). Process RSS growth while the teacher is built and
+   full fp32 replica of the teacher alone), and how many persistent parameters of teacher and
+   student have a resident full copy. Process RSS growth while the teacher is built and
    the peak RSS of each rank (`resource.getrusage`) are printed for context.
 3. A step-time breakdown for the tiny recipe itself (configs/tiny_cpu.yaml: default TinySize,
    batch 4, K=4, stage 1), over `--steps` steps after `--warmup` steps: data (loader next),
@@ -296,16 +297,22 @@ def reference_ema(engine, teacher, decay: float) -> None:
             torch._foreach_add_(t_params, s_params, alpha=1.0 - decay)
 
 
-def rematerialise_persistent(*modules) -> int:
-    """Gather persistent parameters that are not resident (after GatheredParameters freed them), as the next
-    training forward would, and leave them resident. Collective: every rank calls it. Returns how many."""
+def resident_persistent(*modules) -> list:
+    """The persistent parameters of `modules` whose full copy is resident now."""
     from ilvr.training.teacher import _materialised
 
-    params = [p for m in modules for p in m.parameters()
-              if hasattr(p, "ds_id") and p.ds_persist and not _materialised(p)]
-    if params:
-        params[0].all_gather(param_list=params)
-    return len(params)
+    return [p for m in modules for p in m.parameters() if hasattr(p, "ds_id") and p.ds_persist and _materialised(p)]
+
+
+def rematerialise(params: list) -> int:
+    """Gather those of `params` that are no longer resident (GatheredParameters freed them), as the next training
+    forward would, and leave them resident. Collective: every rank calls it. Returns how many."""
+    from ilvr.training.teacher import _materialised
+
+    missing = [p for p in params if not _materialised(p)]
+    if missing:
+        missing[0].all_gather(param_list=missing)
+    return len(missing)
 
 
 def count_collectives(fn) -> int:
@@ -339,21 +346,24 @@ def teacher_memory(teacher, world_size: int) -> dict[str, Any]:
     """Bytes this rank holds for the teacher: local partitions, resident full copies, fp32 EMA buffers."""
     from ilvr.training.teacher import _materialised
 
-    shard = full_copies = unpartitioned = n_params = n_persistent = 0
+    shard = full_copies = unpartitioned = n_params = n_persistent = persistent = resident = 0
     for p in teacher.module.parameters():
         n_params += getattr(p, "ds_numel", p.numel())
         if hasattr(p, "ds_id"):
             shard += p.ds_tensor.numel() * p.ds_tensor.element_size()
             if p.ds_persist:
                 n_persistent += p.ds_numel
+                persistent += 1
             if p.ds_persist and _materialised(p):
                 full_copies += p.data.numel() * p.data.element_size()
+                resident += 1
         else:
             unpartitioned += p.numel() * p.element_size()
     buffers = teacher.state_dict()
     ema = sum(b.numel() * b.element_size() for b in buffers.values())
     ema_numel = sum(b.numel() for b in buffers.values())
     return {"params": n_params, "persistent_params": n_persistent, "ema_numel": ema_numel,
+            "teacher_persistent": persistent, "teacher_persistent_resident": resident,
             "partition_bytes": shard, "persistent_full_copy_bytes": full_copies, "unpartitioned_bytes": unpartitioned,
             "ema_buffer_bytes": ema, "total_bytes": shard + full_copies + unpartitioned + ema,
             "claim_bf16_bytes": n_params * (2 + 4) / world_size, "expected_fp32_bytes": n_params * (4 + 4) / world_size,
@@ -375,7 +385,10 @@ def bench_ema(cfg, processor, latent_ids, size, opts: dict, rank: int, world_siz
         t = train_step(engine, teacher, batches, cfg, generator, seed=1000 * rank + i)
         if i >= opts["big_warmup"]:
             steps.append(t)
-    memory = teacher_memory(teacher, world_size)  # steady state: persistent parameters resident after forwards
+    memory = teacher_memory(teacher, world_size)  # steady state, as in training
+    resident = resident_persistent(engine.module, teacher.module)  # the reference frees these; ours needs them
+    memory["student_persistent_resident"] = len(resident_persistent(engine.module))
+    memory["student_persistent"] = sum(1 for p in engine.module.parameters() if getattr(p, "ds_persist", False))
     memory.update(rss_before_teacher=rss_before, rss_after_teacher=rss_after, peak_rss=peak_rss())
 
     # same start for both: teacher T0 (buffers saved), student S; compare the gathered teacher weights
@@ -387,7 +400,7 @@ def bench_ema(cfg, processor, latent_ids, size, opts: dict, rank: int, world_siz
     teacher.load_state_dict(saved)
     ref_collectives = count_collectives(lambda: reference_ema(engine, teacher, decay))
     reference = teacher.gathered_state_dict()
-    refetched = rematerialise_persistent(engine.module, teacher.module)
+    refetched = rematerialise(resident)
     max_diff = max(float((ours[n] - reference[n]).abs().max()) for n in ours)
     moved = max(float((ours[n] - before[n]).abs().max()) for n in ours)
     del before, ours, reference
@@ -397,7 +410,7 @@ def bench_ema(cfg, processor, latent_ids, size, opts: dict, rank: int, world_siz
     for _ in range(opts["ema_repeats"]):
         times["ours"].append(timed(teacher.update))
         times["reference"].append(timed(lambda: reference_ema(engine, teacher, decay)))
-        rematerialise_persistent(engine.module, teacher.module)  # untimed: what the next forward would do
+        rematerialise(resident)  # untimed: what the next training forward would do
     teacher.load_state_dict(saved)
     t_params, _ = trainable_pairs(engine, teacher)
     result = {
@@ -496,8 +509,8 @@ def report(results: list[dict], args, wall_s: float) -> dict[str, Any]:
     print(f"  reference / ours = {ratio:.1f}x  ({'meets' if ratio >= EMA_RATIO_TARGET else 'MISSES'} the "
           f">= {EMA_RATIO_TARGET:.0f}x target)")
     print(f"  same teacher weights: max |ours - reference| = {max_diff:.2e} (the update moved weights by up to "
-          f"{max(e['ema_moved'] for e in ema):.2e}); persistent params re-gathered after the reference: "
-          f"{e0['persistent_refetched_after_reference']}")
+          f"{max(e['ema_moved'] for e in ema):.2e}); resident persistent params the reference freed "
+          f"(re-gathered untimed): {e0['persistent_refetched_after_reference']}")
     print(f"  full training step of this model (stage 1, batch {args.batch_size}, K={args.latent_size}; median of "
           f"{args.big_steps}): {step_ms:.0f} ms, EMA inside it {in_step_ema_ms:.1f} ms")
     print(f"  EMA / step = {100 * share:.2f}%  ({'meets' if share <= EMA_SHARE_TARGET else 'MISSES'} the "
@@ -521,6 +534,8 @@ def report(results: list[dict], args, wall_s: float) -> dict[str, Any]:
     print(f"  {'measured numels at bf16 (shards x 2 + EMA x 4)':<52}" + "".join(f"{mib(b):>14}" for b in bf16))
     print(f"  params {p / 1e6:.2f} M (EMA buffers cover the {m0['ema_numel'] / 1e6:.2f} M trainable elements of this "
           f"rank's shards + persistent params; the frozen vision tower has none)")
+    print(f"  persistent parameters with a resident full copy: teacher {m0['teacher_persistent_resident']} of "
+          f"{m0['teacher_persistent']}, student {m0['student_persistent_resident']} of {m0['student_persistent']}")
     print(f"  {'RSS growth while building the teacher':<52}" + "".join(
         f"{mib(m['rss_after_teacher'] - m['rss_before_teacher']) if m['rss_before_teacher'] else 'n/a':>14}"
         for m in mems))
@@ -565,7 +580,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--threshold", type=int, default=None, help="stage3_param_persistence_threshold for part 1-2 "
                    "(default: zero3.json's 'auto' = 10 x hidden)")
-    p.add_argument("--ema-repeats", type=int, default=5, help="timed EMA updates per variant (interleaved)")
+    p.add_argument("--ema-repeats", type=int, default=15, help="timed EMA updates per variant (interleaved)")
     p.add_argument("--big-warmup", type=int, default=1, help="untimed training steps of the part-1 model")
     p.add_argument("--big-steps", type=int, default=3, help="timed training steps of the part-1 model")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of the tiny recipe (part 3)")

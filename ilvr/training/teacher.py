@@ -188,8 +188,12 @@ class MomentumTeacher:
         started = time.perf_counter()
         with torch.no_grad(), self._student_full_values(self._ema):
             bufs = [self._buffers[s.name] for s in self._ema]
-            torch._foreach_mul_(bufs, self.decay)
-            torch._foreach_add_(bufs, [s.student_value() for s in self._ema], alpha=1.0 - self.decay)
+            src = [s.student_value() for s in self._ema]
+            if all(b.dtype == v.dtype for b, v in zip(bufs, src)):  # one fused pass: b += (1-d)(s - b)
+                torch._foreach_lerp_(bufs, src, 1.0 - self.decay)
+            else:  # bf16 student shards into fp32 buffers
+                torch._foreach_mul_(bufs, self.decay)
+                torch._foreach_add_(bufs, src, alpha=1.0 - self.decay)
         self._write(self._ema)
         if bufs and bufs[0].is_cuda:
             torch.cuda.synchronize(bufs[0].device)
