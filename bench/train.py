@@ -56,16 +56,15 @@ import argparse
 import json
 import os
 import platform
-import queue as queue_module
 import resource
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
+
+from ilvr.training.spawn import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny_cpu.yaml"
@@ -99,72 +98,6 @@ def prepare_data(workdir: str, n_samples: int, seed: int, max_size: int) -> tupl
     writer.close()
     processor = build_tiny_processor(os.path.join(workdir, "processor"), texts)
     return shards, processor
-
-
-# ----------------------------------------------------------------------------- launcher
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank: int, world_size: int, port: int, queue, opts: dict) -> None:
-    """One rank: process group (gloo, started by DeepSpeed as the trainer does), the three measurements, its
-    results back through `queue`."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
-    try:
-        from ilvr.training.distributed import dist_info_from_env, init_distributed
-
-        init_distributed(dist_info_from_env(), opts["timeout"])
-        queue.put((rank, True, rank_main(rank, world_size, opts)))
-    except BaseException:  # noqa: BLE001 -- every failure, assertions included, goes back to the parent
-        queue.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def launch(opts: dict, world_size: int, timeout: float) -> list[dict]:
-    """Run `rank_main` on `world_size` spawned ranks; return their results (rank order) or raise."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, queue, opts)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    errors: list[str] = []
-    deadline = time.monotonic() + timeout
-    while len(results) + len(errors) < world_size and time.monotonic() < deadline:
-        try:
-            rank, ok, value = queue.get(timeout=0.5)
-        except queue_module.Empty:
-            if all(not p.is_alive() for p in procs) and queue.empty():
-                break
-            continue
-        if ok:
-            results[rank] = value
-        else:
-            errors.append(f"rank {rank} failed:\n{value}")
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-    missing = [r for r in range(world_size) if r not in results]
-    if missing:
-        raise RuntimeError(f"ranks {missing} returned nothing within {timeout:.0f} s "
-                           f"(exit codes {[procs[r].exitcode for r in missing]})")
-    return [results[r] for r in range(world_size)]
 
 
 # ----------------------------------------------------------------------------- rank side: building
@@ -614,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
               f"prepared in {time.perf_counter() - started:.0f} s")
         opts = {k: v for k, v in vars(args).items() if k != "json"}
         opts.update(shards=shards, processor=processor, workdir=workdir)
-        results = launch(opts, WORLD_SIZE, args.timeout)
+        results = run_on_ranks(rank_main, WORLD_SIZE, timeout=args.timeout, opts=opts)
     summary = report(results, args, time.perf_counter() - started)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from ilvr.training.checkpoint import CheckpointManager, is_complete, latest, resolve_resume, rng_state, set_rng_state
-from tests.distributed import run_on_ranks
+from ilvr.training.spawn import run_on_ranks
 
 
 class FakeEngine:

@@ -15,7 +15,7 @@ from data_pipeline.encode import encode_prompt
 from data_pipeline.tiny_processor import load_processor
 from ilvr.export import SETTINGS_FILE, export_model, main
 from ilvr.model.generate import generate
-from tests.distributed import run_on_ranks
+from ilvr.training.spawn import run_on_ranks
 from tests.factories import vsp_like_record
 
 K = 4

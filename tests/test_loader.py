@@ -12,7 +12,7 @@ from data_pipeline.loader import build_loader, plan_slices, shuffled
 from data_pipeline.records import record_to_sample
 from data_pipeline.shards import ShardWriter, shard_sample_counts
 from data_pipeline.skips import TooManySkips
-from tests.distributed import run_on_ranks
+from ilvr.training.spawn import run_on_ranks
 from tests.factories import as_list, numbered_record, record_id_of, truncate_at_sample, write_shards
 
 UNEVEN = [7, 3, 11, 1, 6]  # 28 samples in shards of very different sizes

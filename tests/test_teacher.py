@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed import run_on_ranks
+from ilvr.training.spawn import run_on_ranks
 
 DECAY = 0.8  # far from 1 so that every step visibly moves the teacher
 STEPS = 3

@@ -14,7 +14,7 @@ import pytest
 from ilvr.config import load_config
 from ilvr.training.loss_curve import plot_loss_curve
 from ilvr.training.tracking import Tracker
-from tests.distributed import free_port
+from ilvr.training.spawn import free_port
 
 MLFLOW_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TAGS", "MLFLOW_NESTED_RUN"]
 

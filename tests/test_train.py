@@ -14,7 +14,7 @@ from data_pipeline.records import record_to_sample
 from data_pipeline.shards import ShardWriter
 from data_pipeline.sources.synthetic_vsp import read as synthetic
 from tests.conftest import REPO
-from tests.distributed import free_port
+from ilvr.training.spawn import free_port
 
 pytestmark = pytest.mark.slow
 

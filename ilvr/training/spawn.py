@@ -1,6 +1,9 @@
-"""Run a test function on N gloo ranks on CPU, in fresh processes, and collect what each returns.
+"""Run a function on N gloo ranks on CPU, in fresh processes, and collect what each returns.
 
     results = run_on_ranks(check_fn, world_size=2, some_arg=1)   # results[rank]
+
+Distributed code is unit-tested this way, in-process, with no launcher; the benchmarks
+use it to measure 2 ranks side by side.
 
 `fn` must be a module-level function (it is sent to spawned processes by reference).
 It runs with torch.distributed initialised (gloo) and gets `rank` and `world_size` as
@@ -26,13 +29,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, queue, kwargs):
+def _entry(fn, rank, world_size, port, queue, timeout, kwargs):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         result = fn(rank, world_size, **kwargs)
         queue.put((rank, True, result))
     except BaseException:  # report everything, including assertion errors
@@ -46,7 +49,8 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int = 2, timeout: float = 1
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, kwargs)) for r in range(world_size)]
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, queue, min(timeout, 600), kwargs))
+             for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
