@@ -377,10 +377,11 @@ def rank_main(rank: int, world_size: int, opts: dict) -> dict[str, Any]:
     import gc
     import logging
 
-    import deepspeed  # noqa: F401 -- sets its logger's level on import; quieten it afterwards
+    import deepspeed  # sets its logger's level on import; quieten it afterwards
     import torch
 
     torch.set_num_threads(opts["threads"])
+    deepspeed.init_distributed(dist_backend="gloo")  # DeepSpeed's comm layer on the group run_on_ranks started
     logging.basicConfig(level=logging.WARNING, force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):  # DeepSpeed warns about lr before step 1
         logging.getLogger(noisy).setLevel(logging.ERROR)
