@@ -19,8 +19,8 @@ rank 0 fsyncs the files, writes COMPLETE, renames the dir to `step-<N>`, then re
 removed by the next save); after it, `latest` still names the previous, complete checkpoint.
 Old checkpoints are renamed to `.trash-*` before removal: a half-deleted one never looks complete.
 
-Our files are JSON only (never pickle). DeepSpeed reads its own with `torch.load(weights_only=False)`
-(hard-coded in 0.19, no option): resume only from checkpoints you trust.
+Our files are JSON only (never pickle). DeepSpeed reads its own files with its torch loader,
+unpickling (weights_only off, hard-coded in 0.19, no option): resume only from checkpoints you trust.
 """
 from __future__ import annotations
 
