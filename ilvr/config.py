@@ -160,24 +160,16 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
-    if tp is int:
+    if tp in (int, float):
         if isinstance(value, str):
             try:
-                value = int(value)
+                value = tp(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
+        accepted = (int,) if tp is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+        return tp(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)

@@ -62,10 +62,15 @@ def choose_attention(requested: str) -> str:
     return chosen
 
 
+def dtype_name(name: str, cuda: "bool | None" = None) -> str:
+    """model.dtype -> "bf16" | "fp16" | "fp32"; "auto" is bf16 on CUDA, fp32 on CPU."""
+    if name != "auto":
+        return name
+    return "bf16" if (torch.cuda.is_available() if cuda is None else cuda) else "fp32"
+
+
 def resolve_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name(name)]
 
 
 def tiny_config(tokenizer, image_processor, size: TinySize = TinySize(), attn_implementation: str = "sdpa"):

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from data_pipeline.encode import IM_END
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
 from ilvr.model.tokens import LatentTokenIds
 
 MODES = ("latent", "text", "constant-latent")
 LATENT_MARKER = "<latent>"  # stands for one latent segment in GenerationResult.text
-IM_END = "<|im_end|>"
 
 
 @dataclass

@@ -28,9 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.encode import IGNORE_INDEX
 from ilvr.model.inputs import dummy_image, embed_tokens, image_features, rope_positions
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.encode import IGNORE_INDEX
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
-from ilvr.model.selection import IGNORE_INDEX, Selection, select_targets
+from ilvr.model.selection import Selection, select_targets
 
 
 @dataclass

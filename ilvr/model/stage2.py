@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.encode import IGNORE_INDEX
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -15,6 +15,8 @@ import math
 import os
 from typing import Any
 
+from ilvr.model.build import dtype_name
+
 AUTO = "auto"
 ADAM_EPS = 1e-8
 SCHEDULER_FOR = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
@@ -39,17 +41,6 @@ def load_ds_config(ds: "dict | str | os.PathLike") -> dict:
     if not isinstance(data, dict):
         raise DeepSpeedConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
     return data
-
-
-def resolve_dtype(dtype: str, cuda: "bool | None" = None) -> str:
-    """model.dtype -> "bf16" | "fp16" | "fp32"; "auto" means bf16 on CUDA, fp32 on CPU."""
-    if dtype != AUTO:
-        return dtype
-    if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
-    return "bf16" if cuda else "fp32"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -178,7 +169,7 @@ def resolve_ds_config(ds: "dict | str | os.PathLike", cfg, world_size: int, hidd
            f"data.batch_size*train.grad_accum*world_size ({micro}*{accum}*{world_size})", add_missing=True)
     f.fill("gradient_clipping", t.max_grad_norm, "train.max_grad_norm", add_missing=True)
 
-    dtype = resolve_dtype(cfg.model.dtype, cuda)
+    dtype = dtype_name(cfg.model.dtype, cuda)
     source = f"model.dtype={cfg.model.dtype!r} (-> {dtype}), so enabled"
     for name in ("bf16", "fp16"):
         f.fill(f"{name}.enabled", dtype == name, source, add_missing=dtype == name)

@@ -19,7 +19,13 @@ from typing import Any
 import torch
 
 from ilvr.config import Config
-from ilvr.training.distributed import DistInfo, all_reduce, dist_info_from_env, init_distributed, setup_logging
+from ilvr.training.distributed import (
+    DistInfo,
+    all_reduce,
+    dist_info_from_env,
+    init_distributed,
+    setup_logging,
+)
 from ilvr.training.faults import BadStepGuard, StopRequest
 
 log = logging.getLogger(__name__)
