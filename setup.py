@@ -33,6 +33,8 @@ setup(
             "ilvr-prepare=data_pipeline.prepare:main",
             "ilvr-train=ilvr.train:main",
             "ilvr-export=ilvr.export:main",
+            "ilvr-eval=ilvr.evaluation.cli:main",
+            "ilvr-report=ilvr.evaluation.report:main",
         ],
     },
 )

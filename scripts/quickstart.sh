@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on this CPU machine:
-# data -> shards -> tiny processor -> ZeRO-3 training on 2 ranks (stage 1 -> stage 2) -> MLflow -> export.
+# data -> shards -> tiny processor -> ZeRO-3 training on 2 ranks (stage 1 -> stage 2) -> MLflow -> export
+# -> evaluation (exported model; checkpoints x decoding modes as an MLflow sweep) -> report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -35,4 +36,19 @@ echo "== 5. MLflow (sqlite store in $OUT/train/mlflow.db; browse: mlflow ui --ba
 echo "== 6. export the last checkpoint as a Hugging Face directory"
 rm -rf "$OUT/export"
 "$PY" -m ilvr.export --checkpoint "$OUT/train" --out "$OUT/export"
-echo "quickstart: done (outputs in $OUT; evaluation joins this script with the evaluation issue)"
+
+echo "== 7. evaluate the exported model on held-out VSP maps (decoding settings: the recipe's eval section)"
+rm -rf "$OUT/eval"
+"$PY" -m ilvr.evaluate run --model "$OUT/export" --config "$CONFIG" --limit 32 --out "$OUT/eval/export" \
+  2>&1 | grep --line-buffered -E "ilvr\.evaluation|Error|error|^\{" || true
+test -f "$OUT/eval/export/metrics.json" || { echo "quickstart: evaluation failed"; exit 1; }
+
+echo "== 8. sweep: the kept checkpoints x {latent, text, constant-latent} as MLflow child runs of one parent"
+"$PY" -m ilvr.evaluate sweep run --out "$OUT/eval/sweep" --checkpoint-glob "$OUT/train/checkpoints/step-*" \
+  --benchmark "vsp=$OUT/shards/eval" --modes latent text constant-latent --limit 32 --max-new-tokens 128 \
+  --batch-size 16 2>&1 | grep --line-buffered -E "ilvr\.evaluation\.(evaluate|sweep)|Error|error" || true
+cat "$OUT/eval/sweep/summary.md"
+
+echo "== 9. report (accuracy vs step per mode, mode comparison, latency)"
+"$PY" -m ilvr.evaluation.report --sweep "$OUT/eval/sweep" --out "$OUT/eval/report.html"
+echo "quickstart: done (outputs in $OUT; the report: $OUT/eval/report.html)"

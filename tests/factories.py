@@ -1,6 +1,7 @@
-"""Test data made on the spot: PNG maps, records, a text corpus, shards of chosen sizes, damaged shards."""
+"""Test data made on the spot: PNG maps, records, a text corpus, shards of chosen sizes, damaged shards, logit bias."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -114,3 +115,22 @@ def vsp_like_record(n_images: int = 2, n_latent: int = 3, rid: str = "r0", sizes
             steps.append(Step.of_text(f" After move {i + 1} the player is safe."))
     steps.append(Step.of_text(" The answer is \\boxed{R,D,D}."))
     return Record(id=rid, task="vsp", question=question, images=images, steps=steps, answer="R,D,D")
+
+
+@contextlib.contextmanager
+def logit_bias(model, token_id: int, value: float, row: int | None = None):
+    """Add `value` to one token's logit (in every row, or in one batch row only)."""
+
+    def hook(module, args, out):
+        out = out.clone()
+        if row is None:
+            out[..., token_id] += value
+        else:
+            out[row, ..., token_id] += value
+        return out
+
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -13,7 +13,7 @@ import torch
 
 from data_pipeline.encode import encode_prompt
 from ilvr.model.generate import LATENT_MARKER, generate, left_pad_prompts
-from tests.factories import vsp_like_record
+from tests.factories import logit_bias, vsp_like_record
 
 K = 4
 MIX = 0.4  # logit bias on <|latent_start|>: a mix of text and latent segments
@@ -36,25 +36,6 @@ def setup(tiny, tiny_model_factory):
         yield tiny_model_factory(), processor.tokenizer, latent_ids, prompts
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def logit_bias(model, token_id: int, value: float, row: int | None = None):
-    """Add `value` to one token's logit (in every row, or in one batch row only)."""
-
-    def hook(module, args, out):
-        out = out.clone()
-        if row is None:
-            out[..., token_id] += value
-        else:
-            out[row, ..., token_id] += value
-        return out
-
-    handle = model.lm_head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager

@@ -99,11 +99,21 @@ def check_reachable(uri: str) -> None:
         raise ConnectionError(f"MLflow server {_redact_uri(uri)} unreachable: {e}") from None
 
 
+def local_artifact_location(uri: str) -> "str | None":
+    """For a SQLite store, artifacts beside the database file (MLflow's default is ./mlruns of the cwd)."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a server or another store decides
+    db = uri[len("sqlite:///"):]
+    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
+    return Path(os.path.dirname(os.path.abspath(db)), "mlartifacts").as_uri()
+
+
 class Tracker:
     """An MLflow run on rank 0; on other ranks (or with enabled=False) every method does nothing."""
 
     def __init__(self, rank: "int | None" = None, world_size: "int | None" = None, output_dir: "str | None" = None,
-                 enabled: bool = True, retry_after_s: float = 300.0):
+                 enabled: bool = True, retry_after_s: float = 300.0, tracking_uri: "str | None" = None,
+                 experiment: "str | None" = None, attach_env_run: bool = True):
         if rank is None:
             rank = _env_int("RANK") if _env_int("RANK") is not None else (_env_int("SLURM_PROCID") or 0)
         self.rank = rank
@@ -112,7 +122,9 @@ class Tracker:
         self.active = enabled and self.rank == 0
         self.client = None
         self.run_id: "str | None" = None
-        self.tracking_uri: "str | None" = None
+        self.tracking_uri = tracking_uri  # default: MLFLOW_TRACKING_URI, else sqlite in output_dir
+        self.experiment = experiment  # default: MLFLOW_EXPERIMENT_NAME, else "ilvr"
+        self.attach_env_run = attach_env_run  # False for runs that must not log into MLFLOW_RUN_ID (evaluation)
         self.dropped = 0  # calls skipped while the store was failing
         self._retry_after = retry_after_s
         self._retry_at = 0.0  # monotonic time before which calls are skipped
@@ -157,11 +169,9 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         output_dir = os.path.abspath(self.output_dir or config.train.output_dir)
-        uri = self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{output_dir}/mlflow.db"
-        artifact_location = None  # the server's or the store's default
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
-            os.makedirs(output_dir, exist_ok=True)
-            artifact_location = Path(output_dir, "mlartifacts").as_uri()
+        uri = self.tracking_uri = (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                   or f"sqlite:///{output_dir}/mlflow.db")
+        artifact_location = local_artifact_location(uri)
         if uri.startswith(("http://", "https://")):
             for k, v in _HTTP_DEFAULTS.items():
                 os.environ.setdefault(k, v)
@@ -169,7 +179,7 @@ class Tracker:
         self.client = client = MlflowClient(tracking_uri=uri)
 
         tags = {**run_tags(self.world_size), **tags}
-        env_run = os.environ.get("MLFLOW_RUN_ID")
+        env_run = os.environ.get("MLFLOW_RUN_ID") if self.attach_env_run else None
         if env_run and resume_run_id and env_run != resume_run_id:
             logger.warning("MLFLOW_RUN_ID=%s differs from the checkpoint's run %s; logging into MLFLOW_RUN_ID",
                            env_run, resume_run_id)
@@ -187,7 +197,7 @@ class Tracker:
                     raise
                 logger.warning("MLflow run %s not found in %s; starting a new run", run_id, _redact_uri(uri))
                 tags["resumed_from_run_id"] = run_id
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr"
+        name = self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr"
         exp = client.get_experiment_by_name(name)
         try:
             exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location)
@@ -195,6 +205,19 @@ class Tracker:
             exp_id = client.get_experiment_by_name(name).experiment_id
         self.run_id = client.create_run(exp_id, run_name=run_name, tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
         logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, _redact_uri(uri))
+
+    def attach(self, run_id: str) -> None:
+        """Log into an existing run (a sweep's parent) as it is: no new run, no status or tag change."""
+        if not self.active:
+            return
+        try:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+            self.client.get_run(run_id)
+            self.run_id = run_id
+        except Exception as e:
+            self._fail("attach", e)
 
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED; a preempted run can be resumed into later."""
@@ -274,6 +297,16 @@ class Tracker:
                 self.client.log_artifact(self.run_id, path, artifact_path)
         except Exception as e:
             self._fail("log_artifact", e)
+
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        """A column -> values table the MLflow UI shows under the run's artifacts (e.g. per-category scores)."""
+        if not self._ready():
+            return
+        try:
+            self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+        except Exception as e:
+            self._fail("log_table", e)
 
 
 def summarize(output_dir: str) -> str:

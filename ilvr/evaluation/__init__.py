@@ -1,0 +1,1 @@
+"""Evaluation: scorers, batched latent generation, sweeps, reports."""

@@ -1,0 +1,233 @@
+"""Evaluate one model on one benchmark: batched decoding, scoring, timing, outputs, MLflow.
+
+    result = run_evaluation(EvalRequest(model="exported/", shards="shards/vsp_test", out_dir="eval/vsp"))
+
+With several ranks (torchrun / srun), each rank decodes records[rank::world] and rank 0
+gathers the rows, scores them and writes the outputs, so the files are the same as a
+single-process run's (same order, same scores). Latency is per batch: every sample of a
+batch waits for the whole batch, so with batch_size 1 it is the per-sample latency.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from data_pipeline.encode import encode_prompt
+from data_pipeline.records import Record, RecordError
+from ilvr.evaluation.data import BenchmarkData, load_records
+from ilvr.evaluation.loading import EvalModel, load_eval_model
+from ilvr.evaluation.scorers import aggregate, category_key, get_scorer, infer_benchmark
+from ilvr.model.generate import MODES, generate
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class DecodeSettings:
+    """How answers are decoded (greedy by default, as the paper evaluates)."""
+
+    mode: str = "latent"
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0 when sampling (or drop --do-sample)")
+
+
+@dataclass
+class EvalRequest:
+    model: str
+    shards: str
+    out_dir: str
+    benchmark: str = "auto"
+    decode: DecodeSettings = field(default_factory=DecodeSettings)
+    limit: int | None = None
+    dtype: str = "auto"
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
+    experiment: str | None = None  # default: MLFLOW_EXPERIMENT_NAME, else "ilvr-eval"
+    parent_run_id: str | None = None  # makes this run a child (sweeps)
+    run_name: str | None = None
+    mlflow: bool = True
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_records(em: EvalModel, records: list[Record], settings: DecodeSettings,
+                   skipped: Counter | None = None) -> list[dict]:
+    """One row per record that could be encoded: id, prompt, prediction, segments, tokens, latency."""
+    rows: list[dict] = []
+    generator = torch.Generator(device=em.model.device) if settings.do_sample else None
+    for start in range(0, len(records), settings.batch_size):
+        prompts, batch_records = [], []
+        for record in records[start:start + settings.batch_size]:
+            try:
+                prompts.append(encode_prompt(record, em.processor))
+                batch_records.append(record)
+            except RecordError as e:
+                if skipped is not None:
+                    skipped[e.reason] += 1
+                log.warning("record %s cannot be evaluated: %s", record.id, e)
+        if not prompts:
+            continue
+        if generator is not None:
+            generator.manual_seed(settings.seed * 1_000_003 + start)  # same draws whatever the rank split
+        t0 = time.perf_counter()
+        results = generate(em.model, prompts, em.processor.tokenizer, em.latent_ids, em.latent_size,
+                           mode=settings.mode, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                           temperature=settings.temperature, top_p=settings.top_p, generator=generator)
+        latency_ms = (time.perf_counter() - t0) * 1000
+        for record, result in zip(batch_records, results):
+            rows.append({"id": record.id, "prompt": record.question, "prediction": result.text,
+                         "latent_segments": result.num_latent_segments, "num_tokens": len(result.token_ids),
+                         "finished": result.finished, "latency_ms": round(latency_ms, 3),
+                         "batch_size": len(prompts)})
+    return rows
+
+
+def _gather_rows(rows: list[dict], skipped: Counter, wall_s: float):
+    """All ranks' rows, skip counts and wall times on every rank (a no-op without a process group)."""
+    dist = torch.distributed
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return rows, skipped, wall_s
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (rows, dict(skipped), wall_s))
+    all_rows = [r for part in gathered for r in part[0]]
+    total = Counter()
+    for part in gathered:
+        total.update(part[1])
+    return all_rows, total, max(part[2] for part in gathered)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_rows(rows: list[dict], records: dict[str, Record], benchmark: str) -> dict[str, float]:
+    """Add parsed/correct/category to each row (in place); return the score metrics."""
+    scorer = get_scorer(benchmark)
+    unknown = [r["id"] for r in rows if r["id"] not in records]
+    if unknown:
+        raise KeyError(f"{len(unknown)} predictions have ids not in the benchmark data, e.g. {unknown[0]!r}: "
+                       "were they made on other shards?")
+    scores = []
+    for row in rows:
+        s = scorer(row["prediction"], records[row["id"]])
+        row.update(parsed=s.parsed, correct=s.correct, category=s.category, outcome=s.detail)
+        scores.append(s)
+    return aggregate(scores, benchmark)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else 0.0
+
+
+def timing_metrics(rows: list[dict], wall_s: float) -> dict[str, float]:
+    latencies = [r["latency_ms"] for r in rows]
+    tokens = sum(r["num_tokens"] for r in rows)
+    n = max(len(rows), 1)
+    return {"latency_ms_mean": sum(latencies) / n, "latency_ms_p50": _percentile(latencies, 0.5),
+            "latency_ms_p90": _percentile(latencies, 0.9), "tokens_per_s": tokens / wall_s if wall_s else 0.0,
+            "samples_per_s": len(rows) / wall_s if wall_s else 0.0,
+            "latent_segments_mean": sum(r["latent_segments"] for r in rows) / n,
+            "finished_rate": sum(r["finished"] for r in rows) / n, "wall_s": wall_s}
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def write_json_atomic(path: str, data, lines: bool = False) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        if lines:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in data)
+        else:
+            json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def category_table(metrics: dict[str, float]) -> dict[str, list]:
+    cats = sorted(k.split("/", 1)[1] for k in metrics if k.startswith("accuracy/"))
+    return {"category": cats, "accuracy": [metrics[f"accuracy/{c}"] for c in cats],
+            "count": [int(metrics[f"count/{c}"]) for c in cats]}
+
+
+def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int) -> str | None:
+    """One MLflow run (a child when req.parent_run_id) with params, metrics, a category table, the files."""
+    from ilvr.training.tracking import Tracker
+
+    tracker = Tracker(rank=0, world_size=1, output_dir=req.out_dir, tracking_uri=req.tracking_uri,
+                      experiment=req.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr-eval",
+                      attach_env_run=False)
+    tags = {"ilvr.kind": "eval"}
+    if req.parent_run_id:
+        tags["mlflow.parentRunId"] = req.parent_run_id
+    run_name = req.run_name or f"{params['benchmark']}-{params['mode']}-step{params['checkpoint_step'] or 'na'}"
+    run_id = tracker.start(params, run_name=run_name, tags=tags)
+    tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+    tracker.log_table(category_table(metrics), "per_category.json")
+    for name in (PREDICTIONS_FILE, METRICS_FILE):
+        tracker.log_artifact(os.path.join(req.out_dir, name))
+    tracker.end("FINISHED")
+    return run_id
+
+
+def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: BenchmarkData | None = None) -> dict:
+    """Decode, score and record one (model, benchmark, mode). Returns the metrics (on every rank)."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    data = data or load_records(req.shards, req.limit)
+    benchmark = infer_benchmark(data.records) if req.benchmark == "auto" else req.benchmark
+    get_scorer(benchmark)  # an unknown name fails before any decoding
+    em = em or load_eval_model(req.model, req.dtype)
+
+    skipped = Counter()
+    t0 = time.perf_counter()
+    rows = decode_records(em, data.records[rank::world], req.decode, skipped)
+    rows, skipped, wall_s = _gather_rows(rows, skipped, time.perf_counter() - t0)
+    order = {r.id: i for i, r in enumerate(data.records)}
+    rows.sort(key=lambda r: order[r["id"]])
+
+    metrics = score_rows(rows, data.by_id(), benchmark)
+    metrics.update(timing_metrics(rows, wall_s))
+    skipped.update(data.skipped)
+    metrics["skipped"] = float(sum(skipped.values()))
+    metrics.update({f"skipped/{category_key(k)}": float(v) for k, v in sorted(skipped.items())})
+    step = em.step
+    params = {"model": em.source, "checkpoint_step": "" if step is None else step, "benchmark": benchmark,
+              "shards": req.shards, "world_size": world, "latent_size": em.latent_size,
+              "num_samples": len(rows), **{k: v for k, v in asdict(req.decode).items()}}
+    result = {"benchmark": benchmark, "mode": req.decode.mode, "model": em.source, "checkpoint_step": step,
+              "metrics": metrics, "params": params}
+    if rank == 0:
+        os.makedirs(req.out_dir, exist_ok=True)
+        write_json_atomic(os.path.join(req.out_dir, PREDICTIONS_FILE), rows, lines=True)
+        if req.mlflow:
+            result["mlflow_run_id"] = None  # filled below; the file is written again with it
+        write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)
+        if req.mlflow:
+            result["mlflow_run_id"] = log_to_mlflow(req, params, metrics, step or 0)
+            write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)
+        if skipped:
+            log.warning("%d records could not be evaluated: %s", sum(skipped.values()), dict(skipped))
+        log.info("%s / %s: accuracy %.4f over %d samples (%d unparseable), %.1f tokens/s", benchmark,
+                 req.decode.mode, metrics["accuracy"], len(rows), int(metrics["unparseable"]), metrics["tokens_per_s"])
+    return result

@@ -1,0 +1,85 @@
+"""Benchmark scorers: generated text + the reference Record -> a Score; Scores -> metrics.
+
+A scorer only reads `record.answer`, `record.meta` and `record.task`, so the same code
+scores live generation (`ilvr-eval run`) and an existing predictions file (`ilvr-eval
+score`). An answer that cannot be parsed is wrong AND counted under `unparseable`, so
+a model that stops following the answer format is visible, not just less accurate.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from data_pipeline.records import Record
+
+BENCHMARKS = ("vsp", "comt", "zebra")
+_KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /]")
+
+
+@dataclass
+class Score:
+    """One prediction judged. `parsed` is None when no answer could be extracted."""
+
+    parsed: str | None
+    correct: bool
+    category: str
+    detail: str = ""
+
+    @property
+    def parseable(self) -> bool:
+        return self.parsed is not None
+
+
+Scorer = Callable[[str, Record], Score]
+
+
+def get_scorer(benchmark: str) -> Scorer:
+    """The scoring function of a benchmark name ("vsp", "comt", "zebra")."""
+    from ilvr.evaluation.scorers import comt, vsp, zebra
+
+    scorers = {"vsp": vsp.score, "comt": comt.score, "zebra": zebra.score}
+    if benchmark not in scorers:
+        raise ValueError(f"unknown benchmark {benchmark!r}: choose one of {', '.join(BENCHMARKS)}")
+    return scorers[benchmark]
+
+
+def infer_benchmark(records: Iterable[Record]) -> str:
+    """The one benchmark all records' `task` names; an error naming the fix otherwise."""
+    tasks = {r.task for r in records}
+    if len(tasks) == 1 and next(iter(tasks)) in BENCHMARKS:
+        return next(iter(tasks))
+    raise ValueError(f"cannot infer the benchmark from the records' tasks {sorted(tasks)}: pass --benchmark "
+                     f"({'|'.join(BENCHMARKS)})")
+
+
+def category_key(category: str) -> str:
+    """A category name as an MLflow-safe metric key part."""
+    return _KEY_UNSAFE.sub("_", category.strip()) or "none"
+
+
+def aggregate(scores: list[Score], benchmark: str) -> dict[str, float]:
+    """Accuracy overall and per category, and how many answers were unparseable.
+
+    VSP also reports `success_rate` (the paper's name for the same number).
+    """
+    n = len(scores)
+    correct = sum(s.correct for s in scores)
+    unparseable = sum(not s.parseable for s in scores)
+    metrics: dict[str, float] = {
+        "accuracy": correct / n if n else 0.0,
+        "num_samples": float(n),
+        "num_correct": float(correct),
+        "unparseable": float(unparseable),
+        "unparseable_rate": unparseable / n if n else 0.0,
+    }
+    if benchmark == "vsp":
+        metrics["success_rate"] = metrics["accuracy"]
+    by_category: dict[str, list[Score]] = {}
+    for s in scores:
+        by_category.setdefault(category_key(s.category), []).append(s)
+    for key in sorted(by_category):
+        group = by_category[key]
+        metrics[f"accuracy/{key}"] = sum(s.correct for s in group) / len(group)
+        metrics[f"count/{key}"] = float(len(group))
+    return metrics

@@ -1,0 +1,165 @@
+"""Evaluation end to end: three decoding modes, outputs, MLflow runs, report; data parallel = one process;
+the quick-start model trained on 2 ZeRO-3 ranks -> export -> `ilvr-eval` CLI -> sweep -> `ilvr-report`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from data_pipeline.records import record_to_sample
+from data_pipeline.shards import ShardWriter
+from data_pipeline.sources.synthetic_vsp import read as synthetic
+from ilvr.evaluation.evaluate import DecodeSettings, EvalRequest, run_evaluation
+from ilvr.evaluation.loading import load_eval_model
+from ilvr.export import export_model
+from ilvr.training.spawn import run_on_ranks
+from tests.conftest import REPO
+from tests.factories import logit_bias
+from tests.test_train import command as train_command, env as train_env
+
+LATENT_BIAS = 1.0  # on <|latent_start|>: makes the random tiny model open latent segments (0.4 is too weak here)
+ROW_FIELDS = {"id", "prompt", "prediction", "latent_segments", "num_tokens", "latency_ms", "parsed", "correct",
+              "category", "finished"}
+
+
+def write_vsp_shards(out: str, n: int, seed: int = 3) -> str:
+    writer = ShardWriter(out, prefix="eval", samples_per_shard=4)
+    for i, rec in enumerate(synthetic(num_samples=n, seed=seed, min_size=3, max_size=4)):
+        writer.write(record_to_sample(rec, i))
+    writer.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny, tiny_model_factory) -> str:
+    """A random tiny model exported like `ilvr-export` does (step 7, K = 4)."""
+    processor, _ = tiny
+    out = str(tmp_path_factory.mktemp("exported"))
+    export_model(tiny_model_factory(seed=1), processor, out, {"latent_size": 4, "step": 7, "stage": "2"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def eval_shards(tmp_path_factory) -> str:
+    return write_vsp_shards(str(tmp_path_factory.mktemp("eval_shards")), 6)
+
+
+def test_three_modes_outputs_mlflow_and_report(tmp_path, exported, eval_shards, tiny):
+    import mlflow
+
+    from ilvr.evaluation.report import main as report_main
+
+    _, latent_ids = tiny
+    em = load_eval_model(exported, dtype="fp32")
+    assert (em.step, em.latent_size) == (7, 4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    results = {}
+    with logit_bias(em.model, latent_ids.start, LATENT_BIAS):
+        for mode in ("latent", "text", "constant-latent"):
+            req = EvalRequest(model=exported, shards=eval_shards, out_dir=str(tmp_path / mode), tracking_uri=uri,
+                              decode=DecodeSettings(mode=mode, max_new_tokens=24, batch_size=4))
+            results[mode] = run_evaluation(req, em=em)
+
+    for mode, result in results.items():
+        rows = [json.loads(line) for line in open(tmp_path / mode / "predictions.jsonl", encoding="utf-8")]
+        assert [r["id"] for r in rows] == [f"synvsp-s3-{i:06d}" for i in range(6)]
+        assert all(ROW_FIELDS <= set(r) for r in rows)
+        on_disk = json.load(open(tmp_path / mode / "metrics.json", encoding="utf-8"))
+        assert on_disk["metrics"] == result["metrics"] and on_disk["mlflow_run_id"]
+        m = result["metrics"]
+        assert m["num_samples"] == 6 and m["num_correct"] == sum(r["correct"] for r in rows)
+        assert m["unparseable"] == sum(r["parsed"] is None for r in rows)
+        assert m["tokens_per_s"] > 0 and m["latency_ms_p90"] >= m["latency_ms_p50"] > 0
+        segments = sum(r["latent_segments"] for r in rows)
+        assert (segments == 0) if mode == "text" else (segments > 0), (mode, segments)
+
+    client = mlflow.tracking.MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`ilvr.kind` = 'eval'")
+    assert sorted(r.data.params["mode"] for r in runs) == ["constant-latent", "latent", "text"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["checkpoint_step"] == "7" and run.data.params["benchmark"] == "vsp"
+        assert "accuracy" in run.data.metrics and "latency_ms_mean" in run.data.metrics
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"predictions.jsonl", "metrics.json"}
+
+    report = tmp_path / "report.html"
+    assert report_main(["--tracking-uri", uri, "--out", str(report)]) == 0
+    html = report.read_text(encoding="utf-8")
+    assert all(mode in html for mode in ("latent", "text", "constant-latent"))
+    assert (tmp_path / "report.md").is_file()
+
+
+def _evaluate_on_rank(rank: int, world_size: int, exported: str, shards: str, out: str, latent_start: int):
+    em = load_eval_model(exported, dtype="fp32")
+    req = EvalRequest(model=exported, shards=shards, out_dir=out, mlflow=False,
+                      decode=DecodeSettings(max_new_tokens=16, batch_size=1))
+    with logit_bias(em.model, latent_start, LATENT_BIAS):
+        return run_evaluation(req, em=em)["metrics"]["num_samples"]
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_predictions(tmp_path, exported, eval_shards, tiny):
+    _, latent_ids = tiny
+    kw = dict(exported=exported, shards=eval_shards, latent_start=latent_ids.start)
+    _evaluate_on_rank(0, 1, out=str(tmp_path / "one"), **kw)
+    assert run_on_ranks(_evaluate_on_rank, world_size=2, timeout=300, out=str(tmp_path / "two"), **kw) == [6, 6]
+
+    def rows(name):  # batch size 1 on both sides: the same computation per sample, so exact equality
+        lines = open(tmp_path / name / "predictions.jsonl", encoding="utf-8").read().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k != "latency_ms"} for line in lines]
+
+    assert rows("one") == rows("two")
+    one, two = (json.load(open(tmp_path / n / "metrics.json"))["metrics"] for n in ("one", "two"))
+    assert {k: v for k, v in one.items() if "latency" not in k and "_per_s" not in k and k != "wall_s"} == \
+           {k: v for k, v in two.items() if "latency" not in k and "_per_s" not in k and k != "wall_s"}
+    assert json.load(open(tmp_path / "two" / "metrics.json"))["params"]["world_size"] == 2
+
+
+def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], env=train_env(), capture_output=True, text=True, timeout=timeout,
+                          cwd=str(REPO))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir):
+    """The quick-start path: train on 2 ZeRO-3 ranks -> export -> ilvr-eval x 3 modes -> sweep -> ilvr-report."""
+    train_shards = write_vsp_shards(str(tmp_path / "train_shards"), 24, seed=5)
+    shards = write_vsp_shards(str(tmp_path / "eval_shards"), 4, seed=6)
+    run = str(tmp_path / "run")
+    proc = subprocess.run(train_command(run, train_shards, tiny_processor_dir, "train.max_steps=4",
+                                        "train.stage1_steps=2", "train.save_every=2", "train.keep_last=3"),
+                          env=train_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    export = str(tmp_path / "export")
+    _cli("-m", "ilvr.export", "--checkpoint", run, "--out", export)
+
+    uri = f"sqlite:///{tmp_path}/eval.db"
+    for mode in ("latent", "text", "constant-latent"):
+        out = _cli("-m", "ilvr.evaluate", "--model", export, "--shards", shards, "--out", str(tmp_path / mode),
+                   "--mode", mode, "--max-new-tokens", "16", "--batch-size", "4", "--tracking-uri", uri).stdout
+        metrics = json.loads(out.strip().splitlines()[-1])
+        assert metrics["num_samples"] == 4 and 0.0 <= metrics["success_rate"] <= 1.0
+
+    sweep = str(tmp_path / "sweep")
+    _cli("-m", "ilvr.evaluate", "sweep", "run", "--out", sweep, "--checkpoint-glob",
+         os.path.join(run, "checkpoints", "step-*"), "--benchmark", f"vsp={shards}", "--max-new-tokens", "8")
+    summary = open(os.path.join(sweep, "summary.md"), encoding="utf-8").read()
+    assert "step-2" in summary and "step-4" in summary and summary.count("| ok |") == 2
+    import mlflow
+
+    plan = json.load(open(os.path.join(sweep, "sweep.json")))
+    client = mlflow.tracking.MlflowClient(plan["tracking_uri"])
+    assert client.get_run(plan["parent_run_id"]).info.status == "FINISHED"
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string=f"tags.mlflow.parentRunId = '{plan['parent_run_id']}'")
+    assert sorted(int(r.data.params["checkpoint_step"]) for r in children) == [2, 4]
+
+    _cli("-m", "ilvr.evaluation.report", "--tracking-uri", uri, "--out", str(tmp_path / "report.html"))
+    html = open(tmp_path / "report.html", encoding="utf-8").read()
+    assert all(mode in html for mode in ("latent", "text", "constant-latent"))

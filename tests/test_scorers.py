@@ -1,0 +1,177 @@
+"""Scorers: VSP on the real 400-map test set, CoMT and Zebra-CoT on hand-written cases, `ilvr-eval score`."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_pipeline.records import Record, record_to_sample
+from data_pipeline.shards import ShardWriter
+from data_pipeline.sources.vsp import read as read_vsp
+from data_pipeline.vsp_world import GOAL, HOLE, MOVES, START, find, shortest_plan
+from ilvr.evaluation.cli import main as eval_main
+from ilvr.evaluation.scorers import aggregate, comt, get_scorer, infer_benchmark, vsp, zebra
+
+
+@pytest.fixture
+def vsp_records(shared_data) -> list[Record]:
+    rows = list(read_vsp(str(shared_data / "vsp_test" / "test_direct.jsonl"), image_root=str(shared_data / "vsp_test")))
+    assert all(isinstance(r, Record) for r in rows)
+    return rows
+
+
+def boxed(moves: list[str]) -> str:
+    return f"Let me plan. The answer is \\boxed{{{','.join(moves)}}}."
+
+
+def neighbour(map_desc, pos, value) -> str | None:
+    """A move from `pos` onto a square holding `value`, if there is one."""
+    n = len(map_desc)
+    for move, (dr, dc) in MOVES.items():
+        r, c = pos[0] + dr, pos[1] + dc
+        if 0 <= r < n and 0 <= c < n and map_desc[r][c] == value:
+            return move
+    return None
+
+
+def test_shortest_plans_score_100_percent_on_the_real_test_set(vsp_records):
+    assert len(vsp_records) == 400
+    scores = [vsp.score(boxed(shortest_plan(r.meta["map_desc"])), r) for r in vsp_records]
+    metrics = aggregate(scores, "vsp")
+    assert metrics["success_rate"] == metrics["accuracy"] == 1.0
+    assert metrics["unparseable"] == 0
+    assert {k: metrics[k] for k in metrics if k.startswith("count/")} == {f"count/level{n}": 100.0 for n in (3, 4, 5, 6)}
+
+
+def test_broken_plans_score_as_expected_on_the_real_test_set(vsp_records):
+    checked = {"hole": 0, "short": 0, "leave": 0, "bump": 0}
+    for r in vsp_records:
+        m = r.meta["map_desc"]
+        plan = shortest_plan(m)
+        assert not vsp.score(boxed(plan[:-1]), r).correct if plan[:-1] else True  # stopping short
+        checked["short"] += bool(plan[:-1])
+        # reaching the goal, then stepping off it onto ice: fails (only the final square counts)
+        away = neighbour(m, find(m, GOAL), 0)
+        if away:
+            s = vsp.score(boxed(plan + [away]), r)
+            assert not s.correct and s.detail == "not_at_goal"
+            checked["leave"] += 1
+        # walking into a hole next to the start: fails at once, even if the right plan follows
+        into_hole = neighbour(m, find(m, START), HOLE)
+        if into_hole:
+            s = vsp.score(boxed([into_hole] + plan), r)
+            assert not s.correct and s.detail == "fell_in_hole"
+            checked["hole"] += 1
+        # bumping into an edge first does nothing: still a success
+        sr, sc = find(m, START)
+        edge = "U" if sr == 0 else "D" if sr == len(m) - 1 else "L" if sc == 0 else "R" if sc == len(m) - 1 else None
+        if edge:
+            assert vsp.score(boxed([edge, edge] + plan), r).correct
+            checked["bump"] += 1
+    assert all(n >= 50 for n in checked.values()), checked
+
+
+def test_vsp_only_the_last_box_counts_and_formats(vsp_records):
+    r = vsp_records[0]
+    plan = shortest_plan(r.meta["map_desc"])
+    wrong = ["U"] * 8 if plan[0] != "U" else ["L"] * 8
+    assert vsp.score(boxed(wrong) + " Wait, no: " + boxed(plan), r).correct
+    assert not vsp.score(boxed(plan) + " Actually " + boxed(wrong), r).correct
+    assert vsp.score("\\boxed{" + "".join(plan) + "}", r).correct
+    words = {"L": "Left", "R": "Right", "U": "Up", "D": "Down"}
+    assert vsp.score("\\boxed{" + " -> ".join(words[x] for x in plan) + "}", r).correct
+    assert vsp.score("\\boxed{\\text{" + ", ".join(plan) + "}}", r).correct
+    for text in ("no box here: R,D", "\\boxed{}", "\\boxed{R, 3, D}", "\\boxed{go somewhere}", "\\boxed{R,D"):
+        s = vsp.score(text, r)
+        assert s.parsed is None and not s.correct, text
+
+
+def comt_record(answer: str, category: str = "geometry", choices=None) -> Record:
+    meta = {"category": category, **({"choices": choices} if choices is not None else {})}
+    return Record(id="c", task="comt", question="q", images=[], steps=[], answer=answer, meta=meta)
+
+
+@pytest.mark.parametrize("prediction,gold,correct,parsed", [
+    ("\\boxed{B}", "B", True, "B"),
+    ("\\boxed{(B)}", "(B)", True, "B"),
+    ("The answer is (C).", "C", True, "C"),
+    ("Answer: D", "D. a square", True, "D"),
+    ("I think A... no. The answer is B", "B", True, "B"),
+    ("\\boxed{C}", "B", False, "C"),
+    ("B", "B", True, "B"),
+    ("\\boxed{a square}", "D", True, "D"),
+    ("I cannot tell.", "A", False, None),
+    ("\\boxed{E}", "A", False, None),
+])
+def test_comt_choice_exact_match(prediction, gold, correct, parsed):
+    s = comt.score(prediction, comt_record(gold, choices=["A. a circle", "B. a line", "C. a cube", "D. a square"]))
+    assert (s.correct, s.parsed) == (correct, parsed)
+
+
+def test_comt_per_category_and_bad_reference():
+    recs = [comt_record("A", "geometry"), comt_record("B", "geometry"), comt_record("C", "deletion")]
+    scores = [comt.score(p, r) for p, r in zip(["\\boxed{A}", "\\boxed{A}", "nothing"], recs)]
+    m = aggregate(scores, "comt")
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["accuracy/geometry"] == 0.5 and m["accuracy/deletion"] == 0.0
+    assert m["unparseable"] == 1 and "success_rate" not in m
+    with pytest.raises(ValueError, match="not a choice"):
+        comt.score("\\boxed{A}", comt_record("forty-two"))
+
+
+@pytest.mark.parametrize("prediction,gold,correct", [
+    ("THOUGHT 1: ... Final Answer: \\boxed{The Red House}", "red house", True),
+    ("Final Answer: 42", "42.0", True),
+    ("Final Answer: 1,000", "1000", True),
+    ("\\boxed{$3.5$}", "3.5", True),
+    ("\\boxed{\\text{Blue}.}", "blue", True),
+    ("\\boxed{blue}", "green", False),
+    ("Final Answer: 41", "42", False),
+    ("the answer is blue", "blue", False),  # no final-answer marker: unparseable
+])
+def test_zebra_normalised_exact_match(prediction, gold, correct):
+    r = Record(id="z", task="zebra", question="q", images=[], steps=[], answer=gold, meta={"category": "Visual Logic"})
+    s = zebra.score(prediction, r)
+    assert s.correct == correct
+    assert s.category == "Visual Logic"
+
+
+def test_zebra_categories_are_safe_metric_keys():
+    recs = [Record(id=str(i), task="zebra", question="q", images=[], steps=[], answer="x", meta={"category": c})
+            for i, c in enumerate(["2D Visual Reasoning - Maze", "Scientific <Physics>"])]
+    m = aggregate([zebra.score("\\boxed{x}", r) for r in recs], "zebra")
+    assert m["accuracy/2D Visual Reasoning - Maze"] == 1.0 and m["accuracy/Scientific _Physics_"] == 1.0
+
+
+def test_benchmark_names():
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        get_scorer("mmlu")
+    assert infer_benchmark([comt_record("A")]) == "comt"
+    with pytest.raises(ValueError, match="pass --benchmark"):
+        infer_benchmark([comt_record("A"), Record(id="g", task="generic", question="", images=[], steps=[])])
+
+
+def test_score_subcommand_on_real_vsp_shards(vsp_records, tmp_path, capsys):
+    records = vsp_records[::40]  # 10 maps, all levels
+    writer = ShardWriter(str(tmp_path / "shards"), prefix="vsp", samples_per_shard=4)
+    for i, r in enumerate(records):
+        writer.write(record_to_sample(r, i))
+    writer.close()
+    preds = tmp_path / "preds.jsonl"
+    rows = [{"id": r.id, "prediction": boxed(shortest_plan(r.meta["map_desc"]))} for r in records[:8]]
+    rows[0]["prediction"] = "I give up"
+    preds.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "metrics.json"
+    code = eval_main(["score", "--predictions", str(preds), "--benchmark", "vsp", "--data", str(tmp_path / "shards"),
+                      "--out", str(out)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    assert printed["success_rate"] == pytest.approx(7 / 8)
+    assert printed["unparseable"] == 1 and printed["missing"] == 2 and printed["num_samples"] == 8
+
+    preds.write_text(json.dumps({"id": "level9-999", "prediction": "\\boxed{R}"}) + "\n")
+    assert eval_main(["score", "--predictions", str(preds), "--data", str(tmp_path / "shards")]) == 2
+    assert "not in the benchmark data" in capsys.readouterr().err
+    preds.write_text('{"id": "x"}\n')
+    assert eval_main(["score", "--predictions", str(preds), "--data", str(tmp_path / "shards")]) == 2
+    assert "preds.jsonl:1" in capsys.readouterr().err
