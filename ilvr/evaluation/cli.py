@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 from datetime import timedelta
 
 from ilvr.config import ConfigError
@@ -203,13 +202,11 @@ def cmd_sweep(args) -> int:
         if args.step == "plan":
             print(len(plan["tasks"]))
             return 0
-        failed = Counter()
         for task in plan["tasks"]:
             try:
                 sweep.run_task(args.out, task["index"])
-            except Exception:  # one bad checkpoint must not cost the rest of the sweep
+            except Exception:  # one bad checkpoint must not cost the rest of the sweep; summary names it
                 logging.exception("sweep task %d (%s, %s) failed", task["index"], task["checkpoint"], task["mode"])
-                failed[task["index"]] += 1
         _, missing = sweep.write_summary(args.out)
         print(os.path.join(args.out, "summary.md"))
         return 1 if missing else 0

@@ -89,7 +89,7 @@ def decode_records(em: EvalModel, records: list[Record], settings: DecodeSetting
         if not prompts:
             continue
         if generator is not None:
-            generator.manual_seed(settings.seed * 1_000_003 + start)  # same draws whatever the rank split
+            generator.manual_seed(settings.seed * 1_000_003 + start)  # reproducible for a given rank split
         t0 = time.perf_counter()
         results = generate(em.model, prompts, em.processor.tokenizer, em.latent_ids, em.latent_size,
                            mode=settings.mode, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,

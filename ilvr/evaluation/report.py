@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ilvr.training.tracking import _HTTP_DEFAULTS, _redact_uri
+from ilvr.training.tracking import HTTP_DEFAULTS, redact_uri
 
 MODES = ("latent", "text", "constant-latent")  # display order; other modes follow alphabetically
 BENCHMARKS = ("vsp", "comt", "zebra")
@@ -261,7 +261,7 @@ def _blocks(rows: Sequence[EvalRow], meta: ReportMeta) -> list:
     """The report as neutral blocks: (h1|h2|h3|p, text), (kv, pairs), (table, header, rows), (svg, text)."""
     kept, dropped = dedupe(rows)
     out: list = [("h1", "ILVR evaluation report"),
-                 ("kv", [("Store", _redact_uri(meta.store)), ("Filter", meta.filter),
+                 ("kv", [("Store", redact_uri(meta.store)), ("Filter", meta.filter),
                          ("Generated", meta.generated_at), ("Runs", str(len(kept)))])]
     if dropped:
         out.append(("p", f"{dropped} duplicate run(s) dropped: for the same benchmark, mode, checkpoint step "
@@ -436,7 +436,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         print(f"ilvr-report: no SQLite store at {uri}", file=sys.stderr)  # MLflow would create an empty one
         return 2
     if uri.startswith(("http://", "https://")):
-        for k, v in _HTTP_DEFAULTS.items():
+        for k, v in HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
 
     from mlflow.exceptions import MlflowException
@@ -452,10 +452,10 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         print(f"ilvr-report: {e}", file=sys.stderr)
         return 2
     except MlflowException as e:
-        print(f"ilvr-report: reading {_redact_uri(uri)} failed: {_redact_uri(str(e))[:500]}", file=sys.stderr)
+        print(f"ilvr-report: reading {redact_uri(uri)} failed: {redact_uri(str(e))[:500]}", file=sys.stderr)
         return 1
     if not rows:
-        print(f"ilvr-report: no finished eval runs (tag ilvr.kind = eval) in {_redact_uri(uri)} for "
+        print(f"ilvr-report: no finished eval runs (tag ilvr.kind = eval) in {redact_uri(uri)} for "
               f"{meta.filter}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)

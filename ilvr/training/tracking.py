@@ -34,7 +34,7 @@ _SECRET = re.compile(r"pass(word|wd)|secret|api[_-]?key|access[_-]?key|credentia
                      r"|(^|[^a-z])token($|[^a-z])", re.I)  # "token" as a word: not max_new_tokens
 _BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
 # A dead server would otherwise block each call for minutes (7 retries, 120 s timeout by default).
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
@@ -43,7 +43,7 @@ def _env_int(name: str) -> "int | None":
     return int(value) if value.isdigit() else None
 
 
-def _redact_uri(uri: str) -> str:
+def redact_uri(uri: str) -> str:
     """Drop user:password@ from a URI before it goes into a log line."""
     return re.sub(r"//[^/@]*@", "//***@", uri)
 
@@ -96,7 +96,7 @@ def check_reachable(uri: str) -> None:
     except urllib.error.HTTPError:
         pass
     except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"MLflow server {_redact_uri(uri)} unreachable: {e}") from None
+        raise ConnectionError(f"MLflow server {redact_uri(uri)} unreachable: {e}") from None
 
 
 def local_artifact_location(uri: str) -> "str | None":
@@ -136,7 +136,7 @@ class Tracker:
         self._retry_after = min(2 * self._retry_after, 3600.0)
         if not self._warned:
             self._warned = True
-            msg = _redact_uri(f"{type(err).__name__}: {err}")[:500]
+            msg = redact_uri(f"{type(err).__name__}: {err}")[:500]
             logger.warning("MLflow tracking failed (%s): %s. Training goes on; tracking calls are skipped "
                            "and retried later.", what, msg)
 
@@ -173,7 +173,7 @@ class Tracker:
                                    or f"sqlite:///{output_dir}/mlflow.db")
         artifact_location = local_artifact_location(uri)
         if uri.startswith(("http://", "https://")):
-            for k, v in _HTTP_DEFAULTS.items():
+            for k, v in HTTP_DEFAULTS.items():
                 os.environ.setdefault(k, v)
             check_reachable(uri)
         self.client = client = MlflowClient(tracking_uri=uri)
@@ -190,12 +190,12 @@ class Tracker:
                 client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
                 self.set_tags({**tags, "resumed": "true"})
-                logger.info("MLflow: resumed run %s at %s", run_id, _redact_uri(uri))
+                logger.info("MLflow: resumed run %s at %s", run_id, redact_uri(uri))
                 return
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                logger.warning("MLflow run %s not found in %s; starting a new run", run_id, _redact_uri(uri))
+                logger.warning("MLflow run %s not found in %s; starting a new run", run_id, redact_uri(uri))
                 tags["resumed_from_run_id"] = run_id
         name = self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr"
         exp = client.get_experiment_by_name(name)
@@ -204,7 +204,7 @@ class Tracker:
         except MlflowException:  # created meanwhile by a concurrent run
             exp_id = client.get_experiment_by_name(name).experiment_id
         self.run_id = client.create_run(exp_id, run_name=run_name, tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
-        logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, _redact_uri(uri))
+        logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, redact_uri(uri))
 
     def attach(self, run_id: str) -> None:
         """Log into an existing run (a sweep's parent) as it is: no new run, no status or tag change."""
