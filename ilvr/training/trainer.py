@@ -29,6 +29,7 @@ from ilvr.training.distributed import (
 from ilvr.training.faults import BadStepGuard, StopRequest
 
 log = logging.getLogger(__name__)
+FINISHED_FILE = "finished.json"  # written when a run reaches train.max_steps (slurm/train.sh reads it)
 
 
 def stage_at(cfg: Config, step: int) -> int:
@@ -245,6 +246,7 @@ class Trainer:
             if self.saved_step != self.step:
                 self.save()
             self._finish("FINISHED")
+            self._mark_finished()
             return last
         except BaseException:
             self._finish("FAILED")
@@ -306,6 +308,16 @@ class Trainer:
         self.saved_step = self.step
         log.info("checkpoint saved: %s", path)
         return path
+
+    def _mark_finished(self) -> None:
+        """Rank 0 writes <output_dir>/finished.json once train.max_steps is reached: how a job script
+        (slurm/train.sh) tells a finished run from a stopped one."""
+        if self.info.is_main:
+            from ilvr.training.checkpoint import _write_text
+
+            _write_text(os.path.join(self.cfg.train.output_dir, FINISHED_FILE),
+                        json.dumps({"step": self.step, "max_steps": self.cfg.train.max_steps,
+                                    "mlflow_run_id": self.run_id}) + "\n")
 
     def _finish(self, status: str) -> None:
         if getattr(self, "tracker", None) is None:
