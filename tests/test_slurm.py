@@ -22,6 +22,7 @@ from data_pipeline.shards import ShardWriter
 from data_pipeline.sources.synthetic_vsp import read as synthetic
 from tests.conftest import REPO
 from tests.slurm_cluster import ClusterUnavailable, SlurmCluster
+from tests.test_train import metrics
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -94,15 +95,6 @@ def logs(cluster: SlurmCluster, out: str, batch_log: str) -> str:
             with open(path, errors="replace") as f:
                 parts.append(f"--- {path}\n" + "".join(f.readlines()[-40:]))
     return "\n".join(parts) + "\n" + cluster.logs(tail=15)
-
-
-def metrics(out: str) -> dict[int, dict]:
-    rows = {}
-    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            rows[row["step"]] = row
-    return rows
 
 
 def mlflow_runs(out: str) -> tuple:

@@ -151,21 +151,18 @@ def cmd_run(args) -> int:
 
 def read_predictions(path: str) -> list[dict]:
     """Rows of a predictions JSONL; each needs string `id` and `prediction` (errors name the line)."""
+    from data_pipeline.sources import iter_jsonl
+
     rows, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("id"), str) and isinstance(row.get("prediction"), str)):
-                raise ValueError(f"{path}:{n}: a row needs string fields 'id' and 'prediction'")
-            if row["id"] in seen:
-                raise ValueError(f"{path}:{n}: id {row['id']!r} appears twice")
-            seen.add(row["id"])
-            rows.append(row)
+    for n, row in iter_jsonl(path):
+        if isinstance(row, Exception):
+            raise ValueError(str(row))
+        if not (isinstance(row.get("id"), str) and isinstance(row.get("prediction"), str)):
+            raise ValueError(f"{path}:{n}: a row needs string fields 'id' and 'prediction'")
+        if row["id"] in seen:
+            raise ValueError(f"{path}:{n}: id {row['id']!r} appears twice")
+        seen.add(row["id"])
+        rows.append(row)
     return rows
 
 
