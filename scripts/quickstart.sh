@@ -44,9 +44,12 @@ rm -rf "$OUT/eval"
 test -f "$OUT/eval/export/metrics.json" || { echo "quickstart: evaluation failed"; exit 1; }
 
 echo "== 8. sweep: the kept checkpoints x {latent, text, constant-latent} as MLflow child runs of one parent"
+SWEEP_RC=0
 "$PY" -m ilvr.evaluate sweep run --out "$OUT/eval/sweep" --checkpoint-glob "$OUT/train/checkpoints/step-*" \
   --benchmark "vsp=$OUT/shards/eval" --modes latent text constant-latent --limit 32 --max-new-tokens 128 \
-  --batch-size 16 2>&1 | grep --line-buffered -E "ilvr\.evaluation\.(evaluate|sweep)|Error|error" || true
+  --batch-size 16 > "$OUT/eval/sweep.log" 2>&1 || SWEEP_RC=$?
+grep -E "ilvr\.evaluation\.(evaluate|sweep)|Error|error" "$OUT/eval/sweep.log" || true
+[ "$SWEEP_RC" -eq 0 ] || { echo "quickstart: the sweep failed (exit $SWEEP_RC; see $OUT/eval/sweep.log)"; exit 1; }
 cat "$OUT/eval/sweep/summary.md"
 
 echo "== 9. report (accuracy vs step per mode, mode comparison, latency)"

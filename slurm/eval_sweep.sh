@@ -101,10 +101,17 @@ echo "SUMMARY_JOB=$SUMMARY_JOB"
 
 # ---------------------------------------------------------------- --wait
 log "waiting for summary job $SUMMARY_JOB"
-while STATE=$(squeue -h -j "$SUMMARY_JOB" -o %T 2>/dev/null) && [ -n "$STATE" ]; do
-  case $STATE in COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE) break ;; esac
+# The summary job writes summary.rc; stop early only when Slurm says the job is gone or ended. A failing
+# squeue (a busy controller) is retried, not taken as the end.
+while [ ! -f "$SWEEP/logs/summary.rc" ]; do
+  if STATE=$(squeue -h -j "$SUMMARY_JOB" -o %T 2>&1); then
+    case $STATE in ""|COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE) break ;; esac
+  elif [[ $STATE == *"Invalid job id"* ]]; then
+    break  # purged from the queue after MinJobAge
+  fi
   sleep 3
 done
+sleep 1  # the job's last write may trail its end state
 [ -f "$SWEEP/logs/summary.rc" ] || die "summary job $SUMMARY_JOB ended without a result: see $SWEEP/logs/summary.out"
 RC=$(cat "$SWEEP/logs/summary.rc")
 [ ! -f "$SWEEP/summary.md" ] || cat "$SWEEP/summary.md"

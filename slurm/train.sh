@@ -136,6 +136,7 @@ srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad
   --nnodes "$NNODES" --nproc-per-node "$NPROC" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
   ilvr/train.py --deepspeed "$DS_CONFIG" "${CONFIG_ARGS[@]}" --resume "$RESUME" "${OVERRIDES[@]}" &
 SRUN_PID=$!
+[ -z "$STOP" ] || kill -USR1 "$SRUN_PID" 2>/dev/null || true  # a USR1 that came before srun started
 
 # `wait` returns >128 whenever a trapped signal arrives: wait again while srun still runs.
 set +e

@@ -163,3 +163,31 @@ def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir):
     _cli("-m", "ilvr.evaluation.report", "--tracking-uri", uri, "--out", str(tmp_path / "report.html"))
     html = open(tmp_path / "report.html", encoding="utf-8").read()
     assert all(mode in html for mode in ("latent", "text", "constant-latent"))
+
+
+def test_bad_data_fails_before_decoding_and_nothing_evaluable_is_an_error(tmp_path, exported, eval_shards):
+    from data_pipeline.records import ImageRef
+
+    with pytest.raises(ValueError, match="cannot be scored as 'comt'"):  # VSP records, wrong scorer: no model loaded
+        run_evaluation(EvalRequest(model=str(tmp_path / "no-model"), shards=eval_shards, out_dir=str(tmp_path / "x"),
+                                   benchmark="comt", mlflow=False))
+    writer = ShardWriter(str(tmp_path / "broken"), prefix="b", samples_per_shard=4)
+    for i, rec in enumerate(synthetic(num_samples=2, seed=3, min_size=3, max_size=3)):
+        rec.images = [ImageRef(data=b"\x89PNG\r\n\x1a\n but truncated")]
+        writer.write(record_to_sample(rec, i, verify_images=False))
+    writer.close()
+    req = EvalRequest(model=exported, shards=str(tmp_path / "broken"), out_dir=str(tmp_path / "y"), mlflow=False)
+    with pytest.raises(ValueError, match=r"no record .* could be evaluated \(skipped: \{'corrupt_image': 2\}"):
+        run_evaluation(req)
+    assert not os.path.exists(tmp_path / "y" / "metrics.json")
+
+
+def test_a_sweep_dir_is_not_reused(tmp_path, exported, eval_shards, capsys):
+    from ilvr.evaluation.cli import main as eval_main
+
+    args = ["sweep", "plan", "--out", str(tmp_path / "s"), "--checkpoints", exported,
+            "--benchmark", f"vsp={eval_shards}", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    assert eval_main(args) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "1"
+    assert eval_main(args) == 2
+    assert "already holds a sweep" in capsys.readouterr().err

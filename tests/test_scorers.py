@@ -81,6 +81,7 @@ def test_vsp_only_the_last_box_counts_and_formats(vsp_records):
     words = {"L": "Left", "R": "Right", "U": "Up", "D": "Down"}
     assert vsp.score("\\boxed{" + " -> ".join(words[x] for x in plan) + "}", r).correct
     assert vsp.score("\\boxed{\\text{" + ", ".join(plan) + "}}", r).correct
+    assert vsp.score("\\boxed{$" + ", ".join(plan) + "$}", r).correct
     for text in ("no box here: R,D", "\\boxed{}", "\\boxed{R, 3, D}", "\\boxed{go somewhere}", "\\boxed{R,D"):
         s = vsp.score(text, r)
         assert s.parsed is None and not s.correct, text
@@ -102,6 +103,8 @@ def comt_record(answer: str, category: str = "geometry", choices=None) -> Record
     ("\\boxed{a square}", "D", True, "D"),
     ("I cannot tell.", "A", False, None),
     ("\\boxed{E}", "A", False, None),
+    ("the answer is a square.", "D", False, None),  # a lowercase article is not the letter A
+    ("\\boxed{A square}", "D", True, "D"),  # an option's text wins over a leading capital "A"
 ])
 def test_comt_choice_exact_match(prediction, gold, correct, parsed):
     s = comt.score(prediction, comt_record(gold, choices=["A. a circle", "B. a line", "C. a cube", "D. a square"]))

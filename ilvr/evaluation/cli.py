@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"run": cmd_run, "score": cmd_score, "sweep": cmd_sweep}[args.command](args)
-    except (ValueError, FileNotFoundError, KeyError, IndexError, ConfigError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, IndexError, ConfigError) as e:
         print(f"ilvr-eval: error: {e}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+import zlib
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -88,8 +89,8 @@ def decode_records(em: EvalModel, records: list[Record], settings: DecodeSetting
                 log.warning("record %s cannot be evaluated: %s", record.id, e)
         if not prompts:
             continue
-        if generator is not None:
-            generator.manual_seed(settings.seed * 1_000_003 + start)  # reproducible for a given rank split
+        if generator is not None:  # seeded by the batch's first record: no two ranks draw the same stream
+            generator.manual_seed(settings.seed * 1_000_003 + zlib.crc32(batch_records[0].id.encode()))
         t0 = time.perf_counter()
         results = generate(em.model, prompts, em.processor.tokenizer, em.latent_ids, em.latent_size,
                            mode=settings.mode, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
@@ -103,18 +104,32 @@ def decode_records(em: EvalModel, records: list[Record], settings: DecodeSetting
     return rows
 
 
+def all_gather_json(obj) -> list:
+    """Every rank's JSON-serialisable `obj`, in rank order (JSON bytes in tensors: nothing is unpickled)."""
+    dist = torch.distributed
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(buffers, padded)
+    return [json.loads(bytes(b[:int(n)].cpu().tolist()).decode("utf-8")) for b, n in zip(buffers, sizes)]
+
+
 def _gather_rows(rows: list[dict], skipped: Counter, wall_s: float):
     """All ranks' rows, skip counts and wall times on every rank (a no-op without a process group)."""
     dist = torch.distributed
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return rows, skipped, wall_s
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (rows, dict(skipped), wall_s))
-    all_rows = [r for part in gathered for r in part[0]]
+    gathered = all_gather_json([rows, dict(skipped), wall_s])
     total = Counter()
     for part in gathered:
         total.update(part[1])
-    return all_rows, total, max(part[2] for part in gathered)
+    return [r for part in gathered for r in part[0]], total, max(part[2] for part in gathered)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -133,6 +148,20 @@ def score_rows(rows: list[dict], records: dict[str, Record], benchmark: str) -> 
         row.update(parsed=s.parsed, correct=s.correct, category=s.category, outcome=s.detail)
         scores.append(s)
     return aggregate(scores, benchmark)
+
+
+def check_references(records: list[Record], benchmark: str) -> None:
+    """Every record must be scorable by `benchmark` (VSP map, CoMT letter, Zebra answer): one error naming them."""
+    scorer = get_scorer(benchmark)
+    bad = []
+    for record in records:
+        try:
+            scorer("", record)
+        except ValueError as e:
+            bad.append(str(e))
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(records)} records cannot be scored as {benchmark!r}, e.g. {bad[0]}; "
+                         "check --benchmark and the shards (ilvr-prepare --source)")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -155,13 +184,12 @@ def timing_metrics(rows: list[dict], wall_s: float) -> dict[str, float]:
 
 
 def write_json_atomic(path: str, data, lines: bool = False) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        if lines:
-            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in data)
-        else:
-            json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """JSON (or JSON lines) written whole or not at all."""
+    from ilvr.training.checkpoint import write_text_atomic
+
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in data) if lines else \
+        json.dumps(data, indent=2, sort_keys=True)
+    write_text_atomic(path, text)
 
 
 def category_table(metrics: dict[str, float]) -> dict[str, list]:
@@ -186,7 +214,7 @@ def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int) -> s
     tracker.log_table(category_table(metrics), "per_category.json")
     for name in (PREDICTIONS_FILE, METRICS_FILE):
         tracker.log_artifact(os.path.join(req.out_dir, name))
-    tracker.end("FINISHED")
+    tracker.end("FAILED" if tracker.dropped else "FINISHED")  # a run missing metrics must not look complete
     return run_id
 
 
@@ -196,7 +224,7 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     data = data or load_records(req.shards, req.limit)
     benchmark = infer_benchmark(data.records) if req.benchmark == "auto" else req.benchmark
-    get_scorer(benchmark)  # an unknown name fails before any decoding
+    check_references(data.records, benchmark)  # before any decoding: bad data must not cost hours of it
     em = em or load_eval_model(req.model, req.dtype)
 
     skipped = Counter()
@@ -205,6 +233,8 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
     rows, skipped, wall_s = _gather_rows(rows, skipped, time.perf_counter() - t0)
     order = {r.id: i for i, r in enumerate(data.records)}
     rows.sort(key=lambda r: order[r["id"]])
+    if not rows:
+        raise ValueError(f"no record of {req.shards} could be evaluated (skipped: {dict(skipped)}); see the warnings")
 
     metrics = score_rows(rows, data.by_id(), benchmark)
     metrics.update(timing_metrics(rows, wall_s))
@@ -216,13 +246,11 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
               "shards": req.shards, "world_size": world, "latent_size": em.latent_size,
               "num_samples": len(rows), **{k: v for k, v in asdict(req.decode).items()}}
     result = {"benchmark": benchmark, "mode": req.decode.mode, "model": em.source, "checkpoint_step": step,
-              "metrics": metrics, "params": params}
+              "metrics": metrics, "params": params, "parent_run_id": req.parent_run_id, "mlflow_run_id": None}
     if rank == 0:
         os.makedirs(req.out_dir, exist_ok=True)
         write_json_atomic(os.path.join(req.out_dir, PREDICTIONS_FILE), rows, lines=True)
-        if req.mlflow:
-            result["mlflow_run_id"] = None  # filled below; the file is written again with it
-        write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)
+        write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)  # first: MLflow logs it as an artifact
         if req.mlflow:
             result["mlflow_run_id"] = log_to_mlflow(req, params, metrics, step or 0)
             write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)

@@ -22,10 +22,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from ilvr.evaluation.scorers import BENCHMARKS  # display order
+from ilvr.model.generate import MODES  # display order; other modes follow alphabetically
+from ilvr.training.checkpoint import write_text_atomic
 from ilvr.training.tracking import HTTP_DEFAULTS, redact_uri
 
-MODES = ("latent", "text", "constant-latent")  # display order; other modes follow alphabetically
-BENCHMARKS = ("vsp", "comt", "zebra")
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("", "6 3", "2 3", "8 3 2 3")  # lines stay distinguishable without colour
 PAGE_SIZE = 1000
@@ -308,7 +309,8 @@ def _blocks(rows: Sequence[EvalRow], meta: ReportMeta) -> list:
         out += [("h3", b), ("table", ["step", *MODES, "latent - text", "latent - constant-latent"], table)]
 
     out.append(("h2", "Latency and output health"))
-    out.append(("p", "Per benchmark and mode at its latest step; latency is per sample."))
+    out.append(("p", "Per benchmark and mode at its latest step; latency is the time each sample waited "
+                     "(its batch's decoding time: per sample at batch size 1)."))
     table = []
     for b in benches:
         for m in _order({r.mode for r in by_bench[b]}, MODES):
@@ -460,8 +462,8 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out.with_suffix(".html"), out.with_suffix(".md")
-    html_path.write_text(render_html(rows, meta), encoding="utf-8")
-    md_path.write_text(render_markdown(rows, meta), encoding="utf-8")
+    write_text_atomic(str(html_path), render_html(rows, meta))
+    write_text_atomic(str(md_path), render_markdown(rows, meta))
     print(html_path)
     print(md_path)
     return 0

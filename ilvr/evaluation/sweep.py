@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict
 
 from ilvr.evaluation.evaluate import METRICS_FILE, DecodeSettings, EvalRequest, run_evaluation, write_json_atomic
 from ilvr.evaluation.loading import model_step, resolve_model_path
+from ilvr.training.checkpoint import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ SUMMARY_COLUMNS = ("index", "checkpoint", "step", "benchmark", "mode", "accuracy
 
 
 def _step_key(path: str):
-    found = re.search(r"step-(\d+)", path)
+    found = re.search(r"step-(\d+)", os.path.basename(os.path.normpath(path)))
     return (int(found.group(1)) if found else -1, path)
 
 
@@ -39,7 +42,8 @@ def collect_checkpoints(paths: list[str] | None = None, list_file: str | None = 
     """Checkpoints from explicit paths, a file with one path per line (# comments), or a glob.
 
     Glob matches that are not evaluable (an unfinished step-N without COMPLETE) are skipped
-    with a warning; explicitly named paths must be evaluable.
+    with a warning; explicitly named paths must be evaluable. A run dir is resolved to its
+    latest checkpoint now, so every task of the sweep evaluates the same weights.
     """
     named = list(paths or [])
     if list_file:
@@ -52,9 +56,7 @@ def collect_checkpoints(paths: list[str] | None = None, list_file: str | None = 
             found.append(path)
         except FileNotFoundError:
             log.warning("skipping %s: not a complete checkpoint or exported model", path)
-    for path in named:
-        resolve_model_path(path)  # raises with the fix in the message
-    out = list(dict.fromkeys(os.path.abspath(p) for p in named + found))
+    out = list(dict.fromkeys(os.path.abspath(resolve_model_path(p)[1]) for p in named + found))  # raises with the fix
     if not out:
         raise ValueError("the sweep has no checkpoints: give --checkpoints, --checkpoint-list or --checkpoint-glob "
                          "(a glob matched nothing evaluable)")
@@ -89,12 +91,19 @@ def plan(out_dir: str, checkpoints: list[str], benchmarks: dict[str, str], modes
     """Write sweep.json (tasks ordered checkpoint-major) and open the parent MLflow run."""
     for mode in modes:
         DecodeSettings(mode=mode)  # validates
+    if os.path.exists(os.path.join(out_dir, SWEEP_FILE)):
+        raise FileExistsError(f"{out_dir} already holds a sweep: use a new --out (or delete it); its old task "
+                              "results would otherwise mix with the new ones")
+    uri = tracking_uri or default_tracking_uri(out_dir)
+    if re.search(r"//[^/@]*:[^/@]*@", uri):
+        raise ValueError("the tracking URI carries a password, which sweep.json would store: give it through "
+                         "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
     os.makedirs(out_dir, exist_ok=True)
     tasks = [{"index": i, "checkpoint": c, "step": model_step(c), "benchmark": b, "shards": s, "mode": m}
              for i, (c, (b, s), m) in enumerate((c, bs, m) for c in checkpoints for bs in benchmarks.items()
                                                 for m in modes)]
     sweep = {"name": name or os.path.basename(os.path.abspath(out_dir)), "dir": os.path.abspath(out_dir),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "tracking_uri": tracking_uri or default_tracking_uri(out_dir),
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "tracking_uri": uri,
              "experiment": experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr-eval",
              "decode": asdict(decode), "limit": limit, "tasks": tasks, "parent_run_id": None}
     tracker = _tracker(sweep)
@@ -126,6 +135,7 @@ def run_task(sweep_dir: str, index: int) -> dict:
     if not 0 <= index < len(sweep["tasks"]):
         raise IndexError(f"task {index} does not exist: the sweep has tasks 0..{len(sweep['tasks']) - 1}")
     task = sweep["tasks"][index]
+    shutil.rmtree(task_dir(sweep, index), ignore_errors=True)  # a rerun must not leave an old result behind
     req = EvalRequest(model=task["checkpoint"], shards=task["shards"], out_dir=task_dir(sweep, index),
                       benchmark=task["benchmark"], decode=DecodeSettings(**{**sweep["decode"], "mode": task["mode"]}),
                       limit=sweep["limit"], tracking_uri=sweep["tracking_uri"], experiment=sweep["experiment"],
@@ -139,9 +149,12 @@ def summary_rows(sweep: dict) -> list[dict]:
     for task in sweep["tasks"]:
         path = os.path.join(task_dir(sweep, task["index"]), METRICS_FILE)
         row = {k: task[k] for k in ("index", "checkpoint", "step", "benchmark", "mode")}
+        result = None
         if os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
-                m = json.load(f)["metrics"]
+                result = json.load(f)
+        if result is not None and result.get("parent_run_id") == sweep["parent_run_id"]:
+            m = result["metrics"]
             row.update(accuracy=round(m["accuracy"], 4), num_samples=int(m["num_samples"]),
                        unparseable=int(m["unparseable"]), latency_ms_mean=round(m["latency_ms_mean"], 1),
                        tokens_per_s=round(m["tokens_per_s"], 1), status="ok")
@@ -156,19 +169,16 @@ def write_summary(sweep_dir: str) -> tuple[list[dict], list[int]]:
     sweep = load_sweep(sweep_dir)
     rows = summary_rows(sweep)
     missing = [r["index"] for r in rows if r["status"] != "ok"]
-    with open(os.path.join(sweep_dir, "summary.csv.tmp"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(os.path.join(sweep_dir, "summary.csv.tmp"), os.path.join(sweep_dir, "summary.csv"))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(os.path.join(sweep_dir, "summary.csv"), table.getvalue())
     lines = [f"# Sweep {sweep['name']}", "", f"{len(rows)} tasks, {len(rows) - len(missing)} with results; "
              f"MLflow parent run `{sweep['parent_run_id']}`.", "",
              "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]
-    write_text = os.path.join(sweep_dir, "summary.md")
-    with open(write_text + ".tmp", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(write_text + ".tmp", write_text)
+    write_text_atomic(os.path.join(sweep_dir, "summary.md"), "\n".join(lines) + "\n")
     if sweep.get("parent_run_id"):
         tracker = _tracker(sweep)
         tracker.attach(sweep["parent_run_id"])

@@ -115,7 +115,7 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str) -> None:
     """Write and fsync a small file, rename it into place (readers see old or new, never half), fsync the dir."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -230,24 +230,24 @@ class CheckpointManager:
         engine.save_checkpoint(tmp, tag=DS_TAG, client_state={}, save_latest=True)
         if save_teacher is not None:
             save_teacher(tmp)
-        _write_text(os.path.join(tmp, f"rank{rank}.json"), rank_json)
+        write_text_atomic(os.path.join(tmp, f"rank{rank}.json"), rank_json)
         if rank == 0:
             config = getattr(getattr(engine, "module", None), "config", None)
             if hasattr(config, "save_pretrained"):
                 config.save_pretrained(os.path.join(tmp, "model_config"))
             if self.processor is not None:
                 self.processor.save_pretrained(os.path.join(tmp, "processor"))
-            _write_text(os.path.join(tmp, TRAINER_FILE), trainer_json)
+            write_text_atomic(os.path.join(tmp, TRAINER_FILE), trainer_json)
 
     def _commit(self, tmp: str, final: str) -> None:
         """Rank 0, after every rank wrote: fsync, COMPLETE, rename into place, point `latest` at it."""
         _fsync_tree(tmp)
-        _write_text(os.path.join(tmp, COMPLETE), "ok\n")
+        write_text_atomic(os.path.join(tmp, COMPLETE), "ok\n")
         if os.path.exists(final):  # the same step saved again (e.g. a signal right after a save)
             os.replace(final, self._trash_name(final))
         os.replace(tmp, final)
         _fsync_path(self.root)
-        _write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+        write_text_atomic(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
         log.info("checkpoint saved: %s", final)
 
     def _trash_name(self, path: str) -> str:  # a name `latest()` and the pruner never take for a checkpoint

@@ -213,7 +213,12 @@ class Tracker:
         try:
             from mlflow import MlflowClient
 
-            self.client = MlflowClient(tracking_uri=self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+            uri = self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if uri and uri.startswith(("http://", "https://")):
+                for k, v in HTTP_DEFAULTS.items():
+                    os.environ.setdefault(k, v)
+                check_reachable(uri)
+            self.client = MlflowClient(tracking_uri=uri)
             self.client.get_run(run_id)
             self.run_id = run_id
         except Exception as e:

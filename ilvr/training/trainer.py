@@ -234,7 +234,7 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     self._log(last)
                 time_boxed = cfg.train.stop_after and self.step - first_step >= cfg.train.stop_after
-                if flags[1] or (time_boxed and self.step < cfg.train.max_steps):
+                if self.step < cfg.train.max_steps and (flags[1] or time_boxed):  # at the end: finish normally
                     self.save()
                     why = "train.stop_after" if time_boxed else (stop.received or "a signal on another rank")
                     log.warning("stopping after step %d (%s); checkpoint saved, resume with --resume auto",
@@ -313,11 +313,11 @@ class Trainer:
         """Rank 0 writes <output_dir>/finished.json once train.max_steps is reached: how a job script
         (slurm/train.sh) tells a finished run from a stopped one."""
         if self.info.is_main:
-            from ilvr.training.checkpoint import _write_text
+            from ilvr.training.checkpoint import write_text_atomic
 
-            _write_text(os.path.join(self.cfg.train.output_dir, FINISHED_FILE),
-                        json.dumps({"step": self.step, "max_steps": self.cfg.train.max_steps,
-                                    "mlflow_run_id": self.run_id}) + "\n")
+            write_text_atomic(os.path.join(self.cfg.train.output_dir, FINISHED_FILE),
+                              json.dumps({"step": self.step, "max_steps": self.cfg.train.max_steps,
+                                          "mlflow_run_id": self.run_id}) + "\n")
 
     def _finish(self, status: str) -> None:
         if getattr(self, "tracker", None) is None:

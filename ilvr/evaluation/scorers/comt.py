@@ -16,7 +16,8 @@ from ilvr.evaluation.scorers import Score
 
 LETTERS = "ABCD"
 _LEADING_LETTER = re.compile(r"^\s*\(?([A-D])\)?(?=$|[\s.:,)])")
-_ANSWER_PHRASE = re.compile(r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-D])\)?(?=$|[\s.,;:!)])", re.I)
+# the words in any case, the letter in upper case only ("the answer is a square" names no option)
+_ANSWER_PHRASE = re.compile(r"(?i:answer|option|choice)\s*(?i:is|:)?\s*\(?([A-D])\)?(?=$|[\s.,;:!)])")
 _LATENT_MARKER = re.compile(r"<latent>")
 
 
@@ -36,13 +37,16 @@ def choice_texts(meta: dict[str, Any]) -> dict[str, str]:
 
 
 def letter_of(text: str, choices: dict[str, str]) -> str | None:
-    """"B", "(B)", "B. red" -> "B"; an option's own text -> its letter; else None."""
-    found = _LEADING_LETTER.match(text)
-    if found:
-        return found.group(1)
+    """An option's own text -> its letter; "B", "(B)", "B. red" -> "B"; else None.
+
+    The option text is tried first, so "A large cube" is option C's text, not the letter A.
+    """
     wanted = _norm(text)
     matches = [k for k, v in choices.items() if _norm(v) == wanted and wanted]
-    return matches[0] if len(matches) == 1 else None
+    if len(matches) == 1:
+        return matches[0]
+    found = _LEADING_LETTER.match(text)
+    return found.group(1) if found else None
 
 
 def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
@@ -52,7 +56,7 @@ def parse_choice(prediction: str, choices: dict[str, str]) -> str | None:
         return letter_of(re.sub(r"\\text\{([^{}]*)\}", r"\1", boxed), choices)
     phrases = _ANSWER_PHRASE.findall(prediction)
     if phrases:
-        return phrases[-1].upper()
+        return phrases[-1]
     bare = _LATENT_MARKER.sub(" ", prediction).strip()
     return letter_of(bare, choices) if len(bare) <= 3 else None
 

@@ -16,7 +16,7 @@ from data_pipeline.vsp_world import simulate
 from ilvr.evaluation.scorers import Score
 
 _WORDS = {"left": "L", "right": "R", "up": "U", "down": "D"}
-_SEPARATORS = re.compile(r"[\s,;:|/\->→'\"`\[\]().]+")
+_SEPARATORS = re.compile(r"[\s,;:|/\->→'\"`\[\]().$]+")
 
 
 def parse_plan(text: str) -> list[str] | None:
