@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 from ilvr.evaluation.scorers import BENCHMARKS  # display order
 from ilvr.model.generate import MODES  # display order; other modes follow alphabetically
 from ilvr.training.checkpoint import write_text_atomic
-from ilvr.training.tracking import HTTP_DEFAULTS, redact_uri
+from ilvr.training.tracking import prepare_server, redact_uri
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("", "6 3", "2 3", "8 3 2 3")  # lines stay distinguishable without colour
@@ -437,9 +437,7 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"ilvr-report: no SQLite store at {uri}", file=sys.stderr)  # MLflow would create an empty one
         return 2
-    if uri.startswith(("http://", "https://")):
-        for k, v in HTTP_DEFAULTS.items():
-            os.environ.setdefault(k, v)
+    prepare_server(uri, check=False)  # a failing store is reported below
 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

@@ -99,6 +99,16 @@ def check_reachable(uri: str) -> None:
         raise ConnectionError(f"MLflow server {redact_uri(uri)} unreachable: {e}") from None
 
 
+def prepare_server(uri: "str | None", check: bool = True) -> None:
+    """For an http(s) store: short MLflow HTTP retries/timeouts (unless set), and fail fast when it is down."""
+    if not (uri and uri.startswith(("http://", "https://"))):
+        return
+    for k, v in HTTP_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+    if check:
+        check_reachable(uri)
+
+
 def local_artifact_location(uri: str) -> "str | None":
     """For a SQLite store, artifacts beside the database file (MLflow's default is ./mlruns of the cwd)."""
     if not uri.startswith("sqlite:///"):
@@ -172,10 +182,7 @@ class Tracker:
         uri = self.tracking_uri = (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                    or f"sqlite:///{output_dir}/mlflow.db")
         artifact_location = local_artifact_location(uri)
-        if uri.startswith(("http://", "https://")):
-            for k, v in HTTP_DEFAULTS.items():
-                os.environ.setdefault(k, v)
-            check_reachable(uri)
+        prepare_server(uri)
         self.client = client = MlflowClient(tracking_uri=uri)
 
         tags = {**run_tags(self.world_size), **tags}
@@ -214,10 +221,7 @@ class Tracker:
             from mlflow import MlflowClient
 
             uri = self.tracking_uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-            if uri and uri.startswith(("http://", "https://")):
-                for k, v in HTTP_DEFAULTS.items():
-                    os.environ.setdefault(k, v)
-                check_reachable(uri)
+            prepare_server(uri)
             self.client = MlflowClient(tracking_uri=uri)
             self.client.get_run(run_id)
             self.run_id = run_id
