@@ -23,6 +23,9 @@ setup(
         "tqdm",
         "safetensors",
         "accelerate>=1.1",  # transformers' DeepSpeed integration (ZeRO-3 loading) needs it
+        # FrozenLake sprites that draw the VSP images (data_pipeline/vsp_world.py): byte-identical in
+        # 0.29.1-1.3.0; 1.4 removed ice/hole/goal/cracked_hole
+        "gymnasium>=0.29.1,<1.4",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],

@@ -136,6 +136,8 @@ def build_bench(args, records, workdir: str) -> Bench:
     processor, latent_ids = load_processor(proc_dir)
     model = build_tiny_model(processor.tokenizer, processor.image_processor, model_size(args), seed=args.seed)
     init_latent_embeddings(model, processor.tokenizer, latent_ids)
+    model = model.to(getattr(args, "device", "cpu"), torch.bfloat16 if getattr(args, "dtype", "fp32") == "bf16"
+                     else torch.float32)
     # tiny_config gives every vision block full attention; 7B has it in blocks 7, 15, 23, 31 only
     depth = args.vision_depth
     model.model.visual.fullatt_block_indexes = [i for i in range(depth) if (i + 1) % 8 == 0 or i == depth - 1]
@@ -174,6 +176,8 @@ class Clock:
         try:
             yield
         finally:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # phases end when the device is done, not when the launch returns
             self.ms[phase] += (time.perf_counter() - t0) * 1e3
 
 
@@ -251,7 +255,8 @@ def image_segment(bench: Bench, st: Decoding, images, clock: Clock) -> None:
     model = bench.model
     with clock("processor"):
         out = bench.processor.image_processor(images=images, return_tensors="pt")
-        pixels, grid = out["pixel_values"], out["image_grid_thw"].long()
+        pixels = out["pixel_values"].to(model.device, model.dtype)
+        grid = out["image_grid_thw"].long().to(model.device)
     with clock("vision"):
         feats = image_features(model, pixels, grid)
     with clock("image_prefill"):
@@ -462,6 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (tensors are made there by default)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="model dtype (bf16 on a GPU)")
     p.add_argument("--quick", action="store_true", help="smoke run (< 60 s): small model, few sizes and repeats")
     args = p.parse_args(argv)
     if args.quick:
@@ -535,6 +542,8 @@ def print_results(sweep: dict, marginal: dict, by_size: dict, problems: dict, fl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device != "cpu":
+        torch.set_default_device(args.device)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     n, ref = max(args.segments), args.reference_side

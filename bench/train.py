@@ -129,10 +129,10 @@ def recipe(opts: dict):
     ])
 
 
-def build(cfg, processor, size, world_size: int, threshold: int | None):
-    """Student engine and MomentumTeacher as `Trainer` builds them (zero.Init, same seed, vision frozen).
-
-    Returns (engine, teacher, resolved DeepSpeed config, RSS before / after building the teacher)."""
+def build(cfg, processor, size, world_size: int, threshold: int | None, zero_stage: int = 3,
+          comms_logger: bool = False):
+    """Student engine and MomentumTeacher as `Trainer` builds them (zero.Init under ZeRO-3, same seed,
+    vision frozen). Returns (engine, teacher, resolved DeepSpeed config, RSS before / after the teacher)."""
     import deepspeed
     import torch
     from transformers.integrations import HfDeepSpeedConfig
@@ -141,15 +141,21 @@ def build(cfg, processor, size, world_size: int, threshold: int | None):
     from ilvr.training.ds_config import resolve_ds_config
     from ilvr.training.teacher import MomentumTeacher, teacher_ds_config
 
-    ds = resolve_ds_config(str(DS_CONFIG), cfg, world_size, size.hidden)
+    ds = resolve_ds_config(str(DS_CONFIG if zero_stage == 3 else REPO / "ds_configs" / "zero2.json"), cfg,
+                           world_size, size.hidden)
     if threshold is not None:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = threshold
+    if comms_logger:
+        ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
     keep = []  # HfDeepSpeedConfig is held through a weak reference: keep it alive while models are built
 
     def new_model(config: dict):
         keep.append(HfDeepSpeedConfig(config))
         torch.manual_seed(cfg.train.seed)
-        with deepspeed.zero.Init(config_dict_or_path=config):
+        import contextlib
+
+        ctx = deepspeed.zero.Init(config_dict_or_path=config) if zero_stage == 3 else contextlib.nullcontext()
+        with ctx:
             return build_model(cfg.model, processor.tokenizer, processor.image_processor, tiny_size=size,
                                seed=cfg.train.seed)
 
@@ -373,6 +379,188 @@ def bench_breakdown(cfg, processor, latent_ids, size, opts: dict, rank: int, wor
             "threshold": ds["zero_optimization"]["stage3_param_persistence_threshold"]}
 
 
+# ----------------------------------------------------------------------------- rank side: stage 2 vs stage 1
+
+
+class PeakRss:
+    """Peak RSS of this process while the block runs, above its RSS on entry (a sampling thread, 2 ms):
+    the kernel's own peak counter cannot be reset here, and torch's CPU allocator keeps no statistics."""
+
+    def __init__(self):
+        import threading
+
+        self.base = self.peak = current_rss() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, current_rss() or 0)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss() or 0)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def stage_step(engine, teacher, batch, cfg, generator, stage: int, gather_once: bool, checkpoint: bool) -> float:
+    """One optimizer step of `stage` as `Trainer` makes it (grad_accum 1); seconds on this rank."""
+    import torch
+
+    from ilvr.model.selection import select_targets
+    from ilvr.model.stage1 import stage1_loss
+    from ilvr.model.stage2 import stage2_loss
+    from ilvr.training.distributed import all_reduce
+    from ilvr.training.gather import held
+
+    k = cfg.model.latent_size
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    if stage == 1:
+        with held(teacher.module.model, gather_once):
+            selection = select_targets(teacher.module, batch, cfg.loss, k)
+        out = stage1_loss(engine.module, teacher.module, batch, cfg.loss, k, generator=generator, selection=selection)
+        engine.backward(out.loss)
+    else:
+        local = [int(batch["latent_segments"][:, 0].bincount().max()) if batch["latent_segments"].numel() else 0]
+        s_max = int(all_reduce(local, "max")[0])
+        with held(engine.module, gather_once):
+            out = stage2_loss(engine.module, batch, always_run_vision=True, min_segments=s_max, min_steps=k,
+                              checkpoint_calls=checkpoint)
+            engine.backward(out.loss)
+    engine.step()
+    if stage == 1:
+        teacher.update()
+    return time.perf_counter() - t0
+
+
+def bench_stages(cfg, processor, latent_ids, size, opts: dict, rank: int, world_size: int, label: str) -> dict:
+    """Stage 1 and stage 2 steps of one model under ZeRO-3 (DeepSpeed's per-call gathering, and
+    train.gather_once) and ZeRO-2, on the same batches: time (slower rank), collective calls and bytes
+    (DeepSpeed's comms logger), peak RSS per rank."""
+    import gc
+
+    import torch
+    from deepspeed import comm
+
+    from ilvr.training.comm_stats import CommStats
+
+    variants = [("zero3", 3, 1, False), ("zero3", 3, 2, False), ("zero3", 3, 1, True), ("zero3", 3, 2, True),
+                ("zero2", 2, 1, False), ("zero2", 2, 2, False)]
+    if opts.get("checkpoint_variant"):
+        variants.append(("zero3", 3, 2, "ckpt"))
+    batches = [b for _, b in zip(range(opts["stage_steps"] + 1), loader_batches(cfg, processor, latent_ids, rank,
+                                                                                  world_size))]
+    batches = [{k: v.to("cpu") if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    results = []
+    built: dict = {}
+    for zname, zstage, stage, once in variants:
+        if zname not in built:
+            built.clear()
+            gc.collect()
+            built[zname] = build(cfg, processor, size, world_size, None, zero_stage=zstage, comms_logger=True)
+        engine, teacher, _, _ = built[zname]
+        stats = CommStats(world_size)
+        generator = torch.Generator()
+        times, counts, peaks = [], [], []
+        for i, batch in enumerate(batches):
+            stats.mark()
+            gc.collect()
+            with PeakRss() as mem:
+                seconds = stage_step(engine, teacher, batch, cfg, generator, stage, bool(once) and zstage == 3,
+                                     checkpoint=once == "ckpt")
+            c = stats.step()
+            if i:  # the first step warms up
+                times.append(seconds)
+                counts.append(c)
+                peaks.append(mem.growth)
+        comm.comms_logger.comms_dict.clear()
+        mean = {k: sum(c.get(k, 0.0) for c in counts) / len(counts) for k in counts[0]}
+        results.append({"zero": zname, "stage": stage, "gather_once": once, "times": times, "comm": mean,
+                        "peak_rss": max(peaks)})
+    built.clear()
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    return {"label": label, "params": params, "param_bytes": params * 4, "variants": results}
+
+
+def rank_main_stages(rank: int, world_size: int, opts: dict) -> dict[str, Any]:
+    import logging
+
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(opts["threads"])
+    deepspeed.init_distributed(dist_backend="gloo")
+    logging.basicConfig(level=logging.WARNING, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from data_pipeline.tiny_processor import load_processor
+    from ilvr.model.build import TinySize
+
+    cfg = recipe(opts)
+    processor, latent_ids = load_processor(cfg.data.processor)
+    out = {"tiny": bench_stages(cfg, processor, latent_ids, TinySize(), opts, rank, world_size, "tiny recipe")}
+    if opts["stage_big"]:
+        big = TinySize(hidden=opts["hidden"], intermediate=opts["intermediate"], layers=opts["layers"],
+                       heads=opts["heads"], kv_heads=opts["kv_heads"])
+        out["big"] = bench_stages(cfg, processor, latent_ids, big, dict(opts, checkpoint_variant=True), rank,
+                                  world_size, "bigger model")
+    return out
+
+
+def report_stages(results: list[dict]) -> dict[str, Any]:
+    print(f"\n4. Stage 2 vs stage 1 under ZeRO-3 and ZeRO-2 ({WORLD_SIZE} gloo ranks, same batches; DeepSpeed's "
+          "comms logger; bytes = gathered tensor sizes; time = slower rank, median; RSS peak above the step's start, "
+          "per rank)")
+    summary = {}
+    for key in results[0]:
+        model = results[0][key]
+        print(f"  {model['label']}: {model['params'] / 1e6:.2f} M params ({mib(model['param_bytes']).strip()} fp32)")
+        print(f"  {'variant':<34}{'step s':>8}{'gathers':>9}{'gathered':>12}{'x model':>8}{'red.-scat.':>12}"
+              f"{'step RSS peak r0 / r1':>24}")
+        rows = []
+        for i, v in enumerate(model["variants"]):
+            step = statistics.median(slowest([r[key]["variants"][i]["times"] for r in results]))
+            c = v["comm"]
+            once = {False: "per call", True: "gather once", "ckpt": "gather once + ckpt"}[v["gather_once"]]
+            name = f"{v['zero']} stage {v['stage']}" + (f" ({once})" if v["zero"] == "zero3" else "")
+            rss = " / ".join(mib(r[key]["variants"][i]["peak_rss"]).strip() for r in results)
+            print(f"  {name:<34}{step:8.2f}{c.get('comm/all_gather_calls', 0):9.0f}"
+                  f"{mib(c.get('comm/all_gather_bytes', 0)):>12}{c.get('comm/all_gather_bytes', 0) / model['param_bytes']:8.2f}"
+                  f"{mib(c.get('comm/reduce_scatter_bytes', 0)):>12}{rss:>24}")
+            rows.append({"variant": name, "step_s": step, **c,
+                         "peak_rss": [r[key]["variants"][i]["peak_rss"] for r in results]})
+        by = {r["variant"]: r for r in rows}
+
+        def ratio(a, b, what):
+            return by[a][what] / by[b][what] if by[b][what] else float("nan")
+
+        s1, s2 = "zero3 stage 1 (gather once)", "zero3 stage 2 (gather once)"
+        s2_call, z2s2 = "zero3 stage 2 (per call)", "zero2 stage 2"
+        lines = {
+            "stage-2 / stage-1 gathered bytes (zero3, gather once; target <= 1.5)": ratio(s2, s1, "comm/all_gather_bytes"),
+            "stage-2 / stage-1 step time (zero3, gather once; target <= 1.5)": ratio(s2, s1, "step_s"),
+            "zero3 / zero2 stage-2 step time (gather once; target <= 1.3)": ratio(s2, z2s2, "step_s"),
+            "stage-2 gathered bytes, per call / gather once": ratio(s2_call, s2, "comm/all_gather_bytes"),
+            "stage-2 step time, per call / gather once": ratio(s2_call, s2, "step_s"),
+        }
+        for text, value in lines.items():
+            print(f"  {text:<72}{value:6.2f}x")
+        summary[key] = {"rows": rows, "ratios": lines}
+    return summary
+
+
 def rank_main(rank: int, world_size: int, opts: dict) -> dict[str, Any]:
     import gc
     import logging
@@ -527,6 +715,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (2 ranks share the cores)")
     p.add_argument("--seed", type=int, default=0, help="data seed")
     p.add_argument("--timeout", type=float, default=900, help="seconds before the ranks are given up")
+    p.add_argument("--parts", default="1,2,3,4", help="which parts to run (1-3: EMA, memory, breakdown; 4: stage 2 vs "
+                   "stage 1 under ZeRO-3 and ZeRO-2)")
+    p.add_argument("--stage-steps", type=int, default=3, help="part 4: timed steps per variant (after 1 warm-up)")
+    p.add_argument("--no-stage-big", dest="stage_big", action="store_false",
+                   help="part 4: only the tiny recipe (default: also the part 1-2 model)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -548,8 +741,13 @@ def main(argv: list[str] | None = None) -> int:
               f"prepared in {time.perf_counter() - started:.0f} s")
         opts = {k: v for k, v in vars(args).items() if k != "json"}
         opts.update(shards=shards, processor=processor, workdir=workdir)
-        results = run_on_ranks(rank_main, WORLD_SIZE, timeout=args.timeout, opts=opts)
-    summary = report(results, args, time.perf_counter() - started)
+        parts = {int(p) for p in args.parts.split(",") if p.strip()}
+        results = run_on_ranks(rank_main, WORLD_SIZE, timeout=args.timeout, opts=opts) if parts & {1, 2, 3} else None
+        stages = run_on_ranks(rank_main_stages, WORLD_SIZE, timeout=args.timeout, opts=opts) if 4 in parts else None
+    summary = report(results, args, time.perf_counter() - started) if results else {}
+    if stages:
+        summary["stages"] = report_stages(stages)
+        print(f"\n  total wall time {time.perf_counter() - started:.0f} s")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"settings": vars(args), "torch": torch.__version__, **summary}, f, indent=2, default=str)

@@ -7,8 +7,9 @@ assistant turn is assembled token by token: a text step is its tokens, a latent 
 `<|im_end|>` + "\\n" as the chat template closes it.
 
 Labels are aligned with input_ids (the model shifts them): trained are the text tokens,
-the latent start/end markers and the closing `<|im_end|>`; -100 elsewhere (prompt, image
-tokens, latent pads, and the "\\n" after `<|im_end|>`, which generation never reaches).
+the `<|latent_start|>` marker and the closing `<|im_end|>`; -100 elsewhere (prompt, image
+tokens, latent pads, `<|latent_end|>` (generation forces it after K pads), and the "\\n"
+after `<|im_end|>`, which generation never reaches).
 Helper images (one per latent step) go through the same image processor but are kept
 apart: the student never sees them as tokens; only the teacher encodes them.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.limits import MAX_IMAGE_PIXELS
 from data_pipeline.records import IMAGE_PLACEHOLDER, Record, RecordError, decode_image, with_image_placeholders
 from ilvr.model.tokens import LatentTokenIds
 
@@ -93,13 +95,29 @@ def _process_images(image_processor, images) -> tuple[torch.Tensor, torch.Tensor
     return out["pixel_values"], out["image_grid_thw"].to(torch.long)
 
 
-def encode_prompt(record: Record, processor) -> EncodedPrompt:
-    """Tokenize the system + user turn with the input images, ending with "<|im_start|>assistant\\n"."""
+def _process_helpers(image_processor, record: Record, max_pixels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The helper images' (pixel_values, image_grid_thw), decoded and processed one at a time.
+
+    The processor treats each image on its own, so this equals one batched call; but
+    only one full-size decoded helper is alive at a time, not all of a sample's.
+    """
+    parts = [_process_images(image_processor, [decode_image(ref.load(), max_pixels)])
+             for ref in record.helper_images]
+    if not parts:
+        return _process_images(image_processor, [])
+    return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
+
+
+def encode_prompt(record: Record, processor, max_image_pixels: int = MAX_IMAGE_PIXELS) -> EncodedPrompt:
+    """Tokenize the system + user turn with the input images, ending with "<|im_start|>assistant\\n".
+
+    An image over `max_image_pixels` (judged from its header, before decoding) is "too_large".
+    """
     tokenizer = processor.tokenizer
     found = [t for t in _control_tokens(tokenizer) if t in record.question]
     if found:
         raise RecordError("malformed_record", f"record {record.id!r}: question contains control tokens {found}")
-    images = [decode_image(ref.load()) for ref in record.images]
+    images = [decode_image(ref.load(), max_image_pixels) for ref in record.images]
     messages = [{"role": "user", "content": _user_content(record.question, len(images))}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     batch = processor(text=[text], images=images or None, return_tensors="pt")
@@ -132,7 +150,9 @@ def _assistant_tokens(record: Record, tokenizer, latent_ids: LatentTokenIds, lat
                 raise RecordError("missing_image", f"record {record.id!r}: latent step without a helper image")
             pad_offsets.append(len(ids) + 1)
             ids += [latent_ids.start] + [latent_ids.pad] * latent_size + [latent_ids.end]
-            labels += [latent_ids.start] + [IGNORE_INDEX] * latent_size + [latent_ids.end]
+            # <|latent_start|> is trained (the model decides when to open a segment); the pads and
+            # <|latent_end|> are not: generation feeds K states and then forces the end marker
+            labels += [latent_ids.start] + [IGNORE_INDEX] * (latent_size + 1)
         else:
             raise RecordError("malformed_record", f"record {record.id!r}: unknown step kind {step.kind!r}")
     im_end = tokenizer.convert_tokens_to_ids(IM_END)
@@ -143,21 +163,21 @@ def _assistant_tokens(record: Record, tokenizer, latent_ids: LatentTokenIds, lat
 
 
 def encode_record(
-    record: Record, processor, latent_ids: LatentTokenIds, latent_size: int, max_length: int
+    record: Record, processor, latent_ids: LatentTokenIds, latent_size: int, max_length: int,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> EncodedSample:
-    """Encode a training record. Raises RecordError: no_target, too_long, corrupt_image, ..."""
+    """Encode a training record. Raises RecordError: no_target, too_long, corrupt_image, too_large, ..."""
     if latent_size < 1:
         raise ValueError(f"latent_size must be >= 1, got {latent_size}")
     if not record.steps:
         raise RecordError("no_target", f"record {record.id!r} has no steps (evaluation-only row)")
-    prompt = encode_prompt(record, processor)
+    prompt = encode_prompt(record, processor, max_image_pixels)
     ids, labels, pad_offsets = _assistant_tokens(record, processor.tokenizer, latent_ids, latent_size)
     start = prompt.input_ids.numel()
     length = start + len(ids)
     if length > max_length:
         raise RecordError("too_long", f"record {record.id!r} is {length} tokens > max_length {max_length}")
-    helpers = [decode_image(ref.load()) for ref in record.helper_images]
-    helper_pixels, helper_grid = _process_images(processor.image_processor, helpers)
+    helper_pixels, helper_grid = _process_helpers(processor.image_processor, record, max_image_pixels)
     assistant = torch.tensor(ids, dtype=torch.long)
     return EncodedSample(
         id=record.id,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.limits import DEFAULT_LIMITS, Limits
 from data_pipeline.records import Record, RecordError, sample_to_record
 from data_pipeline.shard_reader import ShardReadError, read_samples
 from data_pipeline.skips import SkipCounter
@@ -93,6 +94,7 @@ class StreamSpec:
     shuffle_buffer: int
     seed: int
     samples_per_worker: int  # T, a multiple of batch_size
+    limits: Limits = DEFAULT_LIMITS  # member and sample byte caps for the shard reader
 
 
 class _SliceStream:
@@ -105,7 +107,7 @@ class _SliceStream:
     def _read_range(self, shard: int, start: int, stop: int, count_skips: bool = True) -> Iterator[dict]:
         url, got = self.spec.urls[shard], 0
         try:
-            for sample in read_samples(url, start, stop):
+            for sample in read_samples(url, start, stop, self.spec.limits):
                 got += 1
                 yield sample
         except ShardReadError as e:
@@ -280,7 +282,7 @@ def samples_per_worker(mode: str, total: int, world_size: int, workers: int, bat
 
 def make_stream_spec(urls: list[str], counts: list[int], *, mode: str, rank: int, world_size: int,
                      num_workers: int, batch_size: int, shuffle_buffer: int, seed: int,
-                     samples_per_epoch: int = 0) -> StreamSpec:
+                     samples_per_epoch: int = 0, limits: Limits = DEFAULT_LIMITS) -> StreamSpec:
     if not urls:
         raise ValueError("no shards to read")
     total = sum(counts)
@@ -289,14 +291,15 @@ def make_stream_spec(urls: list[str], counts: list[int], *, mode: str, rank: int
     workers = max(1, num_workers)
     T = samples_per_worker(mode, total, world_size, workers, batch_size, samples_per_epoch)
     return StreamSpec(urls=urls, counts=counts, mode=mode, rank=rank, world_size=world_size, num_workers=workers,
-                      batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, samples_per_worker=T)
+                      batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, samples_per_worker=T,
+                      limits=limits)
 
 
 def build_loader(urls: list[str], counts: list[int], encode: Callable[[Record], Any], collate: Callable[[list], Any],
                  *, rank: int, world_size: int, batch_size: int, num_workers: int = 0, mode: str = "exact",
                  shuffle_buffer: int = 0, seed: int = 0, samples_per_epoch: int = 0,
-                 max_skip_fraction: float = 0.05) -> StreamingLoader:
+                 max_skip_fraction: float = 0.05, limits: Limits = DEFAULT_LIMITS) -> StreamingLoader:
     spec = make_stream_spec(urls, counts, mode=mode, rank=rank, world_size=world_size, num_workers=num_workers,
                             batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed,
-                            samples_per_epoch=samples_per_epoch)
+                            samples_per_epoch=samples_per_epoch, limits=limits)
     return StreamingLoader(spec, encode, collate, num_workers=num_workers, max_skip_fraction=max_skip_fraction)

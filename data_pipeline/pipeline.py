@@ -7,6 +7,7 @@ from typing import Any
 
 from data_pipeline.collate import collate_packed, collate_padded
 from data_pipeline.encode import EncodedSample, encode_record
+from data_pipeline.limits import MAX_IMAGE_PIXELS, Limits
 from data_pipeline.loader import StreamingLoader, build_loader
 from data_pipeline.records import Record
 from data_pipeline.shards import expand_shards, shard_sample_counts
@@ -22,9 +23,11 @@ class RecordEncoder:
     latent_ids: LatentTokenIds
     latent_size: int
     max_length: int
+    max_image_pixels: int = MAX_IMAGE_PIXELS
 
     def __call__(self, record: Record) -> EncodedSample:
-        return encode_record(record, self.processor, self.latent_ids, self.latent_size, self.max_length)
+        return encode_record(record, self.processor, self.latent_ids, self.latent_size, self.max_length,
+                             self.max_image_pixels)
 
 
 @dataclass
@@ -53,9 +56,10 @@ def build_train_loader(data: DataConfig, latent_size: int, rank: int, world_size
     # the tokenizer's own thread pool does not survive fork into loader workers
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     urls = expand_shards(shards or data.train_shards, must_exist=True)
-    encoder = RecordEncoder(processor, latent_ids, latent_size, data.max_length)
+    limits = Limits.from_config(data)  # data.max_image_pixels / max_member_bytes / max_sample_bytes, when set
+    encoder = RecordEncoder(processor, latent_ids, latent_size, data.max_length, limits.max_image_pixels)
     collator = BatchCollator(processor.tokenizer.pad_token_id, data.packing)
     return build_loader(urls, shard_sample_counts(urls), encoder, collator, rank=rank, world_size=world_size,
                         batch_size=data.batch_size, num_workers=data.num_workers, mode=data.mode,
                         shuffle_buffer=data.shuffle_buffer, seed=data.seed, samples_per_epoch=data.samples_per_epoch,
-                        max_skip_fraction=data.max_skip_fraction)
+                        max_skip_fraction=data.max_skip_fraction, limits=limits)

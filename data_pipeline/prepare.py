@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from data_pipeline.limits import MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, MAX_SAMPLE_BYTES, Limits
 from data_pipeline.records import RecordError, record_to_sample
 from data_pipeline.shards import Manifest, ShardWriter
 from data_pipeline.skips import SkipCounter, TooManySkips
@@ -30,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="stop after this many written samples (0 = all)")
     p.add_argument("--max-skip-fraction", type=float, default=1.0,
                    help="fail when more than this fraction of rows is skipped (default 1.0: never)")
-    p.add_argument("--no-verify-images", action="store_true", help="do not decode images while writing (faster)")
+    p.add_argument("--no-verify-images", action="store_true",
+                   help="do not decode images while writing (faster; their headers and sizes are still checked)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"skip rows with an image of more pixels, read from its header (default {MAX_IMAGE_PIXELS})")
+    p.add_argument("--max-member-bytes", type=int, default=MAX_MEMBER_BYTES,
+                   help=f"skip rows with an image file larger than this (default {MAX_MEMBER_BYTES})")
+    p.add_argument("--max-sample-bytes", type=int, default=MAX_SAMPLE_BYTES,
+                   help=f"skip rows whose images total more than this (default {MAX_SAMPLE_BYTES})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("synthetic source")
     g.add_argument("--num-samples", type=int, default=1000)
@@ -55,6 +63,10 @@ def prepare(args: argparse.Namespace) -> tuple[Manifest, SkipCounter]:
         raise SystemExit(f"ilvr-prepare: --input is required for --source {args.source}")
     from tqdm import tqdm
 
+    try:
+        limits = Limits(args.max_image_pixels, args.max_member_bytes, args.max_sample_bytes)
+    except ValueError as e:
+        raise SystemExit(f"ilvr-prepare: {str(e).replace('data.', '--').replace('_', '-')}") from None
     read = get_converter(args.source)
     skips = SkipCounter(max_fraction=args.max_skip_fraction, what="rows")
     writer = ShardWriter(args.out, args.prefix, args.samples_per_shard, source=f"{args.source}:{args.input or ''}")
@@ -65,7 +77,7 @@ def prepare(args: argparse.Namespace) -> tuple[Manifest, SkipCounter]:
         try:
             if isinstance(item, RecordError):
                 raise item
-            sample = record_to_sample(item, written, verify_images=not args.no_verify_images)
+            sample = record_to_sample(item, written, verify_images=not args.no_verify_images, limits=limits)
         except RecordError as e:
             skips.skip(e.reason, str(e))
             bar.set_postfix(skipped=skips.total_skipped)

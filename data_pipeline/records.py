@@ -10,8 +10,12 @@ import io
 import json
 import os
 import re
+import stat
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from data_pipeline.limits import DEFAULT_LIMITS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, Limits
 
 IMAGE_PLACEHOLDER = "<image>"
 SCHEMA_VERSION = 1
@@ -32,16 +36,59 @@ class ImageRef:
     path: str | None = None
     data: bytes | None = None
 
-    def load(self) -> bytes:
+    def load(self, max_bytes: int = MAX_MEMBER_BYTES) -> bytes:
+        """The encoded bytes; a path is read only if it is a regular file of at most `max_bytes`."""
         if self.data is not None:
+            if len(self.data) > max_bytes:
+                raise RecordError("too_large", f"embedded image is {len(self.data)} bytes > {max_bytes}")
             return self.data
         if self.path is None:
             raise RecordError("missing_image", "image has neither bytes nor a path")
+        return read_regular_file(self.path, max_bytes)
+
+
+_READ_CHUNK = 1 << 20
+
+
+def _not_regular(path: str, mode: int) -> RecordError:
+    kind = ("directory" if stat.S_ISDIR(mode) else "character device" if stat.S_ISCHR(mode) else
+            "block device" if stat.S_ISBLK(mode) else "FIFO" if stat.S_ISFIFO(mode) else
+            "socket" if stat.S_ISSOCK(mode) else "special file")
+    return RecordError("missing_image", f"{path} is a {kind}, not a regular file; image paths must name image files")
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """Read a regular file of at most `max_bytes`, in bounded chunks.
+
+    Devices (/dev/zero), FIFOs and directories are refused before they are opened
+    (opening a FIFO blocks, reading /dev/zero never ends), and again with fstat on the
+    opened descriptor, in case the path was swapped in between. Symlinks to regular
+    files are followed: dataset caches (the Hugging Face hub's) are made of them, and
+    they reach nothing an absolute path could not.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise RecordError("missing_image", f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if st.st_size > max_bytes:
+            raise RecordError("too_large", f"{path} is {st.st_size} bytes > {max_bytes} (data.max_member_bytes)")
+        chunks, total = [], 0
         try:
-            with open(self.path, "rb") as f:
-                return f.read()
+            while chunk := f.read(min(_READ_CHUNK, max_bytes + 1 - total)):
+                chunks.append(chunk)
+                total += len(chunk)
+                if total > max_bytes:  # the file grew, or is a /proc file with st_size 0
+                    raise RecordError("too_large", f"{path} holds more than {max_bytes} bytes (data.max_member_bytes)")
         except OSError as e:
-            raise RecordError("missing_image", f"cannot read {self.path}: {e.strerror}") from None
+            raise RecordError("missing_image", f"cannot read {path}: {e.strerror}") from None
+    return b"".join(chunks)
 
 
 @dataclass
@@ -119,28 +166,60 @@ def image_extension(data: bytes) -> str:
     raise RecordError("corrupt_image", "bytes are not a PNG, JPEG, GIF, BMP or WEBP image")
 
 
-def check_image(data: bytes) -> str:
-    """Verify that `data` decodes as an image; return its extension."""
+_PIL_FORMATS = ["PNG", "JPEG", "GIF", "BMP", "WEBP"]  # only the plugins for the formats shards may hold
+
+
+def check_image_size(im, max_pixels: int) -> None:
+    """Refuse an opened (not yet decoded) image whose header promises too many pixels or an odd shape.
+
+    The header costs a few bytes; decoding a 12000x12000 1-bit PNG of 17 KB costs GBs.
+    """
+    width, height = im.size
+    if width * height > max_pixels:
+        raise RecordError("too_large", f"image is {width}x{height} = {width * height} pixels > {max_pixels} "
+                                       "(data.max_image_pixels)")
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise RecordError("bad_image_shape", f"image is {width}x{height}: Qwen2.5-VL's processor refuses an "
+                                             f"aspect ratio over {MAX_ASPECT_RATIO}")
+
+
+def _open_checked(data: bytes, max_pixels: int, decode: "str | None"):
+    """Open `data`, check its size from the header, then decode it as `decode` ("load": just
+    verify; "RGB": return an RGB image; None: stop after the header).
+
+    Pillow's decompression-bomb warning is an error here (scoped to this call), so a
+    bomb is refused even when `max_pixels` is set above Pillow's own limit.
+    """
     from PIL import Image
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
+                check_image_size(im, max_pixels)
+                if decode == "load":
+                    im.load()
+                elif decode is not None:
+                    return im.convert(decode)
+                return None
+        except RecordError:
+            raise
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            raise RecordError("too_large", f"image refused as a decompression bomb: {e}") from None
+        except Exception as e:  # PIL raises many types for bad data
+            raise RecordError("corrupt_image", f"image does not decode: {e}") from None
+
+
+def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, decode: bool = True) -> str:
+    """Verify that `data` is an image of at most `max_pixels`, decoding it unless not `decode`; return its extension."""
     ext = image_extension(data)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-    except Exception as e:  # PIL raises many types for bad data
-        raise RecordError("corrupt_image", f"image does not decode: {e}") from None
+    _open_checked(data, max_pixels, "load" if decode else None)
     return ext
 
 
-def decode_image(data: bytes):
-    """Decode encoded bytes to an RGB PIL image (the processor's input)."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise RecordError("corrupt_image", f"image does not decode: {e}") from None
+def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Decode encoded bytes to an RGB PIL image (the processor's input), refusing more than `max_pixels`."""
+    return _open_checked(data, max_pixels, "RGB")
 
 
 # ----------------------------------------------------------------------------- shard form
@@ -154,16 +233,25 @@ def shard_key(index: int, record_id: str) -> str:
     return f"{index:09d}_{_KEY_UNSAFE.sub('-', record_id)[:80]}"
 
 
-def record_to_sample(record: Record, index: int, verify_images: bool = True) -> dict[str, Any]:
+def record_to_sample(record: Record, index: int, verify_images: bool = True,
+                     limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     """Encode `record` as a shard sample: metadata under "json", each image under its own name.
 
-    Raises RecordError when an image is missing or does not decode.
+    Raises RecordError when an image is missing, does not decode, or is over a limit
+    (file bytes, header pixels, sample bytes): the loader would refuse it anyway.
+    Image headers are checked even without `verify_images`, which skips only the decode.
     """
     sample: dict[str, Any] = {"__key__": shard_key(index, record.id)}
+    total = 0
 
     def put(prefix: str, i: int, ref: ImageRef) -> str:
-        data = ref.load()
-        ext = check_image(data) if verify_images else image_extension(data)
+        nonlocal total
+        data = ref.load(max_bytes=limits.max_member_bytes)
+        total += len(data)
+        if total > limits.max_sample_bytes:
+            raise RecordError("too_large", f"record {record.id!r}: images total more than "
+                                           f"{limits.max_sample_bytes} bytes (data.max_sample_bytes)")
+        ext = check_image(data, limits.max_image_pixels, decode=verify_images)
         name = f"{prefix}{i}.{ext}"
         sample[name] = data
         return name
@@ -201,6 +289,9 @@ def sample_to_record(sample: dict[str, Any]) -> Record:
     sample whose metadata is missing or inconsistent.
     """
     key = sample.get("__key__", "?")
+    if "__error__" in sample:  # the shard reader refused it before reading its data
+        reason, message = sample["__error__"]
+        raise RecordError(reason, message)
     raw = sample.get("json")
     if raw is None:
         raise RecordError("malformed_record", f"sample {key} has no json metadata")
@@ -208,6 +299,8 @@ def sample_to_record(sample: dict[str, Any]) -> Record:
         meta = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecordError("malformed_record", f"sample {key}: metadata is not valid JSON ({e})") from None
+    except RecursionError:
+        raise RecordError("malformed_record", f"sample {key}: metadata is nested too deeply") from None
     if not isinstance(meta, dict):
         raise RecordError("malformed_record", f"sample {key}: metadata is not a JSON object")
 

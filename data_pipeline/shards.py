@@ -16,6 +16,8 @@ from typing import Any
 
 from braceexpand import braceexpand
 
+from data_pipeline.shard_reader import count_samples  # noqa: F401  (re-exported: counting reads headers only)
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ilvr-shards/1"
 
@@ -169,7 +171,8 @@ def expand_shards(spec: "str | list[str]", must_exist: bool = False) -> list[str
 
 
 def shard_sample_counts(urls: list[str]) -> list[int]:
-    """Samples per shard, from the manifest beside each shard; shards without one are counted by reading them."""
+    """Samples per shard, from the manifest beside each shard; shards without one are counted from their
+    tar headers (shard_reader.count_samples: no data is read; a shard that is not a tar raises ShardCountError)."""
     manifests: dict[str, dict[str, int]] = {}
     counts = []
     for url in urls:
@@ -183,20 +186,6 @@ def shard_sample_counts(urls: list[str]) -> list[int]:
         n = manifests[directory].get(name)
         counts.append(n if n is not None else count_samples(url))
     return counts
-
-
-def count_samples(url: str) -> int:
-    """Count the samples of one shard by reading its tar headers (for shards without a manifest)."""
-    import webdataset as wds
-
-    keys = set()
-    stream = wds.gopen(url, "rb")
-    try:
-        for item in wds.tariterators.tar_file_iterator(stream):
-            keys.add(item["fname"].split(".", 1)[0])
-    finally:
-        stream.close()
-    return len(keys)
 
 
 def verify_manifest(directory: str) -> list[str]:

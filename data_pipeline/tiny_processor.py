@@ -247,6 +247,8 @@ def shard_texts(urls: list[str]) -> Iterable[str]:
 
     for url in urls:
         for sample in read_samples(url):
+            if "json" not in sample:  # refused by the reader (see shard_reader), or malformed
+                continue
             meta = json.loads(sample["json"])
             yield meta["question"].replace("<image>", " ")
             yield from (s["text"] for s in meta["steps"] if s.get("type") == "text")

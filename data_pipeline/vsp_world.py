@@ -13,13 +13,19 @@ Moves: "U" = row - 1, "D" = row + 1, "L" = col - 1, "R" = col + 1.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
 
 ICE, HOLE, START, GOAL = 0, -1, 1, 2
 CELL_VALUES = (ICE, HOLE, START, GOAL)
@@ -187,95 +193,134 @@ def random_map(rng: random.Random, size: int, hole_prob: float = 0.25) -> list[l
 
 
 # ----------------------------------------------------------------------------- rendering
-
-# A fixed palette: images are drawn in palette mode, which keeps PNG encoding fast and small.
-_COLORS = {
-    "ice": (221, 234, 246),
-    "grid": (163, 193, 222),
-    "water": (64, 156, 222),
-    "water_rim": (30, 92, 164),
-    "water_glint": (178, 220, 246),
-    "box": (204, 112, 44),
-    "box_dark": (94, 54, 32),
-    "ribbon": (250, 204, 64),
-    "stool": (138, 78, 58),
-    "skin": (242, 204, 164),
-    "hat": (40, 150, 64),
-    "coat": (200, 44, 44),
-    "ink": (40, 30, 30),
-}
-_INDEX = {name: i for i, name in enumerate(_COLORS)}
-# Padded to 256 entries: Pillow then writes 8-bit PNGs, which encode faster than the
-# 4-bit packing it picks for palettes of <= 16 colors.
-_PALETTE = [channel for rgb in _COLORS.values() for channel in rgb] + [0] * (3 * (256 - len(_COLORS)))
+#
+# The real VSP images are frames of gymnasium's FrozenLake (render_mode="rgb_array"): 64 px
+# squares built from the sprites gymnasium ships, each square outlined in (180, 200, 230).
+# We compose the same frames from the same sprite files with Pillow and numpy (no pygame):
+# all 400 real test images and the MIRAGE step images come out pixel for pixel the same
+# (docs/data.md, "VSP images"; scripts/vsp_render_check.py measures it). gymnasium 0.29.1
+# to 1.3.0 ship byte-identical sprites; 1.4 replaced them (a flag goal, new tiles), so
+# setup.py pins gymnasium<1.4 and _SPRITES_SHA256 refuses any other sprites.
 
 DEFAULT_CELL_PX = 64  # the real VSP images: 64 px per square (3x3 -> 192 px, 6x6 -> 384 px)
+GRID_RGB = (180, 200, 230)  # gymnasium's per-square outline, 1 px
+SPRITE_FIX = 'pip install "gymnasium==1.0.0"'  # any of 0.29.1 .. 1.3.x has the benchmark's sprites
+_SPRITE_NAMES = ("ice", "hole", "goal", "stool", "cracked_hole", "elf_left", "elf_down", "elf_right", "elf_up")
+# sha256 of the files above, read in that order, as shipped by gymnasium 0.29.1 .. 1.3.0
+_SPRITES_SHA256 = "5a208eb85d34e2a75f9f7d785a205535d1c8a17b9512bb989fd007161168cd10"
+_GROUND_SPRITES = {ICE: None, HOLE: "hole", GOAL: "goal", START: "stool"}  # the stool stays on the start
+FACING_SPRITES = {"L": "elf_left", "D": "elf_down", "R": "elf_right", "U": "elf_up"}
+START_FACING = "D"  # gymnasium's frame before any move shows the elf facing down
 
 
-def _box(x: int, y: int, cell: int, left: float, top: float, right: float, bottom: float) -> list[int]:
-    """Pixel box of the fractional rectangle (left, top, right, bottom) of the square at (x, y)."""
-    return [x + round(left * cell), y + round(top * cell), x + round(right * cell), y + round(bottom * cell)]
+def sprite_dir() -> Path:
+    """gymnasium's FrozenLake sprite folder, found without importing gymnasium (or pygame)."""
+    spec = importlib.util.find_spec("gymnasium")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the VSP renderer draws with gymnasium's FrozenLake sprites, "
+                           f"but gymnasium is not installed: {SPRITE_FIX}")
+    return Path(list(spec.submodule_search_locations)[0]) / "envs" / "toy_text" / "img"
 
 
-def _point(x: int, y: int, cell: int, fx: float, fy: float) -> tuple[int, int]:
-    return (x + round(fx * cell), y + round(fy * cell))
+def read_sprites(directory: Path) -> dict[str, bytes]:
+    """The PNG bytes of every sprite in `directory`; fails unless they are the benchmark's own."""
+    missing = [name for name in _SPRITE_NAMES if not (directory / f"{name}.png").is_file()]
+    if missing:
+        raise RuntimeError(f"FrozenLake sprites {missing} not found in {directory} (gymnasium "
+                           f"{_installed_gymnasium()}; 1.4 removed them): {SPRITE_FIX}")
+    files = {name: (directory / f"{name}.png").read_bytes() for name in _SPRITE_NAMES}
+    digest = hashlib.sha256(b"".join(files.values())).hexdigest()
+    if digest != _SPRITES_SHA256:
+        raise RuntimeError(f"the FrozenLake sprites in {directory} (gymnasium {_installed_gymnasium()}) "
+                           f"differ from those the VSP benchmark was drawn with: {SPRITE_FIX}")
+    return files
 
 
-def _draw_hole(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int) -> None:
-    draw.ellipse(_box(x, y, cell, 0.08, 0.12, 0.92, 0.88), fill=_INDEX["water"], outline=_INDEX["water_rim"],
-                 width=max(1, cell // 24))
-    for top in (0.35, 0.5, 0.65):
-        draw.line(_box(x, y, cell, 0.3, top, 0.55, top - 0.08), fill=_INDEX["water_glint"], width=max(1, cell // 32))
+def _installed_gymnasium() -> str:
+    try:
+        return importlib.metadata.version("gymnasium")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
-def _draw_goal(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int) -> None:
-    line = max(1, cell // 32)
-    draw.rectangle(_box(x, y, cell, 0.22, 0.36, 0.78, 0.8), fill=_INDEX["box"], outline=_INDEX["box_dark"], width=line)
-    draw.rectangle(_box(x, y, cell, 0.45, 0.36, 0.55, 0.8), fill=_INDEX["ribbon"])
-    draw.rectangle(_box(x, y, cell, 0.22, 0.52, 0.78, 0.6), fill=_INDEX["ribbon"])
-    draw.ellipse(_box(x, y, cell, 0.3, 0.22, 0.5, 0.38), outline=_INDEX["ribbon"], width=max(1, cell // 20))
-    draw.ellipse(_box(x, y, cell, 0.5, 0.22, 0.7, 0.38), outline=_INDEX["ribbon"], width=max(1, cell // 20))
+@lru_cache(maxsize=1)
+def _sprite_files() -> dict[str, bytes]:
+    return read_sprites(sprite_dir())
 
 
-def _draw_stool(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int) -> None:
-    """The empty start square, as in the real trajectory images."""
-    draw.rectangle(_box(x, y, cell, 0.4, 0.42, 0.6, 0.5), fill=_INDEX["stool"])
-    draw.rectangle(_box(x, y, cell, 0.42, 0.5, 0.47, 0.6), fill=_INDEX["stool"])
-    draw.rectangle(_box(x, y, cell, 0.53, 0.5, 0.58, 0.6), fill=_INDEX["stool"])
+def _blit(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """`src` (RGBA) drawn over `dst` (RGB) with pygame's alpha blend, d + ((s - d) * a + s) >> 8.
+
+    The real frames match it bit for bit; Pillow's alpha_composite rounds partly transparent
+    pixels (the elf's shadow, the gift's edge) one level differently."""
+    s, d, a = src[..., :3].astype(np.int32), dst.astype(np.int32), src[..., 3:].astype(np.int32)
+    return ((((s - d) * a + s) >> 8) + d).astype(np.uint8)
 
 
-def _draw_player(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int) -> None:
-    """A small elf: green hat, face, red coat, dark boots."""
-    draw.rectangle(_box(x, y, cell, 0.36, 0.78, 0.46, 0.88), fill=_INDEX["ink"])
-    draw.rectangle(_box(x, y, cell, 0.54, 0.78, 0.64, 0.88), fill=_INDEX["ink"])
-    draw.rectangle(_box(x, y, cell, 0.32, 0.52, 0.68, 0.8), fill=_INDEX["coat"], outline=_INDEX["ink"])
-    draw.ellipse(_box(x, y, cell, 0.34, 0.28, 0.66, 0.56), fill=_INDEX["skin"], outline=_INDEX["ink"])
-    hat = [_point(x, y, cell, 0.3, 0.36), _point(x, y, cell, 0.5, 0.08), _point(x, y, cell, 0.7, 0.36)]
-    draw.polygon(hat, fill=_INDEX["hat"], outline=_INDEX["ink"])
-    for left in (0.42, 0.54):
-        draw.rectangle(_box(x, y, cell, left, 0.4, left + 0.04, 0.45), fill=_INDEX["ink"])
+@lru_cache(maxsize=8)
+def _tiles(cell_px: int) -> dict[int | tuple[int, str], Image.Image]:
+    """Every square the renderer draws, `cell_px` wide: tiles[value] without the player,
+    tiles[(value, facing)] with it. Composed like gymnasium: ice, the square's sprite, the
+    outline, then the elf on top (or, in a hole, the cracked-hole sprite over everything)."""
+    sprites = {}
+    for name, data in _sprite_files().items():
+        with Image.open(io.BytesIO(data)) as image:
+            sprites[name] = np.asarray(image.convert("RGBA").resize((cell_px, cell_px), Image.Resampling.NEAREST))
+    tiles: dict[int | tuple[int, str], np.ndarray] = {}
+    for value, sprite in _GROUND_SPRITES.items():
+        tile = sprites["ice"][..., :3].copy()  # opaque
+        if sprite is not None:
+            tile = _blit(tile, sprites[sprite])
+        tile[[0, -1], :] = GRID_RGB
+        tile[:, [0, -1]] = GRID_RGB
+        tiles[value] = tile
+        for facing, elf in FACING_SPRITES.items():
+            tiles[value, facing] = _blit(tile, sprites["cracked_hole" if value == HOLE else elf])
+    return _as_palette_images(tiles)
 
 
-def _base_image(map_desc: MapDesc, cell_px: int) -> Image.Image:
-    """The map without player or start marker: ice, grid lines, holes and the goal."""
-    rows, cols = len(map_desc), len(map_desc[0])
-    image = Image.new("P", (cols * cell_px, rows * cell_px), _INDEX["ice"])
-    image.putpalette(_PALETTE)
-    draw = ImageDraw.Draw(image)
+def _as_palette_images(tiles: dict) -> dict:
+    """The RGB tiles as palette images sharing one palette (they use under 50 colors): the
+    PNGs then encode twice as fast and half as large, with the very same pixels."""
+    colors = np.unique(np.concatenate([tile.reshape(-1, 3) for tile in tiles.values()]), axis=0)
+    if len(colors) > 256:
+        raise RuntimeError(f"the FrozenLake tiles use {len(colors)} colors, more than a PNG palette holds")
+    # Padded to 256 entries: Pillow then writes 8-bit PNGs, faster to encode than 4-bit ones.
+    palette = colors.ravel().tolist() + [0] * (3 * (256 - len(colors)))
+    weights = np.array([1 << 16, 1 << 8, 1])
+    keys = colors.astype(np.int64) @ weights
+    images = {}
+    for key, tile in tiles.items():
+        image = Image.fromarray(np.searchsorted(keys, tile.astype(np.int64) @ weights).astype(np.uint8), "P")
+        image.putpalette(palette)
+        images[key] = image
+    return images
+
+
+def _base_image(map_desc: MapDesc, tiles: dict, cell_px: int) -> Image.Image:
+    """The map without the player: every square's tile, the start square showing its stool."""
+    image = Image.new("P", (len(map_desc[0]) * cell_px, len(map_desc) * cell_px))
+    image.putpalette(tiles[ICE].getpalette())
     for r, row in enumerate(map_desc):
         for c, value in enumerate(row):
-            if value == HOLE:
-                _draw_hole(draw, c * cell_px, r * cell_px, cell_px)
-            elif value == GOAL:
-                _draw_goal(draw, c * cell_px, r * cell_px, cell_px)
-    line = max(1, cell_px // 32)
-    for r in range(rows + 1):
-        y = min(r * cell_px, rows * cell_px - line)
-        draw.rectangle([0, y, cols * cell_px - 1, y + line - 1], fill=_INDEX["grid"])
-    for c in range(cols + 1):
-        x = min(c * cell_px, cols * cell_px - line)
-        draw.rectangle([x, 0, x + line - 1, rows * cell_px - 1], fill=_INDEX["grid"])
+            image.paste(tiles[value], (c * cell_px, r * cell_px))
     return image
+
+
+def _facings(players: Sequence[Position], moves: Iterable[str] | None) -> list[str]:
+    """Which way the elf faces in each state: down at first, then the last move's direction,
+    as gymnasium draws it. Without `moves` it is read off the path; a state that repeats the
+    previous square (a move off the edge) keeps the previous facing."""
+    if moves is not None:
+        moves = _normalize_moves(moves)
+        if len(moves) != len(players) - 1:
+            raise ValueError(f"{len(players)} player positions need {len(players) - 1} moves, got {len(moves)}")
+        return [START_FACING, *moves]
+    by_delta = {delta: move for move, delta in MOVES.items()}
+    facings = [START_FACING]
+    for before, after in zip(players, players[1:]):
+        facings.append(by_delta.get((after[0] - before[0], after[1] - before[1]), facings[-1]))
+    return facings
 
 
 def _encode_png(image: Image.Image) -> bytes:
@@ -284,37 +329,47 @@ def _encode_png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def render_states(map_desc: MapDesc, players: Sequence[Position], cell_px: int = DEFAULT_CELL_PX) -> list[bytes]:
-    """One PNG per player position, sharing one drawing of the static map (the cheap way to
-    render a whole trajectory). Each equals `render(map_desc, player, cell_px)`."""
+def _draw_states(map_desc: MapDesc, players: Sequence[Position], facings: Sequence[str], cell_px: int) -> list[bytes]:
+    """One PNG per (player, facing), all over one drawing of the static map."""
     validate_map(map_desc)
     if cell_px < 8:
         raise ValueError(f"cell_px must be at least 8, got {cell_px}")
     rows, cols = len(map_desc), len(map_desc[0])
-    start = find(map_desc, START)
-    base = _base_image(map_desc, cell_px)
+    tiles = _tiles(cell_px)
+    base = _base_image(map_desc, tiles, cell_px)
     images = []
-    for player in players:
-        r, c = player
+    for (r, c), facing in zip(players, facings):
         if not (0 <= r < rows and 0 <= c < cols):
-            raise ValueError(f"player position {player} is outside the {rows}x{cols} map")
+            raise ValueError(f"player position {(r, c)} is outside the {rows}x{cols} map")
         image = base.copy()
-        draw = ImageDraw.Draw(image)
-        if (r, c) != start:
-            _draw_stool(draw, start[1] * cell_px, start[0] * cell_px, cell_px)
-        _draw_player(draw, c * cell_px, r * cell_px, cell_px)
+        image.paste(tiles[map_desc[r][c], facing], (c * cell_px, r * cell_px))
         images.append(_encode_png(image))
     return images
 
 
-def render(map_desc: MapDesc, player: Position | None = None, cell_px: int = DEFAULT_CELL_PX) -> bytes:
-    """A PNG of the map with the player at `player` (default: the start square).
+def render_states(map_desc: MapDesc, players: Sequence[Position], cell_px: int = DEFAULT_CELL_PX,
+                  moves: Iterable[str] | None = None) -> list[bytes]:
+    """One PNG per player position, sharing one drawing of the static map (the cheap way to
+    render a whole trajectory, e.g. `simulate(...).path`), like the benchmark's step images.
 
-    Style follows the real VSP images: `cell_px` pixels per square on light ice with
-    grid lines, holes as blue pools, the goal as a gift box, the player as an elf,
-    and the start square (once left) as a small stool. Same input, same bytes.
+    The elf faces down in the first state, then the way it last moved (`moves`, one per
+    state after the first, else read off the path). Each image equals
+    `render(map_desc, player, cell_px, facing)` for that state's player and facing."""
+    players = [tuple(player) for player in players]
+    return _draw_states(map_desc, players, _facings(players, moves), cell_px)
+
+
+def render(map_desc: MapDesc, player: Position | None = None, cell_px: int = DEFAULT_CELL_PX,
+           facing: str = START_FACING) -> bytes:
+    """A PNG of the map with the player at `player` (default: the start square), drawn as
+    gymnasium's FrozenLake draws the real VSP images.
+
+    `cell_px` pixels per square (the benchmark: 64), textured ice with 1 px outlines, blue
+    holes, the gift on the goal, the stool on the start, the elf facing `facing` (L/R/U/D;
+    default down, as before any move), and in a hole the cracked-hole sprite instead of the elf.
+    Same input, same bytes.
     """
     if player is None:
         validate_map(map_desc)
         player = find(map_desc, START)
-    return render_states(map_desc, [tuple(player)], cell_px)[0]
+    return _draw_states(map_desc, [tuple(player)], _normalize_moves([facing]), cell_px)[0]

@@ -37,6 +37,10 @@ class DataConfig:
     max_length: int = 4096  # longer samples are skipped and counted ("too_long")
     packing: bool = False  # several samples per row with cu_seqlens (varlen attention path)
     max_skip_fraction: float = 0.05  # stop the run when more than this fraction of samples is bad
+    # bounded memory on hostile data (docs/reliability.md): checked before anything is decoded or read
+    max_image_pixels: int = 40_000_000  # from the image header; larger images are skipped ("too_large")
+    max_member_bytes: int = 64 << 20  # a shard member larger than this is skipped unread ("too_large")
+    max_sample_bytes: int = 256 << 20  # a sample whose members total more is skipped ("too_large")
     seed: int = 0
 
 
@@ -49,7 +53,10 @@ class ModelConfig:
     freeze_vision: bool = True  # vision tower + merger frozen (the reference setting)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # stage 1 only for now: stage 2 turns it off (see docs/model.md)
+    # fed-back latent states rescaled to the stage-1 targets' mean norm, in stage 1's alignment
+    # inputs at inference, in stage 2 and in generation alike (docs/model.md, "Scale")
+    latent_rescale: bool = False
 
 
 @dataclass
@@ -59,9 +66,12 @@ class LossConfig:
     w_ce: float = 1.0
     w_align: float = 1.0
     coverage_p: float = 0.9  # keep candidates until this probability mass, capped at K
-    temperature: float = 1.0  # softmax temperature over cosine scores
+    # scores = cosine(candidate, query), standardised per segment ("none": raw cosine, the reference)
+    score_norm: Literal["standardize", "none"] = "standardize"
+    temperature: float = 0.1  # softmax temperature over the scores (in std units when standardised)
     max_candidates: int = 256  # L: helper-image features pooled down to at most this many
-    target_noise: float = 0.01  # std of the noise added to injected targets
+    target_order: Literal["probability", "raster"] = "probability"  # order of the K* picks in a segment
+    target_noise: float = 0.01  # noise on injected targets, relative: ||noise|| ~ target_noise * ||target||
 
 
 @dataclass
@@ -87,6 +97,10 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
     stop_after: int = 0  # leave (with a checkpoint) after this many steps in this process; 0 = run to max_steps
     collective_timeout: int = 600  # seconds a collective may wait before a dead rank stops the job
+    # ZeRO-3: gather the teacher once per step and, in stage 2, the language model once per micro-batch
+    # (forward + backward) instead of once per decoder call (docs/training.md, "Stage 2 under ZeRO-3")
+    gather_once: bool = True
+    comm_stats: bool = False  # log comm/* (collective calls and bytes per step) from DeepSpeed's comms logger
 
 
 @dataclass
@@ -95,7 +109,7 @@ class EvalConfig:
 
     shards: str = ""
     benchmark: Literal["vsp", "comt", "zebra", "auto"] = "auto"
-    mode: Literal["latent", "text", "constant-latent"] = "latent"
+    mode: Literal["latent", "text", "constant-latent", "shuffled-latent"] = "latent"
     max_new_tokens: int = 512
     batch_size: int = 8
     do_sample: bool = False
@@ -261,6 +275,20 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config, check_paths: bool = True) -> None:
     """Check values that types alone do not catch. Paths are checked when `check_paths`."""
     d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    import math  # careless input (docs/reliability.md): inf/nan anywhere, an output dir that holds other things
+
+    bad = [f"{s}.{k}={v!r}" for s, sec in cfg.to_dict().items() for k, v in sec.items()
+           for x in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(x, float) and not math.isfinite(x)]
+    _require(not bad, f"{', '.join(bad)}: must be a finite number (inf and nan are never a meaningful setting)")
+    _require(bool(t.output_dir.strip()), "train.output_dir is empty; give a run directory, e.g. runs/my_run")
+    out, cwd = os.path.realpath(t.output_dir), os.path.realpath(os.getcwd())
+    project = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    _require(out not in (os.path.realpath(os.sep), os.path.realpath(os.path.expanduser("~")))
+             and not (out != cwd and os.path.commonpath([out, cwd]) == out)
+             and os.path.commonpath([out, project]) != out,
+             f"train.output_dir={t.output_dir!r} (-> {out}) is /, the home directory, a parent of the current "
+             "directory, or the project (or a parent of it): a run writes and prunes files there; give a "
+             "directory of its own, e.g. runs/my_run")
     _require(m.latent_size >= 1, f"model.latent_size={m.latent_size}: K must be >= 1 (the reference uses 8)")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
@@ -268,6 +296,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.max_length >= 16, f"data.max_length={d.max_length} is too small to hold one sample")
     _require(d.samples_per_epoch >= 0, f"data.samples_per_epoch={d.samples_per_epoch} must be >= 0")
     _require(0.0 <= d.max_skip_fraction <= 1.0, f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
+    _require(d.max_image_pixels >= 1, f"data.max_image_pixels={d.max_image_pixels} must be >= 1")
+    _require(d.max_member_bytes >= 1, f"data.max_member_bytes={d.max_member_bytes} must be >= 1")
+    _require(d.max_sample_bytes >= d.max_member_bytes,
+             f"data.max_sample_bytes={d.max_sample_bytes} must be >= data.max_member_bytes={d.max_member_bytes}")
     _require(0.0 < lo.coverage_p <= 1.0, f"loss.coverage_p={lo.coverage_p} must be in (0, 1]")
     _require(lo.temperature > 0, f"loss.temperature={lo.temperature} must be > 0")
     _require(lo.max_candidates >= 1, f"loss.max_candidates={lo.max_candidates} must be >= 1")
@@ -286,9 +318,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.stage == "1+2":
         _require(0 <= t.stage1_steps <= t.max_steps,
                  f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps}")
-    _require(not (m.gradient_checkpointing and t.stage in ("2", "1+2")),
-             f"model.gradient_checkpointing=true cannot run stage 2 (train.stage={t.stage!r}): its latents go through "
-             "the KV cache, which transformers drops under checkpointing; use train.stage=1, or turn it off")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     if not check_paths:

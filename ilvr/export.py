@@ -13,8 +13,12 @@ Contract with the trainer (what a checkpoint dir must hold; ilvr.training.checkp
 
 The exported dir holds the model (safetensors, the config), the processor with the latent
 tokens, and ilvr_settings.json (K, latent token strings and ids, stage, step, loss settings)
-that ILVR inference needs besides the weights. It is written to `<out>.tmp` and renamed, so
-an interrupted export never leaves a half directory at `out`.
+that ILVR inference needs besides the weights. It is written to a sibling `<out>.tmp-<pid>` and
+swapped in (old export renamed away, new renamed in, old deleted), so an interrupted export
+never leaves a half directory at `out`. `--overwrite` only ever replaces an earlier export
+(a dir with ilvr_settings.json), never `/`, the home dir, the current dir or one of its parents.
+The checkpoint is verified (hashes, weights-only dry load) and consolidated weights-only:
+nothing in it is unpickled (ilvr.training.checkpoint, docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -70,10 +74,21 @@ def export_model(model, processor, out_dir: str, settings: dict) -> str:
 
 
 def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
-    """The full fp32 state dict of a checkpoint's ZeRO shards (DeepSpeed's public zero_to_fp32 API)."""
+    """The full fp32 state dict of a checkpoint's ZeRO shards (DeepSpeed's public zero_to_fp32 API),
+    after verify_checkpoint and with weights-only loading: a hostile file is refused, naming it."""
+    import pickle
+
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="ds")
+    from ilvr.training.checkpoint import CheckpointError, verify_checkpoint, weights_only_loading
+
+    verify_checkpoint(checkpoint)
+    try:
+        with weights_only_loading():
+            return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="ds")
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{checkpoint}/ds: a file there was refused by weights-only loading ({e}); "
+                              "it is never unpickled") from None
 
 
 def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32):
@@ -87,7 +102,8 @@ def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32):
 
 
 def checkpoint_settings(trainer_state: dict) -> dict:
-    """ilvr_settings.json fields from trainer.json: K, stage, step, the loss settings."""
+    """ilvr_settings.json fields from trainer.json: K, stage, step, the loss settings, the latent scale
+    option with its norm, and the mean fed-back state (the constant-latent ablation's constant)."""
     config = trainer_state.get("config") or {}
     train = config.get("train", {})
     stage = trainer_state.get("stage") or train.get("stage")
@@ -96,7 +112,10 @@ def checkpoint_settings(trainer_state: dict) -> dict:
     if "latent_size" not in config.get("model", {}):
         raise ValueError("trainer.json has no config.model.latent_size")
     return {"latent_size": config["model"]["latent_size"], "stage": stage, "step": trainer_state.get("step"),
-            "loss": config.get("loss", {})}
+            "loss": config.get("loss", {}),
+            # the scale option and the ablation's constant (generate.py): recorded in training
+            "latent_rescale": bool(config["model"].get("latent_rescale", False)),
+            "latent_norm": trainer_state.get("latent_norm"), "fed_mean": trainer_state.get("fed_mean")}
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None = None, dtype: str = "fp32",
@@ -106,9 +125,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None =
 
     if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker)")
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     processor_dir = processor_dir or os.path.join(checkpoint, "processor")
+    check_out_dir(out_dir, overwrite, keep=(checkpoint, processor_dir))
     if not os.path.isdir(processor_dir):
         raise FileNotFoundError(f"no processor at {processor_dir}; pass --processor DIR")
     with open(os.path.join(checkpoint, "trainer.json"), encoding="utf-8") as f:
@@ -116,14 +134,66 @@ def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None =
     processor, _ = load_processor(processor_dir)
     model = model_from_checkpoint(checkpoint, DTYPES[dtype])
 
-    tmp = os.path.normpath(out_dir) + ".tmp"
+    tmp = f"{os.path.normpath(out_dir)}.tmp-{os.getpid()}"  # this process's own: never another export's
     shutil.rmtree(tmp, ignore_errors=True)
-    export_model(model, processor, tmp, {**settings, "source_checkpoint": os.path.abspath(checkpoint)})
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        export_model(model, processor, tmp, {**settings, "source_checkpoint": os.path.abspath(checkpoint)})
+        check_out_dir(out_dir, overwrite, keep=(checkpoint, processor_dir))  # still an export we may replace?
+        swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s -> %s", checkpoint, out_dir)
     return out_dir
+
+
+def _inside(path: str, parent: str) -> bool:
+    """Whether real path `path` is `parent` or lies under it."""
+    return os.path.commonpath([path, parent]) == parent
+
+
+class UnsafeOutput(ValueError):
+    """An --out that must not be replaced; the message says why and what to do."""
+
+
+def check_out_dir(out_dir: str, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Refuse an --out whose replacement could delete something else: `/`, the home dir, the current dir
+    or a parent of it, a dir holding one of `keep` (the checkpoint, the processor), a symlink or file,
+    and (even with overwrite) a non-empty dir that is not an earlier export (no ilvr_settings.json)."""
+    real = os.path.realpath(out_dir)
+    home = os.path.realpath(os.path.expanduser("~"))
+    if real == os.path.realpath(os.sep) or real == home or _inside(os.path.realpath(os.getcwd()), real):
+        raise UnsafeOutput(f"--out {out_dir!r} is / , the home directory, the current directory or a parent of it: "
+                           "it is never replaced; give a new directory, e.g. --out exported/<name>")
+    for path in filter(None, keep):
+        if _inside(os.path.realpath(path), real) or _inside(real, os.path.realpath(path)):
+            raise UnsafeOutput(f"--out {out_dir!r} holds or lies inside {path}, which the export reads: "
+                               "choose another --out")
+    if os.path.islink(out_dir) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise UnsafeOutput(f"--out {out_dir!r} is a symbolic link or a file: give a directory path")
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    if not os.path.isfile(os.path.join(out_dir, SETTINGS_FILE)):
+        raise UnsafeOutput(f"--overwrite only replaces an earlier export (a dir with {SETTINGS_FILE}); {out_dir} "
+                           "is not one: choose another --out, or empty it yourself if you mean it")
+
+
+def swap_in(new_dir: str, out_dir: str) -> None:
+    """Put `new_dir` at `out_dir`: the old dir is renamed away, the new renamed in, then the old deleted
+    (on a failed rename the old one is put back), so `out_dir` is always a whole export."""
+    old = None
+    if os.path.exists(out_dir):
+        old = f"{os.path.normpath(out_dir)}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+    try:
+        os.replace(new_dir, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,16 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
     parser.add_argument("--processor", default=None, help="processor dir (default: <checkpoint>/processor)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (a dir with "
+                        f"{SETTINGS_FILE}; nothing else is ever replaced)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from ilvr.training.checkpoint import is_complete, latest
+    from ilvr.training.checkpoint import CheckpointError, is_complete, latest
 
     checkpoint = args.checkpoint if is_complete(args.checkpoint) else latest(args.checkpoint)
     if checkpoint is None:
         parser.error(f"{args.checkpoint} is neither a complete checkpoint nor a run dir with one")
-    export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite)
+    try:
+        export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite)
+    except (CheckpointError, UnsafeOutput, FileExistsError, FileNotFoundError) as e:  # refusals: no traceback
+        parser.exit(2, f"ilvr-export: error: {e}\n")
     print(args.out)
     return 0
 

@@ -33,19 +33,26 @@ def main(argv: "list[str] | None" = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from ilvr.training.ds_config import DeepSpeedConfigError, load_ds_config
+
     try:
         cfg = load_config(args.config, args.overrides)
         if not os.path.isfile(args.deepspeed):
             raise ConfigError(f"--deepspeed {args.deepspeed!r} does not exist (see ds_configs/)")
-    except ConfigError as e:
+        load_ds_config(args.deepspeed)  # value types checked here, before any process group or model
+    except (ConfigError, DeepSpeedConfigError) as e:
         print(f"ilvr-train: config error: {e}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 
+    from ilvr.training.checkpoint import CheckpointError, OutputDirBusy
     from ilvr.training.trainer import Trainer
 
     try:
         Trainer(cfg, args.deepspeed, resume=args.resume).run()
+    except (OutputDirBusy, CheckpointError, DeepSpeedConfigError) as e:  # refusals: every rank says why, no traceback
+        print(f"ilvr-train: {e}", file=sys.stderr)
+        return 3
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -77,13 +77,14 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         CrashingManager(str(tmp_path), keep_last=2).save(FakeEngine(2.0), 2)
     root = tmp_path / "checkpoints"
-    assert (root / "step-2.tmp" / "ds").is_dir() and not (root / "step-2").exists()
+    leftover = list(root.glob("step-2.tmp-*"))  # named per job: step-2.tmp-<host>-<pid>
+    assert len(leftover) == 1 and (leftover[0] / "ds").is_dir() and not (root / "step-2").exists()
     assert latest(str(tmp_path)) == str(root / "step-1")
     engine = FakeEngine()
     manager.load(engine, resolve_resume("auto", str(tmp_path)))
     assert engine.value == 1.0
     manager.save(FakeEngine(2.0), 2)  # the next save replaces the leftover
-    assert latest(str(tmp_path)) == str(root / "step-2") and not (root / "step-2.tmp").exists()
+    assert latest(str(tmp_path)) == str(root / "step-2") and not leftover[0].exists()
 
 
 def test_keep_last_removes_old_checkpoints_but_never_latest(tmp_path):

@@ -40,7 +40,6 @@ def test_later_files_win(tmp_path):
     ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
     ("train.stage1_steps=500", "train.stage1_steps=500 must be between 0 and train.max_steps=30"),
     ("lr=1", "the key must be section.key"),
-    ("model.gradient_checkpointing=true", "model.gradient_checkpointing=true cannot run stage 2"),
 ])
 def test_each_mistake_names_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -89,3 +88,34 @@ def test_reference_recipes_load_with_the_reference_constants(recipe):
     assert (cfg.model.latent_size, cfg.train.ema_decay, cfg.loss.coverage_p, cfg.loss.max_candidates) == (8, 0.999, 0.9, 256)
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.data.batch_size, cfg.train.grad_accum) == (1e-5, 0.01, 1, 8)
     assert cfg.model.dtype == "bf16" and cfg.data.max_length == 32768 and cfg.eval.max_new_tokens == 4096
+    # the whole method, not stage 1 only; selection that adapts (score_norm), not the reference's flat softmax
+    assert cfg.train.stage == "1+2" and 0 < cfg.train.stage1_steps < cfg.train.max_steps
+    assert cfg.loss.score_norm == "standardize"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=inf", "train.lr=inf: must be a finite number"),
+    ("train.lr=nan", "train.lr=nan: must be a finite number"),
+    ("loss.temperature=-inf", "loss.temperature=-inf: must be a finite number"),
+    ("train.betas=[0.9, nan]", "train.betas=(0.9, nan): must be a finite number"),
+    ("train.output_dir=/", "train.output_dir='/' (-> /) is /, the home directory"),
+    ("train.output_dir=..", "train.output_dir='..'"),
+    ("train.output_dir=", "train.output_dir is empty"),
+])
+def test_careless_values_are_refused(override, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, [override], check_paths=False)
+    assert message in str(e.value)
+
+
+def test_output_dir_is_never_home_a_parent_of_here_or_the_project(tmp_path, monkeypatch):
+    here = tmp_path / "a" / "b"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for bad in (str(tmp_path / "home"), str(tmp_path), str(tmp_path / "a"), str(REPO), str(REPO.parent)):
+        with pytest.raises(ConfigError, match="a run writes and prunes files there"):
+            load_config(TINY, [f"train.output_dir={bad}"], check_paths=False)
+    for good in (".", "runs/x", str(tmp_path / "elsewhere"), str(REPO / "runs" / "x")):
+        load_config(TINY, [f"train.output_dir={good}"], check_paths=False)

@@ -215,3 +215,53 @@ def test_bad_files(tmp_path):
     (tmp_path / "bad.json").write_text("{ not json")
     with pytest.raises(DeepSpeedConfigError, match="not valid JSON"):
         load_ds_config(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"zero_optimization": {"stage": "three"}}, "zero_optimization.stage='three' must be the integer 0, 1, 2 or 3"),
+    ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage='3' must be the integer"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage=4 must be the integer"),
+    ({"zero_optimization": []}, "zero_optimization=[] must be a JSON object"),
+    ({"steps_per_print": "x"}, "steps_per_print='x' must be an integer >= 1"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu=0 must be an integer >= 1 or \"auto\""),
+    ({"zero_optimization": {"stage": 3, "reduce_bucket_size": "5e8"}}, "zero_optimization.reduce_bucket_size='5e8'"),
+    ({"gradient_clipping": float("nan")}, "gradient_clipping=nan must be a finite number"),
+    ({"bf16": {"enabled": "true"}}, "bf16.enabled='true' must be true or false"),
+    ({"optimizer": "AdamW"}, "optimizer='AdamW' must be a JSON object"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "gpu"}}},
+     "zero_optimization.offload_param.device='gpu' must be one of"),
+])
+def test_wrong_value_types_are_refused_when_the_json_is_read(tmp_path, change, message):
+    ds = {**load_ds_config(DS_DIR / "zero3.json"), **change}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(DeepSpeedConfigError) as e:
+        load_ds_config(path)
+    assert message in str(e.value) and str(path) in str(e.value)
+    with pytest.raises(DeepSpeedConfigError, match="values DeepSpeed cannot use"):
+        resolve_ds_config(ds, make_cfg(), 1, 64)
+
+
+def test_problems_are_listed_together_and_integral_floats_pass():
+    with pytest.raises(DeepSpeedConfigError) as e:
+        load_ds_config({"zero_optimization": {"stage": True, "sub_group_size": 0}, "steps_per_print": 1.5})
+    text = str(e.value)
+    assert "zero_optimization.stage=True" in text and "sub_group_size=0" in text and "steps_per_print=1.5" in text
+    load_ds_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": 5e8, "allgather_bucket_size": 2e8}})
+
+
+def test_ilvr_train_refuses_a_bad_deepspeed_json_before_any_rank_starts(tmp_path, capsys):
+    """Exit code 2 from the argument check: no process group, no model (was a traceback after 73 s)."""
+    import time
+
+    from ilvr import train
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({**load_ds_config(DS_DIR / "zero3.json"), "zero_optimization": {"stage": "three"}}))
+    started = time.monotonic()
+    rc = train.main(["--deepspeed", str(path), "--config", str(DS_DIR.parent / "configs" / "tiny_cpu.yaml"),
+                     f"train.output_dir={tmp_path / 'run'}", "data.train_shards=", "data.eval_shards=",
+                     "data.processor="])
+    assert rc == 2 and time.monotonic() - started < 10
+    assert "zero_optimization.stage='three'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -46,10 +46,13 @@ def test_labels_token_by_token(tiny):
             assert lab == IGNORE_INDEX, f"prompt token {i} is trained"
         elif tok == latent.pad:
             assert lab == IGNORE_INDEX, f"latent pad {i} is trained"
+        elif tok == latent.end:  # generation forces it after K pads: never trained
+            assert lab == IGNORE_INDEX, f"<|latent_end|> {i} is trained"
         elif i >= len(ids) - len(newline):
             assert lab == IGNORE_INDEX, "the newline after <|im_end|> is trained"
-        else:  # text, latent start/end, closing <|im_end|>
+        else:  # text, <|latent_start|> (when to open a segment is learned), closing <|im_end|>
             assert lab == tok, f"assistant token {i} ({tok}) is not trained"
+    assert labels.count(latent.start) == ids.count(latent.start) == 3
     assert not any(lab != IGNORE_INDEX for tok, lab in zip(ids, labels) if tok == processor.image_token_id)
     assert tokenizer.decode(ids[: sample.prompt_length]).endswith("<|im_end|>\n<|im_start|>assistant\n")
 

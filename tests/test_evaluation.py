@@ -15,6 +15,7 @@ from data_pipeline.sources.synthetic_vsp import read as synthetic
 from ilvr.evaluation.evaluate import DecodeSettings, EvalRequest, run_evaluation
 from ilvr.evaluation.loading import load_eval_model
 from ilvr.export import export_model
+from ilvr.model.generate import MODES
 from ilvr.training.spawn import run_on_ranks
 from tests.conftest import REPO
 from tests.factories import logit_bias
@@ -47,7 +48,7 @@ def eval_shards(tmp_path_factory) -> str:
     return write_vsp_shards(str(tmp_path_factory.mktemp("eval_shards")), 6)
 
 
-def test_three_modes_outputs_mlflow_and_report(tmp_path, exported, eval_shards, tiny):
+def test_every_mode_outputs_mlflow_and_report(tmp_path, exported, eval_shards, tiny):
     import mlflow
 
     from ilvr.evaluation.report import main as report_main
@@ -58,9 +59,9 @@ def test_three_modes_outputs_mlflow_and_report(tmp_path, exported, eval_shards, 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     results = {}
     with logit_bias(em.model, latent_ids.start, LATENT_BIAS):
-        for mode in ("latent", "text", "constant-latent"):
+        for mode in MODES:  # batches of 5 and 1: shuffled-latent borrows a donor for the last one
             req = EvalRequest(model=exported, shards=eval_shards, out_dir=str(tmp_path / mode), tracking_uri=uri,
-                              decode=DecodeSettings(mode=mode, max_new_tokens=24, batch_size=4))
+                              decode=DecodeSettings(mode=mode, max_new_tokens=24, batch_size=5))
             results[mode] = run_evaluation(req, em=em)
 
     for mode, result in results.items():
@@ -79,7 +80,7 @@ def test_three_modes_outputs_mlflow_and_report(tmp_path, exported, eval_shards, 
     client = mlflow.tracking.MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.`ilvr.kind` = 'eval'")
-    assert sorted(r.data.params["mode"] for r in runs) == ["constant-latent", "latent", "text"]
+    assert sorted(r.data.params["mode"] for r in runs) == sorted(MODES)
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["checkpoint_step"] == "7" and run.data.params["benchmark"] == "vsp"

@@ -103,7 +103,7 @@ def test_cli_exports_a_zero3_checkpoint(tmp_path, tiny_processor_dir):
     run_on_ranks(train_and_save, world_size=2, timeout=120, out_dir=run, processor_dir=tiny_processor_dir)
     out = str(tmp_path / "export")
     assert main(["--checkpoint", run, "--out", out]) == 0  # a run dir: its latest checkpoint
-    assert not os.path.exists(out + ".tmp")
+    assert sorted(os.listdir(tmp_path)) == ["export", "run"]  # no temporary sibling left
 
     loaded = load_stock(out)
     assert_same_weights(loaded.state_dict(), load_file(os.path.join(run, "reference.safetensors")))
@@ -111,5 +111,12 @@ def test_cli_exports_a_zero3_checkpoint(tmp_path, tiny_processor_dir):
     assert (settings["latent_size"], settings["stage"], settings["step"]) == (K, "2", 2)
     assert settings["loss"] == {"w_ce": 1.0}
     assert generate_with_export(loaded, out).latent_segments == [(1, K)]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit) as e:  # an existing export is replaced only on request
         main(["--checkpoint", os.path.join(run, "checkpoints", "step-2"), "--out", out])
+    assert e.value.code == 2
+    with open(os.path.join(out, "marker.txt"), "w") as f:
+        f.write("from the earlier export")
+    assert main(["--checkpoint", run, "--out", out, "--overwrite"]) == 0  # an earlier export: swapped whole
+    assert not os.path.exists(os.path.join(out, "marker.txt"))
+    assert sorted(os.listdir(tmp_path)) == ["export", "run"]
+    assert_same_weights(load_stock(out).state_dict(), load_file(os.path.join(run, "reference.safetensors")))

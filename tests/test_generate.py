@@ -137,6 +137,9 @@ def _fed_latents(model, pad_id, run):
     finally:
         pre.remove()
         post.remove()
+    # a calibration pass (ablation modes) comes first: keep the calls of the last pass only
+    calls = max(len(r.token_ids) for r in results)
+    inputs, outputs = inputs[-calls:], outputs[-calls:]
     # generated token j is fed at decoder call j + 1; the state fed back comes out of call j
     fed = [[(inputs[j + 1][b, 0], outputs[j][b, -1]) for j, t in enumerate(r.token_ids)
             if t == pad_id and j + 1 < len(inputs)] for b, r in enumerate(results)]
@@ -145,9 +148,10 @@ def _fed_latents(model, pad_id, run):
 
 @pytest.mark.parametrize("constant", [None, "zeros"])
 def test_constant_latent_feeds_a_constant_and_keeps_the_structure(setup, constant):
+    """The constant is the one given (the export's fed_mean) or, by default, the mean of the states the
+    batch feeds back in latent mode: the ablation keeps the fed-back states' scale."""
     model, tokenizer, latent_ids, prompts = setup
     vector = torch.zeros(model.config.text_config.hidden_size) if constant == "zeros" else None
-    expected = vector if vector is not None else model.get_input_embeddings().weight.mean(0)
     with logit_bias(model, latent_ids.start, FORCE):  # segments regardless of the random weights
 
         def run(mode):
@@ -156,6 +160,7 @@ def test_constant_latent_feeds_a_constant_and_keeps_the_structure(setup, constan
 
         latent, fed_latent = _fed_latents(model, latent_ids.pad, lambda: run("latent"))
         const, fed_const = _fed_latents(model, latent_ids.pad, lambda: run("constant-latent"))
+    expected = vector if vector is not None else torch.stack([g for row in fed_latent for g, _ in row]).mean(0)
     for results, fed in ((latent, fed_latent), (const, fed_const)):
         for r in results:
             assert_well_formed(r, latent_ids)
@@ -167,6 +172,40 @@ def test_constant_latent_feeds_a_constant_and_keeps_the_structure(setup, constan
     for row in fed_const:  # ... or the constant
         for given, _ in row:
             torch.testing.assert_close(given, expected)
+    if vector is None:  # at the fed-back states' scale, not the token embeddings' (~1000x smaller)
+        own = torch.stack([g for row in fed_latent for g, _ in row]).norm(dim=-1).mean()
+        assert float(expected.norm()) > 0.3 * float(own)
+
+
+def test_shuffled_latent_feeds_the_next_samples_latents(setup):
+    model, tokenizer, latent_ids, prompts = setup
+    with logit_bias(model, latent_ids.start, FORCE):
+        run = lambda mode: generate(model, prompts, tokenizer, latent_ids, K, mode=mode,  # noqa: E731
+                                    max_new_tokens=20)
+        latent, fed_latent = _fed_latents(model, latent_ids.pad, lambda: run("latent"))
+        shuffled, fed_shuffled = _fed_latents(model, latent_ids.pad, lambda: run("shuffled-latent"))
+    donors = [[g for g, _ in row] for row in fed_latent]
+    for b, row in enumerate(fed_shuffled):
+        assert_well_formed(shuffled[b], latent_ids)
+        donor = donors[(b + 1) % len(donors)]
+        assert row and donor
+        for n, (given, _) in enumerate(row):
+            torch.testing.assert_close(given, donor[n % len(donor)])
+            assert not torch.allclose(given, donors[b][n % len(donors[b])])
+    with pytest.raises(ValueError, match="batch of >= 2"):
+        generate(model, prompts[:1], tokenizer, latent_ids, K, mode="shuffled-latent", max_new_tokens=4)
+
+
+def test_latent_norm_rescales_every_fed_back_state(setup):
+    model, tokenizer, latent_ids, prompts = setup
+    with logit_bias(model, latent_ids.start, FORCE):
+        _, fed = _fed_latents(model, latent_ids.pad, lambda: generate(
+            model, prompts[:2], tokenizer, latent_ids, K, mode="latent", max_new_tokens=12, latent_norm=0.25))
+    pairs = [p for row in fed for p in row]
+    assert len(pairs) >= K
+    for given, previous in pairs:
+        assert abs(float(given.norm()) - 0.25) < 1e-5 and float(previous.norm()) > 1.0
+        torch.testing.assert_close(given, previous * (0.25 / previous.norm()))
 
 
 def test_sampling_is_reproducible_with_a_generator(setup):

@@ -1,7 +1,9 @@
-"""Stage-1 target selection: coverage rule, pooling, one teacher pass, batching, attention summary.
+"""Stage-1 target selection: coverage rule, score standardisation, pick order, the context query
+built by hand, pooling, one teacher pass, batching, attention summary, K* that adapts.
 
-Tolerances: exact for the coverage rule and counts; 1e-6 for pooled means; 1e-5 (fp32)
-where a batch is compared with its samples alone or with the stock eager attention.
+Tolerances: exact for the coverage rule and counts; 1e-6 for pooled means and standardised
+scores; 1e-5 (fp32) where a batch is compared with its samples alone, with the stock eager
+attention, or a query with the one built by hand.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from data_pipeline.encode import encode_record
 from ilvr.config import LossConfig
 from ilvr.model.build import build_tiny_model, init_latent_embeddings
 from ilvr.model.inputs import embed_tokens, rope_positions
-from ilvr.model.selection import (pool_rows, prompt_ends, prompt_image_weights, sample_spans,
-                                  select_by_coverage, select_targets, teacher_states)
+from ilvr.model.selection import (candidate_scores, pool_rows, prompt_ends, prompt_image_weights, sample_spans,
+                                  select_by_coverage, select_targets, span_means, teacher_states)
 from tests.factories import vsp_like_record
 
 K = 4
@@ -58,7 +60,8 @@ def test_coverage_rule_on_hand_made_scores(temperature, coverage):
     cos = [0.0, 0.9, -0.5, 1.0, 0.5, 0.2, 0.8, -1.0]  # best candidates are not first in raster order
     cands, mask, query = hand_made(cos)
     cap = 3
-    targets, counts, max_prob = select_by_coverage(cands, mask, query, torch.tensor([cap]), temperature, coverage, K)
+    targets, counts, max_prob = select_by_coverage(cands, mask, query, torch.tensor([cap]), temperature, coverage, K,
+                                                   score_norm="none")
     want = expected_count(cos, temperature, coverage, cap)
     assert int(counts[0]) == want
     if temperature == 0.01:
@@ -66,24 +69,46 @@ def test_coverage_rule_on_hand_made_scores(temperature, coverage):
     if temperature == 100.0:
         assert want == cap  # a flat softmax: always the cap
     ranked = sorted(range(len(cos)), key=lambda i: -cos[i])[:want]
-    torch.testing.assert_close(targets[0, :want], cands[0, sorted(ranked)])  # picks, back in raster order
+    torch.testing.assert_close(targets[0, :want], cands[0, ranked])  # picks in decreasing probability
     assert torch.equal(targets[0, want:], torch.zeros(K - want, 2))
+    raster, _, _ = select_by_coverage(cands, mask, query, torch.tensor([cap]), temperature, coverage, K,
+                                      score_norm="none", order="raster")
+    torch.testing.assert_close(raster[0, :want], cands[0, sorted(ranked)])  # the same picks in image order
     probs = torch.softmax(torch.tensor(cos) / temperature, 0)
     torch.testing.assert_close(max_prob[0], probs.max())
 
 
 def test_flat_scores_of_many_candidates_always_pick_the_cap():
-    """Temperature 1 over 256 cosine scores is nearly uniform: K* = K for every query (the
+    """Temperature 1 over 256 raw cosine scores is nearly uniform: K* = K for every query (the
     reference's "adaptive" selection is not); a low temperature makes the counts vary."""
     gen = torch.Generator().manual_seed(0)
     cands = torch.randn(32, 256, 64, generator=gen)
     query = torch.randn(32, 64, generator=gen)
     mask = torch.ones(32, 256, dtype=torch.bool)
     cap = torch.full((32,), 8)
-    _, counts, max_prob = select_by_coverage(cands, mask, query, cap, 1.0, 0.9, 8)
+    _, counts, max_prob = select_by_coverage(cands, mask, query, cap, 1.0, 0.9, 8, score_norm="none")
     assert counts.tolist() == [8] * 32 and float(max_prob.max()) < 0.01
-    _, sharp, _ = select_by_coverage(cands, mask, query, cap, 0.01, 0.9, 8)
+    _, sharp, _ = select_by_coverage(cands, mask, query, cap, 0.01, 0.9, 8, score_norm="none")
     assert int(sharp.min()) >= 1 and int(sharp.max()) <= 8 and int(sharp.min()) < 8
+
+
+def test_standardised_scores_are_the_z_scores_of_the_valid_cosines():
+    gen = torch.Generator().manual_seed(1)
+    cands, query = torch.randn(3, 10, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    z = candidate_scores(cands, mask, query, "standardize")
+    for s in range(3):
+        n = int(mask[s].sum())
+        cos = torch.nn.functional.cosine_similarity(cands[s, :n], query[s][None], dim=-1)
+        want = (cos - cos.mean()) / cos.std(unbiased=False)
+        torch.testing.assert_close(z[s, :n], want, atol=1e-5, rtol=1e-5)
+    # bunched cosines (all near 0.97, as pooled features of one image are) get the spread of spread-out ones
+    base = torch.randn(1, 16, generator=gen)
+    bunched = base + 0.05 * torch.randn(1, 64, 16, generator=gen)
+    raw = candidate_scores(bunched, torch.ones(1, 64, dtype=torch.bool), base, "none")
+    std = candidate_scores(bunched, torch.ones(1, 64, dtype=torch.bool), base, "standardize")
+    assert float(raw.std()) < 0.01 and abs(float(std.std(unbiased=False)) - 1.0) < 1e-4
 
 
 def test_pooling_keeps_means_of_contiguous_raster_chunks():
@@ -154,3 +179,86 @@ def test_prompt_attention_equals_the_stock_eager_weights(tiny, samples):
             continue
         w = stock[b, :p, :p][~image].mean(0)[image]
         torch.testing.assert_close(ours[b, :p][image], w / w.sum(), atol=1e-5, rtol=1e-5)
+
+
+def vsp_batch(tiny, latent_size: int, n: int = 12):
+    """A realistic batch: synthetic VSP maps (sprites, 3x3-6x6) with one latent step per move."""
+    from data_pipeline.sources.synthetic_vsp import read
+
+    processor, latent_ids = tiny
+    records = list(read(num_samples=n, seed=0, min_size=3, max_size=6))
+    return collate_padded([encode_record(r, processor, latent_ids, latent_size, 4096) for r in records],
+                          processor.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_default_selection_adapts_on_a_realistic_batch(tiny, tiny_model_factory, seed):
+    """At the default settings (standardised scores, temperature 0.1, coverage 0.9, K = 8) K* varies:
+    not always K (the reference's raw-cosine softmax: always K here), not always 1."""
+    teacher = tiny_model_factory(seed=seed)
+    batch = vsp_batch(tiny, 8)
+    counts = select_targets(teacher, batch, LossConfig(), 8).counts
+    assert counts.numel() > 20
+    assert int(counts.min()) < 8 and int(counts.max()) > 1 and len(set(counts.tolist())) >= 3, counts.tolist()
+    reference = select_targets(teacher, batch, LossConfig(score_norm="none", temperature=1.0), 8).counts
+    assert reference.tolist() == [8] * reference.numel()
+
+
+def hand_queries(teacher, batch, selection):
+    """The context query of every segment, written out with loops: the mean of the unit vectors of
+    (a) user summary, (b) the assistant context before the segment, (c) the previous segment's picks."""
+    final, layer_input, positions = teacher_states(teacher, batch)
+    rows, starts, ends = sample_spans(batch)
+    prompt_end = prompt_ends(batch["labels"], rows, starts, ends)
+    is_image = batch["mm_token_type_ids"].bool()
+    weights, (pr, pc) = prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_end, is_image)
+    unit = torch.nn.functional.normalize
+    queries, with_c = [], []
+    segs = batch["latent_segments"].tolist()
+    for s, (row, first, _, _) in enumerate(segs):
+        p = int(prompt_end[row])
+        text = final[row, :p][~is_image[row, :p]].mean(0)
+        image_rows = is_image[row, :p]
+        if image_rows.any():
+            image = sum(float(weights[row, c]) * final[row, c] for c in range(p) if image_rows[c])
+            user = (text + image) / 2
+        else:
+            user = text
+        earlier = [t for t, (r2, f2, _, _) in enumerate(segs) if r2 == row and f2 < first]
+        prev = max(earlier, key=lambda t: segs[t][1]) if earlier else None
+        begin = p if prev is None else segs[prev][1] + segs[prev][2]
+        context = final[row, begin:first].mean(0)  # previous <|latent_end|> .. this <|latent_start|>
+        parts = [unit(user, dim=0), unit(context, dim=0)]
+        if prev is not None:
+            n = int(selection.counts[prev])
+            parts.append(unit(selection.targets[prev, :n].float().mean(0), dim=0))
+        queries.append(torch.stack(parts).mean(0))
+        with_c.append(prev is not None)
+    return torch.stack(queries), torch.tensor(with_c)
+
+
+def test_context_query_equals_the_one_built_by_hand(tiny, tiny_model_factory, samples):
+    teacher = tiny_model_factory(seed=3)
+    batch = collate_padded(samples, tiny[0].tokenizer.pad_token_id)
+    selection = select_targets(teacher, batch, LossConfig(max_candidates=16), K)
+    with torch.no_grad():
+        want, with_c = hand_queries(teacher, batch, selection)
+    assert with_c.any() and (~with_c).any()
+    torch.testing.assert_close(selection.queries, want, atol=1e-5, rtol=1e-5)
+
+
+def test_part_c_of_the_query_counts(tiny, tiny_model_factory, samples):
+    """Only part (c) sees the helper images: when they change, the queries of first segments stay exactly
+    the same and those of later segments move clearly (with the unnormalised mean of the parts they
+    moved to cosine 0.9994; removing (c) would not move them at all)."""
+    teacher = tiny_model_factory(seed=3)
+    batch = collate_padded(samples, tiny[0].tokenizer.pad_token_id)
+    other = dict(batch, helper_pixel_values=torch.randn(batch["helper_pixel_values"].shape,
+                                                         generator=torch.Generator().manual_seed(5)))
+    cfg = LossConfig(max_candidates=16)
+    a, b = select_targets(teacher, batch, cfg, K), select_targets(teacher, other, cfg, K)
+    with torch.no_grad():
+        _, later = hand_queries(teacher, batch, a)
+    torch.testing.assert_close(a.queries[~later], b.queries[~later], atol=0, rtol=0)
+    cos = torch.nn.functional.cosine_similarity(a.queries[later], b.queries[later], dim=-1)
+    assert float(cos.max()) < 0.99, cos

@@ -83,6 +83,53 @@ def test_matches_naive_loss_and_gradients_in_float64(tiny, tiny_model_factory, s
         assert abs(float(_text_ce(model, hidden, batch["labels"])) - float(ref.loss)) > 1e-6
 
 
+def test_latent_rescale_matches_naive_and_feeds_states_at_the_given_norm(tiny, tiny_model_factory):
+    """model.latent_rescale: both implementations feed h * norm / ||h|| (gradients through the rescale
+    included), and the loss differs from the unscaled one."""
+    model = _exact_float64(tiny_model_factory(dtype=torch.float64))
+    _, batch = _batch(tiny, [(2, 3), (1, 1)])
+    fn = lambda f: (lambda m, b: f(m, b, latent_norm=0.3))  # noqa: E731
+    ours, g_ours = _loss_and_grads(fn(stage2_loss), model, batch)
+    ref, g_ref = _loss_and_grads(fn(naive_stage2_loss), model, batch)
+    torch.testing.assert_close(ours.loss, ref.loss, **TOL)
+    for name in g_ref:
+        torch.testing.assert_close(g_ours[name], g_ref[name], **TOL, msg=name)
+    fed_mean = ours.stats["fed_sum"] / ours.stats["fed_count"]
+    assert float(fed_mean.norm()) <= 0.3 + 1e-9  # a mean of vectors of norm 0.3
+    seen = []
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    with torch.no_grad():
+        stage2_loss(model, batch, latent_norm=0.3)
+    steps = [x for x in seen if x.shape[1] == 1]  # latent steps feed one position each
+    norms = torch.cat([x[:, 0].norm(dim=-1) for x in steps])
+    assert steps and torch.allclose(norms[norms > 0.01], torch.tensor(0.3, dtype=norms.dtype))
+    plain = stage2_loss(model, batch)
+    assert abs(float(plain.loss.detach()) - float(ours.loss.detach())) > 1e-6
+
+
+@pytest.mark.parametrize("latent_norm", [None, 0.3])
+def test_checkpointed_calls_give_the_plain_loss_and_gradients(tiny, tiny_model_factory, latent_norm):
+    """Activation checkpointing per decoder call (the KV cache rebuilt inside each checkpointed call):
+    float64 loss and every gradient equal to the plain KV-cache run, which equals the naive reference."""
+    model = _exact_float64(tiny_model_factory(dtype=torch.float64)).train()
+    _, batch = _batch(tiny, [(2, 3), (1, 1), (0, 0)])
+    plain, g_plain = _loss_and_grads(lambda m, b: stage2_loss(m, b, latent_norm=latent_norm), model, batch)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ckpt, g_ckpt = _loss_and_grads(
+            lambda m, b: stage2_loss(m, b, latent_norm=latent_norm, checkpoint_calls=True), model, batch)
+    torch.testing.assert_close(ckpt.loss, plain.loss, **TOL)
+    assert g_ckpt.keys() == g_plain.keys()
+    for name in g_plain:
+        torch.testing.assert_close(g_ckpt[name], g_plain[name], **TOL, msg=name)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(-t.numel()) or t, lambda t: t):
+        _loss_and_grads(lambda m, b: stage2_loss(m, b, latent_norm=latent_norm), model, batch)
+    kept_ckpt = sum(n for n in saved if n > 0)
+    kept_plain = -sum(n for n in saved if n < 0)
+    assert kept_ckpt < 0.7 * kept_plain, (kept_ckpt, kept_plain)  # activations saved for backward
+
+
 def test_stock_norms_match_naive_to_float32_noise(tiny, tiny_model_factory):
     model = tiny_model_factory(dtype=torch.float64)
     _, batch = _batch(tiny, [(2, 3), (1, 1), (0, 0)])

@@ -279,7 +279,7 @@ def test_gathered_parameters_with_modifier_rank_none_drops_in_place_updates():
         assert kept
 
 
-def test_teacher_config_drops_the_optimizer_and_refuses_stale_copies():
+def test_teacher_config_drops_the_optimizer_and_the_students_zeropp_copies():
     from ilvr.training.teacher import teacher_ds_config
 
     student = ds_config(2) | {"scheduler": {"type": "WarmupLR"}}
@@ -287,5 +287,8 @@ def test_teacher_config_drops_the_optimizer_and_refuses_stale_copies():
     assert "optimizer" not in teacher and "scheduler" not in teacher and teacher["zero_optimization"]["stage"] == 0
     assert student["optimizer"] and student["zero_optimization"]["stage"] == 2  # not modified
     assert teacher_ds_config(ds_config(3, 0))["zero_optimization"]["stage3_param_persistence_threshold"] == 0
-    with pytest.raises(ValueError, match="hpz"):
-        teacher_ds_config(ds_config(3) | {"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}})
+    zpp = {"stage": 3, "zero_hpz_partition_size": 8, "zero_quantized_weights": True}
+    teacher = teacher_ds_config(ds_config(3) | {"zero_optimization": zpp})
+    assert teacher["zero_optimization"] == {"stage": 3, "zero_hpz_partition_size": 1, "zero_quantized_weights": False}
+    with pytest.raises(ValueError, match="NVMe"):
+        teacher_ds_config(ds_config(3) | {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}})

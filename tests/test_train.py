@@ -70,9 +70,13 @@ def test_zero3_two_stages_loss_falls_and_mlflow_has_the_run(tmp_path, shards, ti
     first = sum(m[s]["ce"] for s in (1, 2, 3)) / 3
     late = sum(m[s]["ce"] for s in (18, 19, 20)) / 3
     assert late < first - 0.5, (first, late)
-    assert all(m[s]["align"] >= 0 for s in range(1, 21)) and "latent/selected_mean" in m[5]
+    assert "latent/selected_mean" in m[5] and sum(m[5]["latent/selected_hist"]) > 0
+    assert all(0 <= m[s]["align"] <= 2 for s in range(1, 21))
     assert m[30]["ce"] < m[21]["ce"] + 0.5  # stage 2 trains on from stage 1 without blowing up
     assert os.path.isfile(os.path.join(out, "checkpoints", "step-30", "COMPLETE"))
+    with open(os.path.join(out, "checkpoints", "step-30", "trainer.json"), encoding="utf-8") as f:
+        fed_mean = json.load(f)["fed_mean"]  # the constant-latent ablation's constant, at the fed-back scale
+    assert len(fed_mean) == 64 and sum(v * v for v in fed_mean) ** 0.5 > 1.0
 
     import mlflow
 
@@ -83,10 +87,13 @@ def test_zero3_two_stages_loss_falls_and_mlflow_has_the_run(tmp_path, shards, ti
     assert run.info.status == "FINISHED"
     assert run.data.params["model.latent_size"] == "4" and run.data.tags.get("world_size") == "2"
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 30
+    assert len(client.get_metric_history(run.info.run_id, "latent/selected_k1")) == 20  # the histogram, bucketed
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, shards, tiny_processor_dir):
-    common = ("train.max_steps=7", "train.stage1_steps=4", "train.save_every=0", "train.warmup_steps=1")
+    # latent_rescale: the running target norm (per rank) and the norm fixed at the stage switch resume too
+    common = ("train.max_steps=7", "train.stage1_steps=4", "train.save_every=0", "train.warmup_steps=1",
+              "model.latent_rescale=true")
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     train(straight, shards, tiny_processor_dir, *common)
     train(split, shards, tiny_processor_dir, *common, "train.stop_after=3")  # "preempted" after step 3

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline import vsp_world
 from data_pipeline.vsp_world import (
     GOAL,
     HOLE,
@@ -18,12 +19,15 @@ from data_pipeline.vsp_world import (
     START,
     find,
     random_map,
+    read_sprites,
     render,
     render_states,
     shortest_plan,
     simulate,
+    sprite_dir,
     validate_map,
 )
+from scripts.vsp_render_check import mean_abs_diff
 
 TABLE_SYMBOLS = {"_": ICE, "#": HOLE, "@": START, "*": GOAL}
 
@@ -219,16 +223,14 @@ def test_random_map_rejects_bad_arguments(size, hole_prob):
 
 # ----------------------------------------------------------------------------- rendering
 
-HAT_GREEN = (40, 150, 64)
 
-
-def _cells_with_color(png: bytes, rows: int, cols: int, rgb) -> set[tuple[int, int]]:
-    with Image.open(io.BytesIO(png)) as image:
-        pixels = np.asarray(image.convert("RGB"))
-    cell_h, cell_w = pixels.shape[0] // rows, pixels.shape[1] // cols
-    hits = np.all(pixels == rgb, axis=-1)
+def _changed_cells(a: bytes, b: bytes, rows: int, cols: int) -> set[tuple[int, int]]:
+    """The squares whose pixels differ between two renderings of a rows x cols map."""
+    with Image.open(io.BytesIO(a)) as first, Image.open(io.BytesIO(b)) as second:
+        diff = np.any(np.asarray(first.convert("RGB")) != np.asarray(second.convert("RGB")), axis=-1)
+    cell_h, cell_w = diff.shape[0] // rows, diff.shape[1] // cols
     return {(r, c) for r in range(rows) for c in range(cols)
-            if hits[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w].any()}
+            if diff[r * cell_h:(r + 1) * cell_h, c * cell_w:(c + 1) * cell_w].any()}
 
 
 def test_render_is_a_deterministic_png_of_the_right_size():
@@ -242,18 +244,101 @@ def test_render_is_a_deterministic_png_of_the_right_size():
 
 
 def test_render_draws_the_player_where_asked():
-    assert _cells_with_color(render(MAP), 3, 3, HAT_GREEN) == {(0, 0)}  # default: on the start
-    assert _cells_with_color(render(MAP, (1, 2)), 3, 3, HAT_GREEN) == {(1, 2)}
-    assert render(MAP, (1, 2)) != render(MAP, (2, 1))
+    # Leaving the start changes two squares: the elf's new one, and the start (elf -> stool).
+    assert _changed_cells(render(MAP), render(MAP, (1, 2)), 3, 3) == {(0, 0), (1, 2)}
+    assert _changed_cells(render(MAP, (1, 2)), render(MAP, (2, 1)), 3, 3) == {(1, 2), (2, 1)}
+    assert _changed_cells(render(MAP, (1, 2)), render(MAP, (2, 2)), 3, 3) == {(1, 2), (2, 2)}  # on the goal
     wide = [[0, 0, 0, 1], [2, -1, 0, 0]]
-    assert _cells_with_color(render(wide, (1, 3)), 2, 4, HAT_GREEN) == {(1, 3)}
+    assert _changed_cells(render(wide), render(wide, (1, 0)), 2, 4) == {(0, 3), (1, 0)}
+
+
+def test_the_elf_faces_its_last_move_and_cracks_a_hole():
+    facings = [render(MAP, (1, 1), facing=f) for f in "LRUD"]
+    assert len(set(facings)) == 4 and facings[3] == render(MAP, (1, 1))  # down by default
+    assert _changed_cells(facings[0], facings[1], 3, 3) == {(1, 1)}
+    in_hole = {render(MAP, (0, 2), facing=f) for f in "LRUD"}
+    assert len(in_hole) == 1  # the cracked-hole sprite, no elf
+    assert _changed_cells(render(MAP, (1, 1)), in_hole.pop(), 3, 3) == {(1, 1), (0, 2)}
+    with pytest.raises(ValueError, match="unknown move"):
+        render(MAP, (1, 1), facing="X")
 
 
 def test_render_states_matches_render():
     positions = simulate(MAP, "RDDR").path
-    assert render_states(MAP, positions) == [render(MAP, p) for p in positions]
+    assert render_states(MAP, positions) == [render(MAP, p, facing=f) for p, f in zip(positions, "DRDDR")]
+    assert render_states(MAP, positions, moves="RDDR") == render_states(MAP, positions)
+
+
+def test_render_states_facing_after_an_off_edge_move():
+    """A move off the edge leaves the square unchanged; only `moves` tells which way the elf turned."""
+    assert render_states(MAP, [(0, 0), (0, 0)], moves=["U"])[1] == render(MAP, (0, 0), facing="U")
+    assert render_states(MAP, [(0, 0), (0, 1), (0, 1)])[2] == render(MAP, (0, 1), facing="R")  # keeps facing
+    with pytest.raises(ValueError, match="need 1 moves"):
+        render_states(MAP, [(0, 0), (0, 1)], moves="RR")
 
 
 def test_render_rejects_a_player_off_the_map():
     with pytest.raises(ValueError, match="outside"):
         render(MAP, (3, 0))
+    with pytest.raises(ValueError, match="outside"):
+        render(MAP, (-1, 0))
+
+
+def test_missing_or_changed_sprites_name_the_fix(tmp_path, monkeypatch):
+    fix = re.escape('pip install "gymnasium==1.0.0"')
+    with pytest.raises(RuntimeError, match=f"not found.*{fix}"):
+        read_sprites(tmp_path)
+    for name, data in read_sprites(sprite_dir()).items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    (tmp_path / "goal.png").write_bytes(b"a flag instead of the gift")
+    with pytest.raises(RuntimeError, match=f"differ from those the VSP benchmark.*{fix}"):
+        read_sprites(tmp_path)
+    monkeypatch.setattr(vsp_world.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match=f"gymnasium is not installed.*{fix}"):
+        sprite_dir()
+
+
+# ----------------------------------------------------------------------------- rendering vs the real images
+
+# The renderer reproduces the real images exactly (0/255 on all 400 maps; scripts/vsp_render_check.py).
+# The bound allows alpha-blend rounding changes (~0.0001/255) and catches the smallest real error seen
+# on the 400 maps: the elf facing the wrong way (>= 0.28/255; a swapped start/goal >= 2/255, no grid 2.5).
+MAX_DIFF = 0.05
+
+# MIRAGE example level_6/116 (its map read off step 0): the plan walks back over the start, then into a hole.
+MIRAGE_116 = [
+    [0, 0, 0, -1, 0, 0],
+    [-1, 0, 0, 0, -1, 2],
+    [0, 0, 0, 0, -1, 0],
+    [1, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, -1, 0],
+    [0, 0, 0, 0, -1, 0],
+]
+MIRAGE_116_PLAN = "RULDUU"
+
+
+def _swap_start_and_goal(map_desc):
+    return [[{START: GOAL, GOAL: START}.get(cell, cell) for cell in row] for row in map_desc]
+
+
+def test_render_draws_the_real_images(real_rows):
+    sample = [row for level in (3, 4, 5, 6) for row in [r for r in real_rows if len(r["map_desc"]) == level][::50]]
+    assert len(sample) == 8  # two maps of each level
+    for row in sample:
+        real = row["local_image"]
+        assert mean_abs_diff(render(row["map_desc"]), real) <= MAX_DIFF, row["image_input"]
+        assert mean_abs_diff(render(_swap_start_and_goal(row["map_desc"])), real) > MAX_DIFF
+        assert mean_abs_diff(render(row["map_desc"], facing="L"), real) > MAX_DIFF
+
+
+def test_render_states_draws_the_real_step_images(shared_data):
+    folder = shared_data / "mirage_examples" / "images" / "level_6" / "116"
+    steps = sorted(folder.glob("map_6x6_step_*.png"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    outcome = simulate(MIRAGE_116, MIRAGE_116_PLAN)
+    assert outcome.fell_in_hole and len(steps) == len(outcome.path) == 7
+    ours = render_states(MIRAGE_116, outcome.path)
+    for png, step in zip(ours, steps):
+        assert mean_abs_diff(png, step) <= MAX_DIFF, step.name
+    # Wrong drawings fail: the elf facing down after moving right, standing beside the hole it fell in.
+    assert mean_abs_diff(render(MIRAGE_116, outcome.path[1]), steps[1]) > MAX_DIFF
+    assert mean_abs_diff(render(MIRAGE_116, outcome.path[5], facing="U"), steps[6]) > MAX_DIFF

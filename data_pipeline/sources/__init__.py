@@ -6,30 +6,51 @@ so that `ilvr-prepare` counts the skip and goes on.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any, Callable, Iterator
 
+from data_pipeline.limits import MAX_LINE_BYTES
 from data_pipeline.records import Record, RecordError
+
+_SKIP_CHUNK = 1 << 20
 
 Converter = Callable[..., Iterator["Record | RecordError"]]
 
 
-def iter_jsonl(path: str) -> Iterator[tuple[int, "dict[str, Any] | RecordError"]]:
-    """Yield (1-based line number, row) for each non-blank line; a bad line gives a RecordError."""
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_no, RecordError("malformed_record", f"{path}:{line_no}: not JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                yield line_no, RecordError("malformed_record", f"{path}:{line_no}: row is not a JSON object")
-                continue
-            yield line_no, row
+def iter_jsonl(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, "dict[str, Any] | RecordError"]]:
+    """Yield (1-based line number, row) for each non-blank line; a bad line gives a RecordError.
+
+    A line longer than `max_line_bytes` is "too_large" and is skipped in bounded chunks,
+    never held whole (a file with no newline at all would otherwise be read into memory).
+    """
+    with open(path, "rb") as f:
+        for line_no in itertools.count(1):
+            line = f.readline(max_line_bytes + 1)
+            if not line:
+                return
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                while (rest := f.readline(_SKIP_CHUNK)) and not rest.endswith(b"\n"):
+                    pass
+                yield line_no, RecordError("too_large", f"{path}:{line_no}: line longer than {max_line_bytes} bytes")
+            elif line.strip():
+                yield line_no, _parse_row(line, f"{path}:{line_no}")
+
+
+def _parse_row(line: bytes, where: str) -> "dict[str, Any] | RecordError":
+    """One JSONL line as a JSON object, or the RecordError saying why it is not one."""
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return RecordError("malformed_record", f"{where}: not UTF-8 ({e.reason})")
+    except json.JSONDecodeError as e:
+        return RecordError("malformed_record", f"{where}: not JSON ({e.msg})")
+    except RecursionError:
+        return RecordError("malformed_record", f"{where}: JSON nested too deeply")
+    if not isinstance(row, dict):
+        return RecordError("malformed_record", f"{where}: row is not a JSON object")
+    return row
 
 
 def record_id(row: dict[str, Any], path: str, line_no: int) -> str:

@@ -1,6 +1,6 @@
 """ilvr-eval: evaluate a model on benchmark shards, score a predictions file, or run a sweep.
 
-    ilvr-eval [run] --model EXPORTED_OR_CHECKPOINT --shards SHARDS --out DIR [--mode latent|text|constant-latent]
+    ilvr-eval [run] --model EXPORTED_OR_CHECKPOINT --shards SHARDS --out DIR [--mode latent|text|constant-latent|shuffled-latent]
     torchrun --nproc_per_node 8 -m ilvr.evaluate run ...        (data parallel; also under srun)
     ilvr-eval score --predictions FILE --benchmark vsp --data SHARDS [--out metrics.json]
     ilvr-eval sweep plan|task|summary|run ...                     (see ilvr.evaluation.sweep)
@@ -27,7 +27,9 @@ def _decode_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     g = p.add_argument_group("decoding (greedy unless --do-sample; defaults: --config's eval section, else these)")
     if with_mode:
         g.add_argument("--mode", choices=MODES, default=None,
-                       help="latent (ILVR, default); text = no latent segments; constant-latent = ablation")
+                       help="latent (ILVR, default); text = no latent segments; ablations at the fed-back "
+                            "states' scale: constant-latent = one constant (the training run's mean fed-back state), "
+                            "shuffled-latent = another sample's latents")
     g.add_argument("--max-new-tokens", type=int, default=None, help="ids per answer, latent pads included (512)")
     g.add_argument("--batch-size", type=int, default=None, help="prompts decoded together per rank (8)")
     g.add_argument("--do-sample", action="store_true", default=None)

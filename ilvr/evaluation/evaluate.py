@@ -89,19 +89,35 @@ def decode_records(em: EvalModel, records: list[Record], settings: DecodeSetting
                 log.warning("record %s cannot be evaluated: %s", record.id, e)
         if not prompts:
             continue
+        donor = settings.mode == "shuffled-latent" and len(prompts) == 1 and len(records) > 1
+        if donor:  # shuffling needs a second sample: borrow one whose own answer is not kept
+            prompts.append(_donor_prompt(em, records, batch_records[0]))
         if generator is not None:  # seeded by the batch's first record: no two ranks draw the same stream
             generator.manual_seed(settings.seed * 1_000_003 + zlib.crc32(batch_records[0].id.encode()))
         t0 = time.perf_counter()
         results = generate(em.model, prompts, em.processor.tokenizer, em.latent_ids, em.latent_size,
                            mode=settings.mode, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                           temperature=settings.temperature, top_p=settings.top_p, generator=generator)
+                           temperature=settings.temperature, top_p=settings.top_p, generator=generator,
+                           latent_norm=em.latent_norm, constant_latent=em.fed_mean)
         latency_ms = (time.perf_counter() - t0) * 1000
+        prompts = prompts[:len(batch_records)]
         for record, result in zip(batch_records, results):
             rows.append({"id": record.id, "prompt": record.question, "prediction": result.text,
                          "latent_segments": result.num_latent_segments, "num_tokens": len(result.token_ids),
                          "finished": result.finished, "latency_ms": round(latency_ms, 3),
                          "batch_size": len(prompts)})
     return rows
+
+
+def _donor_prompt(em: EvalModel, records: list[Record], other_than: Record):
+    """The first encodable record that is not `other_than`, as a prompt (shuffled-latent's donor)."""
+    for record in records:
+        if record.id != other_than.id:
+            try:
+                return encode_prompt(record, em.processor)
+            except RecordError:
+                continue
+    raise ValueError("mode 'shuffled-latent' needs at least 2 evaluable records")
 
 
 def all_gather_json(obj) -> list:

@@ -6,6 +6,8 @@
 
 Either way the result carries what ILVR decoding needs besides the weights: K, the latent
 token ids (checked against the model config's record of them), and the training step.
+Nothing is unpickled: a checkpoint is verified and consolidated weights-only (ilvr.export), and
+an exported dir is read weights-only too (safetensors; a stray pickle there is refused).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from ilvr.export import SETTINGS_FILE, checkpoint_settings, model_from_checkpoint
 from ilvr.model.build import choose_attention, load_pretrained, resolve_dtype
 from ilvr.model.tokens import LatentTokenIds
-from ilvr.training.checkpoint import is_complete, latest
+from ilvr.training.checkpoint import is_complete, latest, weights_only_loading
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,8 @@ class EvalModel:
     latent_size: int
     step: int | None  # training step of the weights, when known
     source: str  # the directory the weights came from
+    latent_norm: "float | None" = None  # fed-back states rescaled to this norm (model.latent_rescale)
+    fed_mean: "torch.Tensor | None" = None  # the mean fed-back state recorded in training (constant-latent)
 
 
 def resolve_model_path(path: str) -> tuple[str, str]:
@@ -67,7 +71,8 @@ def load_eval_model(path: str, dtype: str = "auto", attn_implementation: str = "
     if kind == "exported":
         with open(os.path.join(directory, SETTINGS_FILE), encoding="utf-8") as f:
             settings = json.load(f)
-        model = load_pretrained(directory, torch_dtype, choose_attention(attn_implementation))
+        with weights_only_loading():  # transformers would read a pytorch_model.bin with torch.load
+            model = load_pretrained(directory, torch_dtype, choose_attention(attn_implementation))
         processor, latent_ids = load_processor(directory)
     else:
         with open(os.path.join(directory, "trainer.json"), encoding="utf-8") as f:
@@ -84,5 +89,8 @@ def load_eval_model(path: str, dtype: str = "auto", attn_implementation: str = "
     model = model.to(device).eval()
     step = settings.get("step")
     log.info("evaluating %s (%s, step %s, K=%d) on %s", directory, kind, step, settings["latent_size"], device)
+    fed_mean = settings.get("fed_mean")
     return EvalModel(model, processor, latent_ids, int(settings["latent_size"]),
-                     int(step) if step is not None else None, os.path.abspath(directory))
+                     int(step) if step is not None else None, os.path.abspath(directory),
+                     latent_norm=settings.get("latent_norm") if settings.get("latent_rescale") else None,
+                     fed_mean=torch.tensor(fed_mean, dtype=torch.float32) if fed_mean else None)

@@ -305,8 +305,8 @@ def _blocks(rows: Sequence[EvalRow], meta: ReportMeta) -> list:
         for label, c in _grid(by_bench[b]):
             acc = {m: c[m].accuracy if m in c else None for m in MODES}
             table.append([label] + [pct(acc[m]) for m in MODES]
-                         + [delta_pp(acc["latent"], acc["text"]), delta_pp(acc["latent"], acc["constant-latent"])])
-        out += [("h3", b), ("table", ["step", *MODES, "latent - text", "latent - constant-latent"], table)]
+                         + [delta_pp(acc["latent"], acc[m]) for m in MODES[1:]])
+        out += [("h3", b), ("table", ["step", *MODES, *(f"latent - {m}" for m in MODES[1:])], table)]
 
     out.append(("h2", "Latency and output health"))
     out.append(("p", "Per benchmark and mode at its latest step; latency is the time each sample waited "

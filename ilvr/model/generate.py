@@ -11,6 +11,13 @@ norm) at the previous position; the id recorded there is `<|latent_pad|>`. Pad a
 never sampled freely (their logits are masked), so every complete segment is exactly
 start + K pads + end. Prompts are LEFT padded; new positions follow stock Qwen-VL generation:
 text position (valid tokens so far) + the per-sample `rope_deltas` of the prompt.
+
+Ablations (do the latents' contents matter?), both at the scale of real fed-back states:
+- "constant-latent": every latent input is one constant vector: the dataset-mean fed-back
+  state recorded in training (`ilvr_settings.json`: `fed_mean`), else the mean of the
+  states this batch feeds back in latent mode (a calibration pass);
+- "shuffled-latent": sample b's latent inputs are those that sample b+1 of the batch (mod B)
+  fed back in latent mode (a calibration pass): real latents of the wrong map.
 """
 from __future__ import annotations
 
@@ -21,9 +28,10 @@ from transformers import DynamicCache
 
 from data_pipeline.encode import IM_END
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
+from ilvr.model.latent_scale import rescale
 from ilvr.model.tokens import LatentTokenIds
 
-MODES = ("latent", "text", "constant-latent")
+MODES = ("latent", "text", "constant-latent", "shuffled-latent")
 LATENT_MARKER = "<latent>"  # stands for one latent segment in GenerationResult.text
 
 
@@ -42,6 +50,7 @@ class GenerationResult:
     token_ids: list[int]
     latent_segments: list[tuple[int, int]] = field(default_factory=list)
     finished: bool = False
+    latent_inputs: "torch.Tensor | None" = None  # [n, H]: the vectors fed at its latent pads (record_latents)
 
     @property
     def num_latent_segments(self) -> int:
@@ -113,6 +122,8 @@ class _Sample:
         self.latent_left = 0  # latent pads still to feed
         self.end_next = False  # <|latent_end|> is forced next
         self.finished = False
+        self.fed: list[torch.Tensor] = []  # latent inputs, when recorded
+        self.fed_count = 0  # latent inputs fed so far
 
     def step(self, proposed: int, latent_ids: LatentTokenIds, latent_size: int, stops: set[int]) -> int:
         """Record this step's id (the proposal, or the one the latent state forces) and return it."""
@@ -133,19 +144,42 @@ class _Sample:
         return token
 
 
+def _latent_sources(model, prompts, tokenizer, latent_ids, latent_size, mode, constant_latent, kwargs):
+    """(constant [H] or None, donors: per-row [n, H] or None) for the two ablation modes; runs a
+    latent-mode calibration pass on the same prompts when what they need was not given."""
+    if mode == "constant-latent" and constant_latent is not None:
+        return constant_latent, None
+    if mode == "shuffled-latent" and len(prompts) < 2:
+        raise ValueError("mode 'shuffled-latent' needs a batch of >= 2 prompts (it feeds another sample's latents)")
+    calibration = generate(model, prompts, tokenizer, latent_ids, latent_size, mode="latent", record_latents=True,
+                           **kwargs)
+    fed = [r.latent_inputs for r in calibration]
+    if mode == "constant-latent":
+        every = torch.cat([f for f in fed if f is not None and f.numel()] or [torch.zeros(0)])
+        if every.numel() == 0:
+            raise ValueError("constant-latent: the model opened no latent segment on this batch, so no fed-back "
+                             "state to average; pass constant_latent (the export's fed_mean)")
+        return every.mean(0), None
+    return None, [fed[(b + 1) % len(fed)] for b in range(len(fed))]
+
+
 @torch.no_grad()
 def generate(model, prompts, tokenizer, latent_ids: LatentTokenIds, latent_size: int, *, mode: str = "latent",
              max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              generator: torch.Generator | None = None, constant_latent: torch.Tensor | None = None,
-             use_cache: bool = True) -> list[GenerationResult]:
+             use_cache: bool = True, latent_norm: float | None = None,
+             record_latents: bool = False) -> list[GenerationResult]:
     """Decode answers for a batch of EncodedPrompts (each ending with the assistant header).
 
     mode: "latent" (ILVR inference), "text" (<|latent_start|> masked too: a text-only baseline),
-    "constant-latent" (structure as "latent", but every latent input is `constant_latent`,
-    default the mean input embedding: does the content of the latents matter?).
+    "constant-latent" (structure as "latent", every latent input is `constant_latent`, default
+    the mean state this batch feeds back in latent mode), "shuffled-latent" (each sample is fed
+    the latent states of the next sample of the batch). `latent_norm`: fed-back states are
+    rescaled to this norm (the model.latent_rescale option; None = as produced).
     use_cache=False recomputes the whole sequence every step (slow; the reference for tests).
     The model is used as given (call .eval() first); a sample stops at an eos id or after
     max_new_tokens ids (latent pads count), and then feeds masked-out pad tokens.
+    With `record_latents`, each result carries the vectors fed at its latent pads.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -159,10 +193,14 @@ def generate(model, prompts, tokenizer, latent_ids: LatentTokenIds, latent_size:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
     banned = [latent_ids.pad, latent_ids.end] + ([latent_ids.start] if mode == "text" else [])
     banned = torch.tensor(banned, device=device)
-    constant = None
-    if mode == "constant-latent":
-        constant = embedding.weight.mean(0) if constant_latent is None else constant_latent
-        constant = constant.to(device=device, dtype=dtype).view(-1)
+    constant, donors = None, None
+    if mode in ("constant-latent", "shuffled-latent"):
+        same = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                    generator=generator, use_cache=use_cache, latent_norm=latent_norm)
+        constant, donors = _latent_sources(model, prompts, tokenizer, latent_ids, latent_size, mode,
+                                           constant_latent, same)
+        if constant is not None:
+            constant = constant.to(device=device, dtype=dtype).view(-1)
 
     batch = left_pad_prompts(prompts, pad_id, device)
     mask = batch["attention_mask"]
@@ -189,9 +227,14 @@ def generate(model, prompts, tokenizer, latent_ids: LatentTokenIds, latent_size:
         if all(s.finished for s in samples) or step == max_new_tokens - 1:
             break
         new = embedding(torch.tensor(tokens, device=device))  # [B, H]
-        is_latent = torch.tensor([a and t == latent_ids.pad for a, t in zip(alive, tokens)], device=device)
-        fed_back = last if constant is None else constant.expand_as(last)
-        new = torch.where(is_latent[:, None], fed_back.to(new.dtype), new)
+        is_latent = [a and t == latent_ids.pad for a, t in zip(alive, tokens)]
+        fed_back = _fed_back(last, latent_norm, constant, donors, samples, is_latent)
+        new = torch.where(torch.tensor(is_latent, device=device)[:, None], fed_back.to(new.dtype), new)
+        if record_latents:
+            for b in (b for b, latent in enumerate(is_latent) if latent):
+                samples[b].fed.append(fed_back[b].float().cpu())
+        for b in (b for b, latent in enumerate(is_latent) if latent):
+            samples[b].fed_count += 1
         pending_embeds = new[:, None]
         pending_pos = (first_new_pos + step).view(1, -1, 1).expand(3, -1, -1)
         mask = torch.cat([mask, torch.tensor(alive, dtype=mask.dtype, device=device)[:, None]], dim=1)
@@ -201,6 +244,26 @@ def generate(model, prompts, tokenizer, latent_ids: LatentTokenIds, latent_size:
 
     return [
         GenerationResult(id=p.id, text=decode_with_markers(s.ids, tokenizer, latent_ids), token_ids=s.ids,
-                         latent_segments=[tuple(seg) for seg in s.segments], finished=s.finished)
+                         latent_segments=[tuple(seg) for seg in s.segments], finished=s.finished,
+                         latent_inputs=torch.stack(s.fed) if record_latents and s.fed else None)
         for p, s in zip(prompts, samples)
     ]
+
+
+def _fed_back(last, latent_norm, constant, donors, samples, is_latent) -> torch.Tensor:
+    """The next latent input of every row [B, H]: its own (rescaled) state, the constant, or its donor's
+    n-th latent (n = latents it was fed so far; the donor's list is cycled; its own state if it has none)."""
+    if constant is not None:
+        return constant.expand_as(last)
+    own = rescale(last, latent_norm)
+    if donors is None:
+        return own
+    rows = []
+    for b, latent in enumerate(is_latent):
+        donor = donors[b]
+        if latent and donor is not None and donor.shape[0]:
+            n = samples[b].fed_count
+            rows.append(donor[n % donor.shape[0]].to(own.device, own.dtype))
+        else:
+            rows.append(own[b])
+    return torch.stack(rows)

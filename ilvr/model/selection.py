@@ -1,20 +1,29 @@
 """Stage-1 teacher targets: which helper-image features each latent segment is taught to produce.
 
 ONE teacher pass per batch, whatever the number of latent segments (the reference runs
-one per segment). For segment t of a sample the context query is the mean of
+one per segment). For segment t of a sample the context query is the mean of the UNIT
+vectors of
   (a) a user-turn summary: the mean teacher state over the prompt's text tokens, averaged
       with the input-image states weighted by prompt->image attention of the last layer;
   (b) the mean teacher state over the assistant tokens just before the segment: from the
       previous segment's `<|latent_end|>` (or the first assistant token) through this
       segment's `<|latent_start|>`;
   (c) for t > 0, the mean of the vectors selected for segment t-1.
-The prompt is every leading untrained (-100) token of a sample, so the system message and
-the assistant header are part of it: they are the same for every sample, and the image
-weights do not depend on rows that precede the images. "Teacher state" is the final
-(post-norm) hidden state. Candidates are the helper image's vision+merger features (LLM
-input space), pooled over contiguous raster chunks to at most L. Scores: cosine(candidate,
-query) -> softmax(/temperature) -> take the most probable until their mass reaches
-coverage_p, at most K, at least 1; the K* picks go back in raster order.
+Each part is normalised first: (a) and (b) are final-layer states (norm ~8 on the tiny
+model), (c) lives in the input-embedding space (norm ~0.2), and a plain mean would let (c)
+vanish. The prompt is every leading untrained (-100) token of a sample, so the system
+message and the assistant header are part of it: they are the same for every sample, and
+the image weights do not depend on rows that precede the images. "Teacher state" is the
+final (post-norm) hidden state. Candidates are the helper image's vision+merger features
+(LLM input space), pooled over contiguous raster chunks to at most L.
+
+Scores: cosine(candidate, query), standardised over each segment's candidates
+(`loss.score_norm="standardize"`, the default: cosines of pooled image features are bunched,
+so a fixed temperature on raw cosines gives a near-flat softmax and K* = K always) ->
+softmax(/temperature) -> take the most probable until their mass reaches coverage_p, at
+most K, at least 1. The K* picks are kept in decreasing probability (`loss.target_order`,
+the reference's order; "raster" sorts them back into image order, which makes consecutive
+targets neighbouring patches that the alignment loss can match by copying its input).
 
 Every teacher module is called in every step (dummy images when there are none), so the
 teacher may be a ZeRO-3-partitioned module whose ranks must make the same calls.
@@ -40,6 +49,7 @@ class Selection:
     counts: torch.Tensor  # [S] long, K* per segment
     max_prob: torch.Tensor  # [S] float, the largest candidate probability
     num_candidates: torch.Tensor  # [S] long, candidates after pooling
+    queries: "torch.Tensor | None" = None  # [S, H] fp32, the context query of each segment
 
 
 def pool_rows(features: torch.Tensor, sizes: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,22 +84,43 @@ def helper_candidates(teacher, batch: dict[str, Any], max_rows: int) -> tuple[to
     return pool_rows(feats, grid.to(device).prod(-1) // merge**2, max_rows)
 
 
+def candidate_scores(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, score_norm: str) -> torch.Tensor:
+    """cosine(candidate, query) [S, R], standardised over each row's valid candidates when
+    score_norm == "standardize" (zero mean, unit std; a row of equal scores stays all zero)."""
+    cos = F.cosine_similarity(cands.float(), query.float()[:, None, :], dim=-1)
+    if score_norm == "none":
+        return cos
+    if score_norm != "standardize":
+        raise ValueError(f"score_norm must be 'standardize' or 'none', got {score_norm!r}")
+    m = mask.float()
+    n = m.sum(-1, keepdim=True).clamp(min=1)
+    mean = (cos * m).sum(-1, keepdim=True) / n
+    std = (((cos - mean) ** 2) * m).sum(-1, keepdim=True).div(n).sqrt()
+    return (cos - mean) / std.clamp(min=1e-6)
+
+
 def select_by_coverage(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, cap: torch.Tensor,
-                       temperature: float, coverage_p: float, width: int):
+                       temperature: float, coverage_p: float, width: int, score_norm: str = "none",
+                       order: str = "probability"):
     """Coverage selection for S queries at once: (targets [S, width, H], counts [S], max prob [S]).
 
     cands [S, R, H] with mask [S, R] (padding never picked); cap [S] bounds K* (<= width).
+    Picks come in decreasing probability (order="probability") or in raster order ("raster").
     """
-    cos = F.cosine_similarity(cands.float(), query.float()[:, None, :], dim=-1)
-    probs = (cos / temperature).masked_fill(~mask, float("-inf")).softmax(-1)
-    sorted_p, order = probs.sort(-1, descending=True)
+    scores = candidate_scores(cands, mask, query, score_norm)
+    probs = (scores / temperature).masked_fill(~mask, float("-inf")).softmax(-1)
+    sorted_p, ranked = probs.sort(dim=-1, descending=True, stable=True)
     counts = (sorted_p.cumsum(-1) < coverage_p).sum(-1) + 1
     counts = torch.minimum(counts, torch.minimum(cap, mask.sum(-1))).clamp(min=1)
-    if order.shape[1] < width:
-        order = F.pad(order, (0, width - order.shape[1]))
+    if ranked.shape[1] < width:
+        ranked = F.pad(ranked, (0, width - ranked.shape[1]))
     keep = torch.arange(width, device=cands.device) < counts[:, None]
-    raster = torch.where(keep, order[:, :width], cands.shape[1]).sort(-1).values  # unpicked sort last
-    picked = cands.gather(1, raster.clamp(max=cands.shape[1] - 1)[..., None].expand(-1, -1, cands.shape[-1]))
+    picks = torch.where(keep, ranked[:, :width], cands.shape[1])  # unpicked slots: past the end
+    if order == "raster":
+        picks = picks.sort(-1).values
+    elif order != "probability":
+        raise ValueError(f"order must be 'probability' or 'raster', got {order!r}")
+    picked = cands.gather(1, picks.clamp(max=cands.shape[1] - 1)[..., None].expand(-1, -1, cands.shape[-1]))
     return picked * keep[..., None], counts, sorted_p[:, 0]
 
 
@@ -177,6 +208,11 @@ def teacher_states(teacher, batch: dict[str, Any]):
     return out.last_hidden_state, out.hidden_states[last], positions[-3:]
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to norm 1 (a zero row stays zero): query parts live at different scales."""
+    return F.normalize(x.float(), dim=-1, eps=1e-12)
+
+
 def _segment_order(owner, first_pad, size):
     """Per segment: its ordinal t within its sample, the previous segment (index) and that one's end marker."""
     before = (owner[:, None] == owner[None, :]) & (first_pad[None, :] < first_pad[:, None])
@@ -200,7 +236,7 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
     weights, (pr, pc) = prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_end, is_image)
     image = (weights[..., None] * final[pr, pc].float()).sum(1)
     has_image = (is_image[pr, pc] & (pc < prompt_end[:, None])).any(1)
-    user = torch.where(has_image[:, None], (text + image) / 2, text)
+    user = unit(torch.where(has_image[:, None], (text + image) / 2, text))
 
     n_seg, hidden = seg.shape[0], final.shape[-1]
     targets = final.new_zeros(n_seg, latent_size, hidden, dtype=cands.dtype)
@@ -214,16 +250,18 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
     inside = (rows[None] == seg_row[:, None]) & (starts[None] <= first_pad[:, None]) & (first_pad[:, None] < ends[None])
     owner = inside.float().argmax(1)
     ordinal, prev, prev_end = _segment_order(owner, first_pad, size)
-    context = span_means(final, seg_row, torch.where(ordinal > 0, prev_end, prompt_end[owner]), first_pad)
+    context = unit(span_means(final, seg_row, torch.where(ordinal > 0, prev_end, prompt_end[owner]), first_pad))
 
     picked_mean = torch.zeros(n_seg, hidden, device=device)
+    queries = torch.zeros(n_seg, hidden, device=device)
     for t in range(int(ordinal.max()) + 1):
         idx = (ordinal == t).nonzero().squeeze(1)
-        parts = [user[owner[idx]], context[idx]] + ([picked_mean[prev[idx]]] if t > 0 else [])
+        parts = [user[owner[idx]], context[idx]] + ([unit(picked_mean[prev[idx]])] if t > 0 else [])
         query = torch.stack(parts).mean(0)
         h = helper[idx]
         tg, cnt, mp = select_by_coverage(cands[h], cmask[h].to(device), query, size[idx], loss_cfg.temperature,
-                                         loss_cfg.coverage_p, latent_size)
-        targets[idx], counts[idx], max_prob[idx] = tg.to(targets.dtype), cnt, mp
+                                         loss_cfg.coverage_p, latent_size, loss_cfg.score_norm,
+                                         loss_cfg.target_order)
+        targets[idx], counts[idx], max_prob[idx], queries[idx] = tg.to(targets.dtype), cnt, mp, query
         picked_mean[idx] = tg.float().sum(1) / cnt[:, None]
-    return Selection(targets, counts, max_prob, cmask.to(device)[helper].sum(1))
+    return Selection(targets, counts, max_prob, cmask.to(device)[helper].sum(1), queries)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from data_pipeline.encode import IGNORE_INDEX
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
+from ilvr.model.latent_scale import rescale
 
 
 @dataclass
@@ -48,8 +49,9 @@ def _check_batch(model, batch, uses_cache: bool) -> None:
         raise ValueError("stage 2 runs the latents through a KV cache and needs padded batches: set data.packing=false")
     if uses_cache and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and model.training \
             and torch.is_grad_enabled():
-        raise ValueError("stage 2 feeds hidden states back through the KV cache, which transformers drops under "
-                         "gradient checkpointing: set model.gradient_checkpointing=false for stage 2")
+        raise ValueError("stage 2 feeds hidden states back through the KV cache, which transformers' (per-layer) "
+                         "gradient checkpointing drops: call model.gradient_checkpointing_disable() and pass "
+                         "checkpoint_calls=True (the trainer does both for model.gradient_checkpointing=true)")
 
 
 def _segments_per_row(batch) -> tuple[list[int], list[list[tuple[int, int]]]]:
@@ -137,34 +139,86 @@ def _pad_mask(shape, rows: list[list[tuple[int, int]]], device) -> torch.Tensor:
     return mask
 
 
+class _CallCache:
+    """The KV cache of a stage-2 forward as plain tensors: per layer, the keys / values each decoder call
+    added. `checkpointed(...)` runs one call under activation checkpointing with a DynamicCache rebuilt
+    from those tensors inside the checkpointed function, so the recomputation in backward sees exactly
+    the cache of the first run (a DynamicCache shared across calls would already hold later entries,
+    and transformers' own per-layer checkpointing drops the cache altogether)."""
+
+    def __init__(self, model):
+        self.config = model.model.language_model.config
+        self.keys: list[list[torch.Tensor]] = [[] for _ in range(self.config.num_hidden_layers)]
+        self.values: list[list[torch.Tensor]] = [[] for _ in range(self.config.num_hidden_layers)]
+
+    def checkpointed(self, model, x, positions, seen):
+        from torch.utils.checkpoint import checkpoint
+
+        layers, n = len(self.keys), x.shape[1]
+        past = [tuple(t) for layer in range(layers) for t in (self.keys[layer], self.values[layer])]  # snapshots
+
+        def call(x, positions, seen, *past_lists):
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.config)
+            for layer in range(layers):
+                ks, vs = past_lists[2 * layer], past_lists[2 * layer + 1]
+                if ks:
+                    cache.update(torch.cat(ks, dim=-2), torch.cat(vs, dim=-2), layer)
+            hidden, cache = run_decoder(model, x, positions, seen, cache, use_cache=True)
+            new = [t[..., -n:, :] for layer in cache.layers for t in (layer.keys, layer.values)]
+            return (hidden, *new)
+
+        hidden, *new = checkpoint(call, x, positions, seen, *past, use_reentrant=False)
+        for layer in range(layers):
+            self.keys[layer].append(new[2 * layer])
+            self.values[layer].append(new[2 * layer + 1])
+        return hidden
+
+
 def stage2_loss(model, batch: dict, always_run_vision: bool = False, min_segments: int = 0,
-                min_steps: int = 0) -> Stage2Output:
+                min_steps: int = 0, latent_norm: "float | None" = None,
+                checkpoint_calls: bool = False) -> Stage2Output:
     """Stage-2 CE with the latents fed back through a KV cache: (S_max + 1) chunk calls + sum_t K_t steps.
 
     Under ZeRO-3 pass the largest segment count of any rank as `min_segments` and K as
     `min_steps` (and `always_run_vision=True`): every rank then makes the same calls.
+    `latent_norm` (model.latent_rescale): fed-back states are rescaled to that norm.
+    `checkpoint_calls`: activation checkpointing per decoder call (stage 2's form of
+    model.gradient_checkpointing): only each call's inputs and its new keys / values are kept;
+    the rest is recomputed in backward. Loss and gradients are those of the plain run.
     """
     from transformers import DynamicCache
 
     _check_batch(model, batch, uses_cache=True)
     lengths, rows = _segments_per_row(batch)
     embeds = embed_tokens(model, batch, always_run_vision=always_run_vision)
+    if checkpoint_calls and not torch.is_grad_enabled():
+        checkpoint_calls = False  # nothing to save memory for
     positions, _ = rope_positions(model, batch)
     n_rows, device = embeds.shape[0], embeds.device
     plan, physical = _lockstep_plan(lengths, rows, embeds.shape[1], device, min_segments, min_steps)
 
     cache = DynamicCache(config=model.model.language_model.config)
+    call_cache = _CallCache(model) if checkpoint_calls else None
     seen = torch.zeros(n_rows, 0, dtype=torch.bool, device=device)  # live slots of the cache so far
     rows_col, rows_flat = torch.arange(n_rows, device=device).unsqueeze(1), torch.arange(n_rows, device=device)
     outputs, fed_norm_sum, last = [], embeds.new_zeros(()), None
+    fed_sum = embeds.new_zeros(embeds.shape[-1], dtype=torch.float32)
     for call in plan:
         if call.latent:
-            x = last.unsqueeze(1)
-            fed_norm_sum = fed_norm_sum + (last.detach().norm(dim=-1) * call.live[:, 0]).sum()
+            fed = rescale(last, latent_norm)
+            x = fed.unsqueeze(1)
+            live = call.live[:, 0]
+            fed_norm_sum = fed_norm_sum + (last.detach().norm(dim=-1) * live).sum()
+            fed_sum = fed_sum + (fed.detach().float() * live[:, None]).sum(0)
         else:
             x = embeds[rows_col, call.index]
         seen = torch.cat([seen, call.live], dim=1)
-        hidden, cache = run_decoder(model, x, positions[:, rows_col, call.index], seen, cache, use_cache=True)
+        if call_cache is not None:
+            hidden = call_cache.checkpointed(model, x, positions[:, rows_col, call.index], seen)
+        else:
+            hidden, cache = run_decoder(model, x, positions[:, rows_col, call.index], seen, cache, use_cache=True)
         outputs.append(hidden)
         # the state each row feeds next: its output at its last live slot in this call, if it had one
         newest = hidden[rows_flat, call.newest]
@@ -178,11 +232,14 @@ def stage2_loss(model, batch: dict, always_run_vision: bool = False, min_segment
         "token_embed_norm": _ordinary_embed_norm(embeds, batch, _pad_mask(physical.shape, rows, device)),
         "latent_steps": float(n_fed),
         "decoder_calls": float(len(plan)),
+        "fed_sum": fed_sum,
+        "fed_count": n_fed,
     }
     return Stage2Output(loss=ce, ce=ce, stats=stats)
 
 
-def naive_stage2_loss(model, batch: dict, always_run_vision: bool = False) -> Stage2Output:
+def naive_stage2_loss(model, batch: dict, always_run_vision: bool = False,
+                      latent_norm: "float | None" = None) -> Stage2Output:
     """Reference: for the i-th pad of every row in turn, re-run the whole sequence (no cache) and write the
     hidden state at the position before it into that pad; then one last pass for CE. n_max + 1 full passes."""
     _check_batch(model, batch, uses_cache=False)
@@ -198,7 +255,7 @@ def naive_stage2_loss(model, batch: dict, always_run_vision: bool = False) -> St
         c = torch.tensor([p[i] for p in pads if i < len(p)], device=x.device)
         fed = hidden[r, c - 1]
         fed_norms.append(fed.detach().norm(dim=-1))
-        x = x.index_put((r, c), fed)
+        x = x.index_put((r, c), rescale(fed, latent_norm))
     hidden, _ = run_decoder(model, x, positions, mask)
     ce = _text_ce(model, hidden, batch["labels"])
     fed = torch.cat(fed_norms) if fed_norms else embeds.new_zeros(0)

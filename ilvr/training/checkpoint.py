@@ -11,27 +11,42 @@ Layout (under `<output_dir>/checkpoints/`):
       processor/           the processor, when the manager was given one (for ilvr-export)
       trainer.json         rank 0: step, world_size, and the caller's extra_state (epoch, run id, config, ...)
       rank<r>.json         rank r: its RNG states and the caller's rank_state (loader position, ...)
-      COMPLETE             written last: a directory without it is never loaded
+      COMPLETE             written last, with a sha256 per file: a directory without it is never loaded
 
-Crash safety: all is written into `step-<N>.tmp/`; after every rank has finished (barrier)
-rank 0 fsyncs the files, writes COMPLETE, renames the dir to `step-<N>`, then replaces
-`latest` (temp file + os.replace). A crash before the rename leaves a `.tmp` dir (ignored,
-removed by the next save); after it, `latest` still names the previous, complete checkpoint.
+Crash safety: all is written into `step-<N>.tmp-<job>/`; after every rank has finished (barrier)
+the ranks hash the files, rank 0 fsyncs them, writes COMPLETE, renames the dir to `step-<N>`,
+then replaces `latest` (temp file + os.replace). A crash before the rename leaves a `.tmp-<job>`
+dir (ignored, removed by the next save); after it, `latest` still names the previous, complete
+checkpoint.
 Old checkpoints are renamed to `.trash-*` before removal: a half-deleted one never looks complete.
 
-Our files are JSON only (never pickle). DeepSpeed reads its own files with its torch loader,
-unpickling (weights_only off, hard-coded in 0.19, no option): resume only from checkpoints you trust.
+Hostile files (docs/reliability.md): nothing is ever unpickled. Our files are JSON; DeepSpeed
+0.19 calls torch.load(weights_only=False) on its own, so every load we trigger runs inside
+`weights_only_loading()` (TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 + an allow-list of the few DeepSpeed
+classes its files hold). COMPLETE records a sha256 per file (`{"format": 2, "sha256": {...}}`);
+`verify_checkpoint` checks them and dry-loads every pickle weights-only before anything is loaded,
+naming the file that fails. COMPLETE files written before the hashes ("ok") are accepted with a
+warning (still weights-only). `--resume auto` skips checkpoints that fail (logged) for the newest
+that verifies; an explicit checkpoint that fails is an error. Temporary dirs are named per job
+(`step-<N>.tmp-<host>-<pid>`); only the holder of `<output_dir>/.lock` (`lock_output_dir`, one
+job per output dir) removes other jobs' leftovers.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
+import hashlib
 import importlib.util
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +58,23 @@ DS_TAG = "ds"
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 TRAINER_FILE = "trainer.json"
+LOCK_FILE = ".lock"
+MANIFEST_FORMAT = 2  # COMPLETE as JSON with a sha256 per file; before: the text "ok"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")  # files torch.load may be pointed at
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_LEFTOVER = re.compile(r"^(step-\d+\.tmp(-.*)?|\.trash-.*)$")  # crashed saves, half-removed checkpoints
+_FORCE, _FORCE_NO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that must not be loaded (changed, truncated, or holding pickled code); names the file."""
+
+
+class OutputDirBusy(RuntimeError):
+    """Another live job holds `<output_dir>/.lock`; the message names it."""
+
+
+# ----------------------------------------------------------------------------- RNG state
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -85,6 +116,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         log.warning("%d CUDA RNG states saved, %d devices here: not restored", len(cuda), torch.cuda.device_count())
 
 
+# ----------------------------------------------------------------------------- collectives
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -98,13 +132,38 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def _device() -> torch.device:
+    nccl = _distributed() and torch.distributed.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
 def _all_true(flag: bool) -> bool:
     """True on every rank iff `flag` is true on every rank (so all ranks take the same branch)."""
     t = torch.tensor([0 if flag else 1], dtype=torch.int64)
     if _distributed():
-        t = t.cuda() if torch.distributed.get_backend() == "nccl" else t
+        t = t.to(_device())
         torch.distributed.all_reduce(t)
     return int(t.item()) == 0
+
+
+def _all_gather_json(obj) -> list:
+    """Every rank's JSON-serialisable `obj`, in rank order ([obj] alone); JSON bytes, never pickle."""
+    if not _distributed():
+        return [obj]
+    dist, device = torch.distributed, _device()
+    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(buffers, padded)
+    return [json.loads(bytes(b[:int(n)].cpu().tolist()).decode("utf-8")) for b, n in zip(buffers, sizes)]
+
+
+# ----------------------------------------------------------------------------- files
 
 
 def _fsync_path(path: str) -> None:
@@ -133,47 +192,353 @@ def _fsync_tree(root: str) -> None:
         _fsync_path(dirpath)
 
 
+def _payload_files(root: str) -> list[str]:
+    """Every file under `root` but COMPLETE, as sorted relative paths (symlinks included, to be refused)."""
+    out = []
+    for dirpath, _, files in os.walk(root):
+        out += [os.path.relpath(os.path.join(dirpath, name), root) for name in files]
+    return sorted(p for p in out if p != COMPLETE)
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):  # python 3.10 has no hashlib.file_digest
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- never unpickle
+
+
+def deepspeed_checkpoint_types() -> list[type]:
+    """The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors and containers.
+
+    Found by loading real checkpoints (ZeRO 0/1/2/3, fp32/bf16/fp16, 1-2 ranks) with weights_only=True:
+    the ZeRO stage enum, the static and dynamic loss scalers, ZeRO-1/2 fragment addresses. Unpickling
+    them only sets attributes (an enum lookup, dataclass fields): no code of the file's choosing runs.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Inside: every torch.load is weights-only, whatever its caller passes (DeepSpeed passes
+    weights_only=False), and accepts tensors, containers and `deepspeed_checkpoint_types()` only.
+    The environment and torch's allow-list are restored on exit."""
+    saved = {k: os.environ.get(k) for k in (_FORCE, _FORCE_NO)}
+    os.environ[_FORCE] = "1"
+    os.environ.pop(_FORCE_NO, None)  # torch refuses to load when both are set
+    added = [t for t in deepspeed_checkpoint_types() if t not in torch.serialization.get_safe_globals()]
+    try:
+        with torch.serialization.safe_globals(added):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _refusal(e: BaseException) -> str:
+    """The useful sentence of torch's weights-only error (it is long and tells you to unpickle)."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
+    return (m.group(1) if m else text.strip().splitlines()[0] if text.strip() else type(e).__name__)[:300]
+
+
+def _check_pickle(path: str) -> str | None:
+    """Dry-load one torch file weights-only (mmap: tensor data is not read); the problem, or None."""
+    try:
+        with weights_only_loading():
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 -- anything that does not load weights-only is refused
+        return (f"{path}: refused by weights-only loading ({_refusal(e)}); it may hold pickled code "
+                "and is never unpickled")
+    return None
+
+
+def _check_safetensors(path: str) -> str | None:
+    """A safetensors file's header must parse and its data must end exactly at the end of the file."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"the header describes {8 + n + end} bytes, the file has {size}")
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        return f"{path}: unreadable safetensors file ({e}); truncated or damaged"
+    return None
+
+
+def _check_file(root: str, rel: str, hashes: dict | None) -> str | None:
+    """The problem with one file of a checkpoint (hash first, then its format), or None."""
+    path = os.path.join(root, rel)
+    if os.path.islink(path) or not os.path.isfile(path):
+        return f"{path}: missing or not a regular file (checkpoints hold plain files only)"
+    if hashes is not None:
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            return f"{path}: unreadable ({e})"
+        if digest != hashes[rel]:
+            return (f"{path}: sha256 {digest[:16]}... differs from the {str(hashes[rel])[:16]}... recorded in "
+                    f"{COMPLETE} when it was saved (changed, truncated or replaced since)")
+    if rel.endswith(PICKLE_SUFFIXES):
+        return _check_pickle(path)
+    if rel.endswith(".safetensors"):
+        return _check_safetensors(path)
+    return None
+
+
+def recorded_hashes(path: str) -> dict[str, str] | None:
+    """{relative path: sha256} from `<path>/COMPLETE`; None for a checkpoint saved before hashes ("ok")."""
+    marker = os.path.join(path, COMPLETE)
+    try:
+        with open(marker, "rb") as f:
+            raw = f.read(64 << 20)
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{marker}: unreadable ({e})") from None
+    if text.strip() == "ok":
+        return None
+    try:
+        data = json.loads(text)
+        hashes = data["sha256"]
+        if data.get("format") != MANIFEST_FORMAT or not isinstance(hashes, dict):
+            raise ValueError("unknown format")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{marker}: not a COMPLETE marker this version writes ({e})") from None
+    for rel, digest in hashes.items():
+        inside = not os.path.isabs(rel) and ".." not in rel.split(os.sep) and rel != COMPLETE
+        if not (inside and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise CheckpointError(f"{marker}: bad entry {rel!r}: {digest!r}")
+    return hashes
+
+
+def _plan(path: str) -> dict:
+    """What verify_checkpoint checks: the files, their hashes, and problems with the marker itself."""
+    if not is_complete(path):
+        return {"files": [], "hashes": None, "problems": [f"{path}: not a complete checkpoint (no {COMPLETE})"]}
+    try:
+        hashes = recorded_hashes(path)
+    except CheckpointError as e:
+        return {"files": [], "hashes": None, "problems": [str(e)]}
+    present = _payload_files(path)
+    files = sorted(hashes) if hashes is not None else present
+    extra = [] if hashes is None else sorted(set(present) - set(hashes))
+    problems = [f"{os.path.join(path, rel)}: not recorded in {COMPLETE} (added after the save)" for rel in extra]
+    return {"files": files, "hashes": hashes, "problems": problems}
+
+
+def verify_checkpoint(path: str, collective: bool = False) -> None:
+    """Raise CheckpointError naming each bad file unless checkpoint `path` is safe to load: every file
+    matches the sha256 recorded in COMPLETE (no file added), every torch file loads weights-only with
+    the allow-list, every safetensors file is whole. Checkpoints saved before hashes were recorded
+    get the format checks only (warning). `collective`: every rank calls it, the files are split
+    over the ranks and all ranks get the same answer."""
+    rank, world = _rank_world() if collective else (0, 1)
+    plan = _plan(path) if rank == 0 else None
+    if collective:
+        plan = _all_gather_json(plan)[0]  # rank 0's view: every rank decides alike
+    files = [] if plan["problems"] else plan["files"][rank::world]  # a bad marker: nothing else to check
+    problems = list(plan["problems"]) if rank == 0 else []
+    problems += [p for p in (_check_file(path, rel, plan["hashes"]) for rel in files) if p]
+    if collective:
+        problems = [p for part in _all_gather_json(problems) for p in part]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is not safe to load:\n  - " + "\n  - ".join(problems[:10])
+                              + "\nIt was changed or damaged after it was saved: resume from another "
+                              "checkpoint (--resume auto picks the newest that verifies) or re-save it.")
+    if plan["hashes"] is None and rank == 0:
+        log.warning("%s was saved before per-file hashes were recorded: its files are not checked against "
+                    "tampering or truncation (loading is still weights-only)", path)
+
+
+# ----------------------------------------------------------------------------- one job per output dir
+
+_HELD: dict[str, int] = {}  # realpath of an output dir -> the open, flock'ed lock file (kept for the process life)
+
+
+def _lock_holder() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
+        job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
+        return f"pid {holder['pid']} on {holder['host']}{job}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "a process that has not recorded itself yet"
+
+
+def holds_lock(output_dir: str) -> bool:
+    """Whether this process holds `<output_dir>/.lock`."""
+    return os.path.realpath(output_dir) in _HELD
+
+
+def lock_output_dir(output_dir: str) -> str:
+    """Take `<output_dir>/.lock` (flock, exclusive, non-blocking) for the rest of this process's life and
+    record the holder (host, pid, start time) in it; raise OutputDirBusy naming the holder if another
+    process has it. The OS releases it when the process ends, however it ends."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    if holds_lock(output_dir):
+        return path
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _describe_holder(fd)
+        os.close(fd)
+        raise OutputDirBusy(f"train.output_dir={output_dir!r} is in use by another job ({holder}; lock file "
+                            f"{path}). Two jobs in one output dir overwrite each other's checkpoints and "
+                            "metrics: wait for it to end, stop it, or choose another train.output_dir") from None
+    except OSError as e:
+        os.close(fd)
+        raise OutputDirBusy(f"cannot lock {path} ({e}); the file system must support flock") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(_lock_holder()) + "\n").encode("utf-8"), 0)
+    os.fsync(fd)
+    _HELD[os.path.realpath(output_dir)] = fd
+    return path
+
+
+def claim_output_dir(output_dir: str) -> None:
+    """Collective: rank 0 takes the output dir's lock and every rank learns the outcome, so on a refusal
+    all ranks raise OutputDirBusy with rank 0's message (none waits for the others)."""
+    rank, _ = _rank_world()
+    error = None
+    if rank == 0:
+        try:
+            lock_output_dir(output_dir)
+        except OutputDirBusy as e:
+            error = str(e)
+        except OSError as e:
+            error = f"cannot create the lock in train.output_dir={output_dir!r}: {e}"
+    error = _all_gather_json(error)[0]
+    if error:
+        raise OutputDirBusy(error)
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+
+
 def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE))
+
+
+def _is_step_dir(root: str, name: str) -> bool:
+    """A complete step-<N> directory that really lies in `root` (a symlink pointing elsewhere is not)."""
+    path = os.path.join(root, name)
+    return bool(_STEP_DIR.match(name)) and not os.path.islink(path) and os.path.isdir(path) and is_complete(path)
 
 
 def _complete_steps(ckpt_root: str) -> list[str]:
     """Complete `step-<N>` directories, oldest first."""
     names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
     steps = sorted(int(m.group(1)) for m in map(_STEP_DIR.match, names) if m)
-    return [p for p in (os.path.join(ckpt_root, f"step-{n}") for n in steps) if is_complete(p)]
+    return [os.path.join(ckpt_root, f"step-{n}") for n in steps if _is_step_dir(ckpt_root, f"step-{n}")]
+
+
+def _pointed(root: str) -> str | None:
+    """The checkpoint `<root>/latest` names, or None when it is missing or anything but a short UTF-8 file
+    naming a complete step-<N> dir inside root (the caller then scans the step-<N> dirs)."""
+    path = os.path.join(root, LATEST)
+    if not os.path.lexists(path):
+        return None
+    try:
+        if not os.path.isfile(path):
+            raise OSError("not a regular file")
+        with open(path, "rb") as f:
+            name = f.read(256).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("%s is unreadable (%s): using the newest complete checkpoint", path, e)
+        return None
+    if _is_step_dir(root, name):
+        return os.path.join(root, name)
+    log.warning("%s names %r, not a complete checkpoint in %s: using the newest complete one", path, name[:80], root)
+    return None
+
+
+def _candidates(output_dir: str) -> list[str]:
+    """Checkpoints to resume from, best first: the one `latest` names, then complete ones, newest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    named = _pointed(root)
+    rest = [p for p in reversed(_complete_steps(root)) if p != named]
+    return ([named] if named else []) + rest
 
 
 def latest(output_dir: str) -> str | None:
     """The checkpoint to resume from: the one `latest` names if complete, else the newest complete one."""
-    root = os.path.join(output_dir, "checkpoints")
-    try:
-        with open(os.path.join(root, LATEST), encoding="utf-8") as f:
-            name = f.read().strip()
-        if _STEP_DIR.match(name) and is_complete(os.path.join(root, name)):
-            return os.path.join(root, name)
-        log.warning("%s/latest names %r, not a complete checkpoint: using the newest complete one", root, name)
-    except FileNotFoundError:
-        pass
-    steps = _complete_steps(root)
-    return steps[-1] if steps else None
+    found = _candidates(output_dir)
+    return found[0] if found else None
 
 
-def resolve_resume(arg: str | None, output_dir: str) -> str | None:
-    """The checkpoint to load for `train.resume`: "never"/"" -> None; "auto" -> latest(output_dir) (None if
-    there is none); a path -> that complete checkpoint, or the latest one of a run directory at that path."""
+def newest_verified(output_dir: str, collective: bool = False) -> str | None:
+    """The best checkpoint of a run dir that passes verify_checkpoint; the ones skipped are logged with the
+    reason. None when the run has none; CheckpointError when it has some and none verifies."""
+    candidates = _candidates(output_dir)
+    if collective:
+        candidates = _all_gather_json(candidates)[0]
+    main = _rank_world()[0] == 0 or not collective
+    skipped = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path, collective)
+        except CheckpointError as e:
+            if main:
+                log.warning("resume: skipping %s: %s", path, e)
+            skipped.append(path)
+            continue
+        if skipped and main:
+            log.warning("resume: using %s, the newest checkpoint that verifies (skipped: %s)", path,
+                        ", ".join(skipped))
+        return path
+    if skipped:
+        raise CheckpointError(f"no checkpoint of {output_dir} is safe to load (skipped {', '.join(skipped)}; "
+                              "reasons in the log): restore them, or pass --resume never to start over")
+    return None
+
+
+def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -> str | None:
+    """The checkpoint to load for `train.resume`, verified (verify_checkpoint): "never"/"" -> None; "auto" ->
+    the newest checkpoint of output_dir that verifies (None if it has none); a checkpoint path -> that
+    checkpoint (CheckpointError naming the file if it fails); a run dir -> its newest that verifies.
+    `collective`: every rank calls it and gets the same answer."""
     if arg in (None, "", "never"):
         return None
     if arg == "auto":
-        return latest(output_dir)
+        return newest_verified(output_dir, collective)
     if is_complete(arg):
+        verify_checkpoint(arg, collective)
         return arg
     if os.path.isdir(os.path.join(arg, "checkpoints")):
-        found = latest(arg)
+        found = newest_verified(arg, collective)
         if found:
             return found
     raise FileNotFoundError(f"resume={arg!r}: not a complete checkpoint (a step-<N> dir with {COMPLETE}) "
                             "nor a run directory with one; use 'auto', 'never' or such a path")
+
+
+# ----------------------------------------------------------------------------- saving and loading
+
+
+def _job_tag() -> str:
+    """This job, for names of its temporary dirs: rank 0's host and pid (file-name safe)."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
+    return _all_gather_json(f"{host}-{os.getpid()}")[0]
 
 
 class CheckpointManager:
@@ -188,6 +553,7 @@ class CheckpointManager:
         self.root = os.path.join(output_dir, "checkpoints")
         self.keep_last = keep_last
         self.processor = processor
+        self._tag: str | None = None  # this job's, set at the first save (collective)
 
     def save(self, engine, step: int, extra_state: dict | None = None, rank_state: dict | None = None,
              save_teacher: Callable[[str], None] | None = None) -> str:
@@ -198,7 +564,6 @@ class CheckpointManager:
         """
         rank, world = _rank_world()
         final = os.path.join(self.root, f"step-{step}")
-        tmp = final + ".tmp"
         trainer_json = None  # stays None if either state is not JSON
         try:
             rank_json = json.dumps({"rank": rank, "world_size": world, "step": step, "rng": rng_state(),
@@ -208,16 +573,20 @@ class CheckpointManager:
             log.error("checkpoint state is not JSON-serialisable: %s", e)
         if not _all_true(trainer_json is not None):
             raise TypeError("extra_state / rank_state must be JSON-serialisable (see the log of the failing rank)")
+        if self._tag is None:
+            self._tag = _job_tag()
+        tmp = f"{final}.tmp-{self._tag}"  # per job: no other process ever touches it
 
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step
+            shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step by this job
             os.makedirs(tmp)
         _barrier()
         self._write_payload(engine, tmp, rank, rank_json, trainer_json, save_teacher)
         _barrier()
+        hashes = self._hash_payload(tmp, rank, world)
         if rank == 0:
-            self._commit(tmp, final)
+            self._commit(tmp, final, hashes)
         _barrier()
         if rank == 0:
             self._prune()
@@ -239,19 +608,37 @@ class CheckpointManager:
                 self.processor.save_pretrained(os.path.join(tmp, "processor"))
             write_text_atomic(os.path.join(tmp, TRAINER_FILE), trainer_json)
 
-    def _commit(self, tmp: str, final: str) -> None:
-        """Rank 0, after every rank wrote: fsync, COMPLETE, rename into place, point `latest` at it."""
+    @staticmethod
+    def _hash_payload(tmp: str, rank: int, world: int) -> dict[str, str]:
+        """sha256 of every file (collective: rank 0 lists them, each rank hashes its share)."""
+        files = _all_gather_json(_payload_files(tmp) if rank == 0 else [])[0]
+        mine = {rel: sha256_file(os.path.join(tmp, rel)) for rel in files[rank::world]}
+        return {rel: digest for part in _all_gather_json(mine) for rel, digest in part.items()}
+
+    def _commit(self, tmp: str, final: str, hashes: dict[str, str]) -> None:
+        """Rank 0, after every rank wrote: fsync, COMPLETE (with the hashes), rename into place, point `latest`."""
         _fsync_tree(tmp)
-        write_text_atomic(os.path.join(tmp, COMPLETE), "ok\n")
+        write_text_atomic(os.path.join(tmp, COMPLETE),
+                          json.dumps({"format": MANIFEST_FORMAT, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
         if os.path.exists(final):  # the same step saved again (e.g. a signal right after a save)
             os.replace(final, self._trash_name(final))
         os.replace(tmp, final)
         _fsync_path(self.root)
-        write_text_atomic(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+        pointer = os.path.join(self.root, LATEST)
+        if os.path.isdir(pointer) and not os.path.islink(pointer):  # a bad pointer that no file can replace
+            os.replace(pointer, self._trash_name(pointer))
+        write_text_atomic(pointer, os.path.basename(final) + "\n")
         log.info("checkpoint saved: %s", final)
 
     def _trash_name(self, path: str) -> str:  # a name `latest()` and the pruner never take for a checkpoint
-        return os.path.join(self.root, f".trash-{os.path.basename(path)}-{os.getpid()}")
+        return os.path.join(self.root, f".trash-{os.path.basename(path)}-{self._tag or os.getpid()}")
+
+    def _removable_leftover(self, name: str) -> bool:
+        """A crashed save or half-removed checkpoint this process may delete: its own job's, or any when it
+        holds the output dir's lock (then no other job can be writing here)."""
+        if not _LEFTOVER.match(name) or not os.path.isdir(os.path.join(self.root, name)):
+            return False
+        return holds_lock(self.output_dir) or (self._tag is not None and name.endswith(f"-{self._tag}"))
 
     def _prune(self) -> None:
         """Remove checkpoints beyond keep_last (never the one `latest` names), crashed .tmp dirs, trash."""
@@ -259,10 +646,7 @@ class CheckpointManager:
         doomed = []
         if self.keep_last > 0:
             doomed = [p for p in _complete_steps(self.root)[:-self.keep_last] if p != current]
-        for name in os.listdir(self.root):
-            path = os.path.join(self.root, name)
-            if name.startswith(".trash-") or (name.endswith(".tmp") and os.path.isdir(path)):
-                doomed.append(path)
+        doomed += [os.path.join(self.root, n) for n in sorted(os.listdir(self.root)) if self._removable_leftover(n)]
         for path in doomed:  # renamed first (atomic): a half-deleted dir never looks complete
             trash = path if os.path.basename(path).startswith(".trash-") else self._trash_name(path)
             os.replace(path, trash)
@@ -270,23 +654,32 @@ class CheckpointManager:
             log.info("checkpoint removed: %s", path)
 
     def load(self, engine, path: str, load_teacher: Callable[[str], None] | None = None,
-             restore_rng: bool = True) -> tuple[dict, dict]:
+             restore_rng: bool = True, verify: bool = True) -> tuple[dict, dict]:
         """Load a complete checkpoint into `engine` (collective); return (trainer_state, rank_state).
 
         trainer_state: trainer.json (step, world_size, the saved extra_state); rank_state: this rank's
-        saved rank_state. RNG states are restored unless restore_rng=False. Pass a freshly built
-        engine: DeepSpeed cannot load ZeRO-3 state into one that has already run (its docs).
+        saved rank_state. RNG states are restored unless restore_rng=False. The checkpoint is verified
+        first (verify_checkpoint; verify=False when resolve_resume just did) and DeepSpeed reads it
+        weights-only. Pass a freshly built engine: DeepSpeed cannot load ZeRO-3 state into one that has
+        already run (its docs).
         """
         if not is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
+        if verify:
+            verify_checkpoint(path, collective=_distributed())
         with open(os.path.join(path, TRAINER_FILE), encoding="utf-8") as f:
             trainer_state = json.load(f)
         rank, world = _rank_world()
         if trainer_state.get("world_size", world) != world:  # ZeRO shards are not re-split here
             raise ValueError(f"{path} was saved by {trainer_state['world_size']} ranks, this run has {world}; "
                              "export it with ilvr-export and start a new run from the exported weights")
-        load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            with weights_only_loading():
+                load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=True,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{os.path.join(path, DS_TAG)}: a file there was refused by weights-only "
+                                  f"loading ({_refusal(e)}); it is never unpickled") from None
         if load_path is None:  # DeepSpeed only logs a warning
             raise RuntimeError(f"DeepSpeed could not load {path}/{DS_TAG}")
         if load_teacher is not None:

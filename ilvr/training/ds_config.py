@@ -27,20 +27,109 @@ class DeepSpeedConfigError(ValueError):
 
 
 def load_ds_config(ds: "dict | str | os.PathLike") -> dict:
-    """A private deep copy of a config dict, or the parsed JSON file."""
+    """A private deep copy of a config dict, or the parsed JSON file; its value types checked
+    (check_ds_types), so a typo fails here and not after the ranks have started."""
     if isinstance(ds, dict):
-        return copy.deepcopy(ds)
+        data = copy.deepcopy(ds)
+        check_ds_types(data, "the DeepSpeed config")
+        return data
     path = os.fspath(ds)
     if not os.path.isfile(path):
         raise DeepSpeedConfigError(f"DeepSpeed config {path!r} does not exist (see ds_configs/ for templates)")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
+            data = json.loads(f.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DeepSpeedConfigError(f"DeepSpeed config {path!r} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise DeepSpeedConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+    check_ds_types(data, f"DeepSpeed config {path!r}")
     return data
+
+
+# what DeepSpeed would otherwise reject with a raw traceback once every rank has started (or, worse, accept
+# and misread); "auto" is left to resolve_ds_config, which fills it or names it
+_MAPPINGS = ("zero_optimization", "optimizer", "optimizer.params", "scheduler", "scheduler.params", "bf16", "fp16",
+             "zero_optimization.offload_optimizer", "zero_optimization.offload_param")
+_COUNTS = {  # key path -> smallest allowed integer
+    "train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+    "steps_per_print": 1,
+    **{f"zero_optimization.{k}": 0 for k in (
+        "reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+        "stage3_param_persistence_threshold", "stage3_model_persistence_threshold",
+        "stage3_max_live_parameters", "stage3_max_reuse_distance")},
+    "zero_optimization.sub_group_size": 1,
+}
+_AUTO_COUNTS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                "zero_optimization.stage3_param_persistence_threshold"}  # the ones resolve_ds_config fills
+_NUMBERS = ("gradient_clipping", "optimizer.params.lr", "optimizer.params.weight_decay", "optimizer.params.eps")
+_BOOLS = ("bf16.enabled", "fp16.enabled", "wall_clock_breakdown", "zero_allow_untested_optimizer",
+          "zero_optimization.overlap_comm", "zero_optimization.contiguous_gradients",
+          "zero_optimization.stage3_gather_16bit_weights_on_model_save", "optimizer.params.torch_adam")
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_DEVICES = ("cpu", "nvme", "none")
+_MISSING = object()
+
+
+def _get(tree: dict, path: str) -> Any:
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _is_count(value: Any) -> bool:
+    """An integer (JSON 5e8 counts: DeepSpeed takes integral floats), not a bool."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+
+
+def _type_problems(tree: dict) -> list[str]:
+    problems = []
+    for path in _MAPPINGS:
+        value = _get(tree, path)
+        if value is not _MISSING and not isinstance(value, dict):
+            problems.append(f"{path}={value!r} must be a JSON object ({{...}}), e.g. \"{path.split('.')[-1]}\": {{}}")
+    stage = _get(tree, "zero_optimization.stage")
+    if stage is not _MISSING and (isinstance(stage, bool) or stage not in ZERO_STAGES or not isinstance(stage, int)):
+        problems.append(f"zero_optimization.stage={stage!r} must be the integer 0, 1, 2 or 3, "
+                        "e.g. \"stage\": 3 (no quotes, no words)")
+    for path, least in _COUNTS.items():
+        value = _get(tree, path)
+        if value is _MISSING or value == AUTO:
+            continue
+        if not _is_count(value) or value < least:
+            problems.append(f"{path}={value!r} must be an integer >= {least}" + (
+                " or \"auto\"" if path in _AUTO_COUNTS else ""))
+    for path in _NUMBERS:
+        value = _get(tree, path)
+        if value is _MISSING or value == AUTO:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            problems.append(f"{path}={value!r} must be a finite number >= 0 or \"auto\"")
+    for path in _BOOLS:
+        value = _get(tree, path)
+        if value is not _MISSING and value != AUTO and not isinstance(value, bool):
+            problems.append(f"{path}={value!r} must be true or false (JSON booleans, no quotes)")
+    for section in ("offload_optimizer", "offload_param"):
+        device = _get(tree, f"zero_optimization.{section}.device")
+        if device is not _MISSING and device not in OFFLOAD_DEVICES:
+            problems.append(f"zero_optimization.{section}.device={device!r} must be one of {list(OFFLOAD_DEVICES)}")
+    return problems
+
+
+
+def check_ds_types(tree: dict, source: str = "the DeepSpeed config") -> None:
+    """Raise DeepSpeedConfigError listing every key of `tree` whose value has the wrong type or range
+    (zero stage, sections that must be objects, counts, numbers, booleans, offload devices)."""
+    problems = _type_problems(tree)
+    if problems:
+        raise DeepSpeedConfigError(f"{source} has values DeepSpeed cannot use:\n  - " + "\n  - ".join(problems)
+                                   + "\nFix these keys (ds_configs/zero3.json shows working values).")
 
 
 def _same(a: Any, b: Any) -> bool:

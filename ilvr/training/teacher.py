@@ -29,24 +29,29 @@ from dataclasses import dataclass
 import torch
 
 FILE_PATTERN = "teacher_rank{rank}.safetensors"
-_UNSUPPORTED_ZERO = {"zero_hpz_partition_size": 1, "zero_quantized_weights": False,
-                     "zero_quantized_nontrainable_weights": False}
+# ZeRO++ features the teacher runs without (its primary partitions stay the student's): hpZ keeps a
+# secondary copy of the weights for backward gathers, which a teacher never runs and which a shard-local
+# EMA would leave stale; quantized weights change only how gathers travel. The student keeps them.
+_STUDENT_ONLY_ZERO = {"zero_hpz_partition_size": 1, "zero_quantized_weights": False,
+                      "zero_quantized_nontrainable_weights": False}
 
 
 def teacher_ds_config(student_config: dict) -> dict:
     """The teacher engine's DeepSpeed config: the student's partitioning and dtype, no optimizer or scheduler.
 
     ZeRO 1/2 partition only optimizer state, so a teacher without optimizer uses stage 0.
-    ZeRO++ secondary partitions / quantized weights and NVMe param offload are refused:
-    they keep other copies of the weights that a shard-local EMA would leave stale.
+    ZeRO++ (hpZ secondary partitions, quantized weights) is the student's alone: the teacher gets
+    the neutral values, so it keeps no second copy that a shard-local EMA would leave stale (its
+    primary partitions, which the EMA updates, are the student's either way). NVMe parameter
+    offload is refused: the teacher's shards would live in files the EMA does not update.
     """
     cfg = copy.deepcopy(student_config)
     for key in ("optimizer", "scheduler", "gradient_clipping"):
         cfg.pop(key, None)
     zero = cfg.get("zero_optimization", {})
-    for key, neutral in _UNSUPPORTED_ZERO.items():
-        if zero.get(key, neutral) != neutral:
-            raise ValueError(f"the momentum teacher does not support zero_optimization.{key}={zero[key]!r}")
+    for key, neutral in _STUDENT_ONLY_ZERO.items():
+        if key in zero:
+            zero[key] = neutral
     if zero.get("offload_param", {}).get("device") == "nvme":
         raise ValueError("the momentum teacher does not support NVMe parameter offload (use cpu or none)")
     zero.pop("offload_optimizer", None)
@@ -227,14 +232,23 @@ class MomentumTeacher:
         return path
 
     def load(self, directory: str, rank: int):
-        """Restore from `directory`/teacher_rank{rank}.safetensors (safetensors: nothing is unpickled)."""
+        """Restore from `directory`/teacher_rank{rank}.safetensors (safetensors: nothing is unpickled).
+        A damaged file is a CheckpointError naming it (resume normally catches it earlier, by its hash)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
+
+        from ilvr.training.checkpoint import CheckpointError
 
         path = os.path.join(directory, FILE_PATTERN.format(rank=rank))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no teacher state for rank {rank}: {path}")
         device = next(iter(self._buffers.values())).device if self._buffers else "cpu"
-        self.load_state_dict(load_file(path, device=str(device)))
+        try:
+            state = load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable teacher state ({e}); resume from an earlier "
+                                  "checkpoint") from None
+        self.load_state_dict(state)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full teacher weights on CPU, on every rank (collective: call it on all ranks; tests/export).

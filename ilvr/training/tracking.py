@@ -1,28 +1,40 @@
-"""MLflow tracking for training runs: rank 0 only, and never able to stop training.
+"""MLflow tracking for training runs: rank 0 only, and never able to stop, stall or silently lose.
 
     tracker = Tracker()                       # a no-op on ranks != 0
     run_id = tracker.start(cfg, "stage1-7b", resume_run_id=ckpt_meta.get("mlflow_run_id"))
-    tracker.log_metrics({"loss": 1.2}, step=10)
-    tracker.end("FINISHED")
+    tracker.log_metrics({"loss": 1.2}, step=10)   # queued: returns in microseconds
+    tracker.end("FINISHED")                   # waits (bounded) for the queue, then sets the status
 
 Store: MLFLOW_TRACKING_URI if set, else a SQLite DB in the output dir (no server needed). Like
 HF's MLflowCallback it honours MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID and MLFLOW_TAGS. A resumed
-run logs into the same MLflow run. When the store fails, one warning is logged, calls become
-no-ops, and a retry is tried now and then: a tracking outage must not cost a training job.
+run logs into the same MLflow run.
+
+start() talks to the store directly (it must return the run id). Every later call goes into a
+bounded queue that one background thread sends: a dead or frozen server costs the training
+ranks nothing. Failed sends stay queued and are retried with exponential backoff; past
+`max_pending` calls the oldest metric steps are dropped from memory and, when the server
+answers again, backfilled from `<output_dir>/metrics.jsonl` (the trainer's per-step log).
+end() waits at most `end_timeout_s`; whatever did not arrive (steps, the final status) is
+recorded in `<output_dir>/mlflow_run.json`, which a resume of the run or
+`python -m ilvr.training.tracking RUN_DIR --backfill` delivers later.
 """
 from __future__ import annotations
 
+import atexit
+import collections
+import functools
 import json
 import logging
 import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +42,10 @@ MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for params/tags in one log_batch
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAM_VALUE = 6000
 MAX_KEY = 250
+METRICS_FILE = "metrics.jsonl"  # written by the trainer on rank 0: {"step": N, ...metrics} per logged step
+STATE_FILE = "mlflow_run.json"  # run id, recorded status, whether it and all steps reached MLflow
+END_TIMEOUT_S = 30.0  # default; ILVR_MLFLOW_END_TIMEOUT_S overrides
+MAX_PENDING = 4096  # queued calls kept in memory (a metric step is ~1-2 KB)
 _SECRET = re.compile(r"pass(word|wd)|secret|api[_-]?key|access[_-]?key|credential|authorization"
                      r"|(^|[^a-z])token($|[^a-z])", re.I)  # "token" as a word: not max_new_tokens
 _BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
@@ -41,6 +57,13 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 def _env_int(name: str) -> "int | None":
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else None
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ[name])
+    except (KeyError, ValueError):
+        return default
 
 
 def redact_uri(uri: str) -> str:
@@ -59,6 +82,38 @@ def _clean(items: Mapping[str, Any], limit: int) -> dict[str, str]:
         for s in secrets:
             text = text.replace(s, "***")
         out[_BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]] = text[:limit]
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _metric_key(key: str) -> str:
+    return _BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]
+
+
+def _numbers(metrics: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(legal key, float) for numbers and 1-element tensors; other values are skipped."""
+    out = []
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out.append((_metric_key(key), float(value)))
+    return out
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """What MLflow can plot of a metrics.jsonl line: numbers as they are, a histogram (list) as one
+    fraction per bucket (`x_hist` -> `x_k1 .. x_kK`). The trainer's conversion: a backfill must match it."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                continue
+            total = sum(value) or 1
+            stem = key[:-len("_hist")] if key.endswith("_hist") else key
+            out.update({f"{stem}_k{j + 1}": v / total for j, v in enumerate(value)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
     return out
 
 
@@ -91,8 +146,9 @@ def run_tags(world_size: int) -> dict[str, Any]:
 
 def check_reachable(uri: str) -> None:
     """Fail fast on a server that is down: any HTTP answer counts as up (auth may guard /health)."""
+    url = re.sub(r"//[^/@]*@", "//", uri.rstrip("/")) + "/health"  # urllib cannot take user:password@
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).close()
+        urllib.request.urlopen(url, timeout=5).close()
     except urllib.error.HTTPError:
         pass
     except (urllib.error.URLError, OSError) as e:
@@ -105,6 +161,8 @@ def prepare_server(uri: "str | None", check: bool = True) -> None:
         return
     for k, v in HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
+    if redact_uri(uri) != uri:  # MLflow prints run links with the URI's user:password@ to stdout
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if check:
         check_reachable(uri)
 
@@ -118,12 +176,138 @@ def local_artifact_location(uri: str) -> "str | None":
     return Path(os.path.dirname(os.path.abspath(db)), "mlartifacts").as_uri()
 
 
+# ---------------------------------------------------------------------- metrics.jsonl and the state file
+def _write_atomic(path: str, text: str) -> None:
+    """Readers (and a crash) see the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _parse_line(line: str) -> "dict | None":
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
+    return row if ok else None
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """On resume: keep the lines with step <= `step` (steps past the checkpoint are trained again and
+    would appear twice) and drop torn or foreign lines; atomic. Returns the number of lines dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    keep = [line for line in lines if (row := _parse_line(line)) is not None and row["step"] <= step]
+    if len(keep) != len(lines):
+        _write_atomic(path, "".join(line + "\n" for line in keep))
+        logger.info("%s: dropped %d lines past step %d (or unreadable)", path, len(lines) - len(keep), step)
+    return len(lines) - len(keep)
+
+
+def read_metrics(path: str, lo: int = 0, hi: "int | None" = None) -> dict[int, list[tuple[str, float]]]:
+    """Step -> numbers of the lines with lo <= step <= hi (the last line of a step wins); bad lines skipped."""
+    out: dict[int, list[tuple[str, float]]] = {}
+    if not os.path.isfile(path):
+        return out
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            row = _parse_line(line)
+            if row is not None and lo <= row["step"] and (hi is None or row["step"] <= hi):
+                step = row.pop("step")
+                out[step] = _numbers(scalar_metrics(row))
+    return out
+
+
+def last_step(path: str) -> "int | None":
+    """The step of the last complete line (read from the file's tail)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - 65536))
+        lines = f.read().decode("utf-8", "replace").splitlines()
+    for line in reversed(lines):
+        row = _parse_line(line)
+        if row is not None:
+            return row["step"]
+    return None
+
+
+def backfill_metrics(client, run_id: str, path: str, lo: int = 0, hi: "int | None" = None) -> int:
+    """Log the steps of metrics.jsonl in [lo, hi] that the run lacks; returns how many steps were sent.
+
+    A step counts as present when its first key (sorted) has a point at that step: our batches hold
+    whole steps, so one history query per distinct first key is enough (usually one)."""
+    from mlflow.entities import Metric
+
+    rows = {s: sorted(v) for s, v in read_metrics(path, lo, hi).items() if v}
+    probes = {v[0][0] for v in rows.values()}
+    have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in probes}
+    missing = [(s, v) for s, v in sorted(rows.items()) if s not in have[v[0][0]]]
+    now = int(time.time() * 1000)
+    batch: list = []
+    for step, values in missing:
+        if batch and len(batch) + len(values) > MAX_METRICS_PER_BATCH:
+            client.log_batch(run_id, metrics=batch)
+            batch = []
+        batch += [Metric(k, v, now, step) for k, v in values[:MAX_METRICS_PER_BATCH]]
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+    return len(missing)
+
+
+def read_state(output_dir: str) -> "dict | None":
+    try:
+        with open(os.path.join(output_dir, STATE_FILE), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("run_id") else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _permanent(err: BaseException) -> bool:
+    """Errors a retry cannot fix: a 4xx answer (but 429), a missing file, a bad value."""
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
+                        ValueError, TypeError)):
+        return True
+    status = getattr(err, "get_http_status_code", None)
+    if callable(status):
+        code = status()
+        return 400 <= code < 500 and code != 429
+    return False
+
+
+class _Call:
+    """One queued call: a metric step (kind "metrics", coalesced with its neighbours) or a closure."""
+    __slots__ = ("kind", "step", "stamp", "data")
+
+    def __init__(self, kind: str, data, step: "int | None" = None):
+        self.kind, self.data, self.step, self.stamp = kind, data, step, int(time.time() * 1000)
+
+
 class Tracker:
     """An MLflow run on rank 0; on other ranks (or with enabled=False) every method does nothing."""
 
     def __init__(self, rank: "int | None" = None, world_size: "int | None" = None, output_dir: "str | None" = None,
-                 enabled: bool = True, retry_after_s: float = 300.0, tracking_uri: "str | None" = None,
-                 experiment: "str | None" = None, attach_env_run: bool = True):
+                 enabled: bool = True, retry_after_s: float = 60.0, tracking_uri: "str | None" = None,
+                 experiment: "str | None" = None, attach_env_run: bool = True,
+                 end_timeout_s: "float | None" = None, max_pending: int = MAX_PENDING,
+                 end_on_exit: "str | None" = None):
         if rank is None:
             rank = _env_int("RANK") if _env_int("RANK") is not None else (_env_int("SLURM_PROCID") or 0)
         self.rank = rank
@@ -135,29 +319,58 @@ class Tracker:
         self.tracking_uri = tracking_uri  # default: MLFLOW_TRACKING_URI, else sqlite in output_dir
         self.experiment = experiment  # default: MLFLOW_EXPERIMENT_NAME, else "ilvr"
         self.attach_env_run = attach_env_run  # False for runs that must not log into MLFLOW_RUN_ID (evaluation)
-        self.dropped = 0  # calls skipped while the store was failing
-        self._retry_after = retry_after_s
-        self._retry_at = 0.0  # monotonic time before which calls are skipped
-        self._warned = False
+        self.end_timeout_s = end_timeout_s if end_timeout_s is not None else \
+            _env_float("ILVR_MLFLOW_END_TIMEOUT_S", END_TIMEOUT_S)
+        self.max_pending = max(1, max_pending)
+        self.end_on_exit = end_on_exit  # status set if the process exits without end() (None: leave the run open)
+        self.lost = 0  # calls given up: a permanent error, or dropped with nothing to backfill them from
+        self.overflowed = 0  # metric steps dropped from the full queue (backfilled from metrics.jsonl)
+        self.backfilled = 0  # steps sent from metrics.jsonl
+        self._max_backoff = max(retry_after_s, 0.01)
+        self._backoff = min(1.0, self._max_backoff)
+        self._retry_at = 0.0  # monotonic time before which the sender does not try again
+        self._down_since: "float | None" = None
+        self._warned: set[str] = set()
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._inflight: list[_Call] = []
+        self._inflight_gap: "list | None" = None
+        self._gap: "list | None" = None  # [lo, hi, count] of metric steps to backfill from metrics.jsonl
+        self._split = 0  # send the next n calls one by one (a coalesced batch was refused)
+        self._thread: "threading.Thread | None" = None
+        self._closing = False  # end() is waiting: retry sooner
+        self._stop = False
+        self._end_delivered = False
 
-    def _fail(self, what: str, err: BaseException) -> None:
-        self.dropped += 1
-        self._retry_at = time.monotonic() + self._retry_after
-        self._retry_after = min(2 * self._retry_after, 3600.0)
-        if not self._warned:
-            self._warned = True
-            msg = redact_uri(f"{type(err).__name__}: {err}")[:500]
-            logger.warning("MLflow tracking failed (%s): %s. Training goes on; tracking calls are skipped "
-                           "and retried later.", what, msg)
+    # ------------------------------------------------------------------ warnings
+    def _warn(self, what: str, err: BaseException, tail: str) -> None:
+        msg = redact_uri(f"{type(err).__name__}: {err}")[:500]
+        logger.warning("MLflow tracking failed (%s): %s. %s", what, msg, tail)
+
+    def _fail_start(self, what: str, err: BaseException) -> None:
+        self.lost += 1
+        if what not in self._warned:
+            self._warned.add(what)
+            self._warn(what, err, "Training goes on without tracking.")
+
+    @property
+    def dropped(self) -> int:
+        """Calls that did not reach MLflow. Waits (at most end_timeout_s) for queued calls to be tried,
+        so a caller can choose the end status from it."""
+        if self._thread is not None and not self._stop:
+            self.flush(self.end_timeout_s)
+        with self._cond:
+            return self.lost + self._pending_steps() + sum(c.kind != "metrics" for c in [*self._queue, *self._inflight])
+
+    def _pending_steps(self) -> int:
+        calls = list(self._queue) + self._inflight
+        gaps = (self._gap, self._inflight_gap)
+        return sum(c.kind == "metrics" for c in calls) + sum(g[2] for g in gaps if g)
 
     def _ready(self) -> bool:
-        if not (self.active and self.run_id):
-            return False
-        if time.monotonic() < self._retry_at:
-            self.dropped += 1
-            return False
-        return True
+        return bool(self.active and self.run_id)
 
+    # ------------------------------------------------------------------ start / attach / end
     def start(self, config, run_name: "str | None" = None, resume_run_id: "str | None" = None,
               tags: "Mapping[str, Any] | None" = None, world_size: "int | None" = None) -> "str | None":
         """Create (or reattach to) the run and log the flattened config; returns the run id or None."""
@@ -167,18 +380,19 @@ class Tracker:
         try:
             self._start(config, run_name, resume_run_id, dict(tags or {}))
         except Exception as e:  # any store error: train without tracking
-            self._fail("start", e)
+            self._fail_start("start", e)
             self.run_id = None
             self.active = False
             return None
         self.log_params(config)
+        self._launch()
         return self.run_id
 
     def _start(self, config, run_name, resume_run_id, tags) -> None:
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
-        output_dir = os.path.abspath(self.output_dir or config.train.output_dir)
+        self.output_dir = output_dir = os.path.abspath(self.output_dir or config.train.output_dir)
         uri = self.tracking_uri = (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                    or f"sqlite:///{output_dir}/mlflow.db")
         artifact_location = local_artifact_location(uri)
@@ -194,9 +408,10 @@ class Tracker:
         if run_id:
             try:
                 client.get_run(run_id)
-                client.update_run(run_id, status="RUNNING")
+                client.update_run(run_id, status="RUNNING")  # also a run left RUNNING by a process that died
                 self.run_id = run_id
                 self.set_tags({**tags, "resumed": "true"})
+                self._resume_backfill()
                 logger.info("MLflow: resumed run %s at %s", run_id, redact_uri(uri))
                 return
             except MlflowException as e:
@@ -213,6 +428,22 @@ class Tracker:
         self.run_id = client.create_run(exp_id, run_name=run_name, tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
         logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, redact_uri(uri))
 
+    def _resume_backfill(self) -> None:
+        """The previous process of this run died or ended with steps undelivered: backfill them (up to
+        the resumed step, the last line of metrics.jsonl now) once the sender runs."""
+        state = read_state(self.output_dir)
+        if not state or state.get("run_id") != self.run_id:
+            return
+        if state.get("status") != "RUNNING" and state.get("status_delivered") and not state.get("undelivered_steps"):
+            return
+        path = os.path.join(self.output_dir, METRICS_FILE)
+        try:
+            hi, lo = last_step(path), int(state.get("undelivered_from") or 0)
+            if hi is not None:
+                self._gap = [lo, hi, len(read_metrics(path, lo, hi))]
+        except (OSError, ValueError, TypeError) as e:
+            logger.warning("MLflow: cannot read %s to backfill the previous process's steps: %s", path, e)
+
     def attach(self, run_id: str) -> None:
         """Log into an existing run (a sweep's parent) as it is: no new run, no status or tag change."""
         if not self.active:
@@ -226,71 +457,259 @@ class Tracker:
             self.client.get_run(run_id)
             self.run_id = run_id
         except Exception as e:
-            self._fail("attach", e)
+            self._fail_start("attach", e)
+            return
+        self._launch(write_state=False)
+
+    def _launch(self, write_state: bool = True) -> None:
+        """The sender thread; the state file says RUNNING (a process that dies leaves it so)."""
+        if write_state:
+            self._save_state("RUNNING", True, 0)
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """The process exits without end(): deliver what is queued (bounded), and set end_on_exit if given."""
+        if self.end_on_exit and self._ready():
+            logger.warning("MLflow: the process exits without ending run %s; marking it %s",
+                           self.run_id, self.end_on_exit)
+            self.end(self.end_on_exit)
+        elif self._ready():
+            self.flush(self.end_timeout_s)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Mark the run FINISHED / FAILED / KILLED; a preempted run can be resumed into later."""
-        if not (self.active and self.run_id):  # tried even while backing off: leave no run RUNNING
+        """Mark the run FINISHED / FAILED / KILLED after the queued calls, waiting at most end_timeout_s;
+        what did not arrive is recorded in mlflow_run.json for a resume or a --backfill."""
+        if not self._ready():
             return
-        if self.dropped:
-            logger.warning("MLflow: %d tracking calls were skipped while the store was failing", self.dropped)
-        try:
-            self.client.set_terminated(self.run_id, status=status.upper())
-        except Exception as e:
-            self._fail("end", e)
+        status = status.upper()
+        atexit.unregister(self._at_exit)
+        self._save_state(status, False, self._pending_steps())  # first: a SIGKILL while waiting leaves it
+        self._submit(_Call("end", lambda: self.client.set_terminated(self.run_id, status=status)))
+        with self._cond:
+            self._closing = True
+            self._retry_at = min(self._retry_at, time.monotonic() + 1.0)
+            self._cond.notify_all()
+        t0 = time.monotonic()
+        done = self.flush(self.end_timeout_s)
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+            missing, first = self._pending_steps(), self._first_pending()
+        self._save_state(status, self._end_delivered, missing, first)
+        if self.lost:
+            logger.warning("MLflow: %d tracking calls could not be delivered (see the warnings above)", self.lost)
+        if not done:
+            where = self.output_dir or "the output dir"
+            logger.warning("MLflow: after %.0f s, %d logged steps%s and the final status %s have not reached %s. "
+                           "They are kept in %s; when the server answers, run `python -m ilvr.training.tracking %s "
+                           "--backfill` (resuming the run does it too).", time.monotonic() - t0, missing,
+                           f" (from step {first})" if first is not None else "", status,
+                           redact_uri(self.tracking_uri or ""), os.path.join(where, STATE_FILE), where)
+        self.active = False
 
-    def _log_batch(self, what: str, metrics=(), params=(), tags=()) -> None:
-        """One log_batch per MLflow-sized chunk; a failure is reported, never raised."""
+    def _first_pending(self) -> "int | None":
+        steps = [c.step for c in list(self._queue) + self._inflight if c.kind == "metrics"]
+        steps += [g[0] for g in (self._gap, self._inflight_gap) if g]
+        return min(steps) if steps else None
+
+    def _save_state(self, status: str, delivered: bool, undelivered: int, first: "int | None" = None) -> None:
+        if not (self.output_dir and self.run_id):
+            return
+        state = {"run_id": self.run_id, "tracking_uri": redact_uri(self.tracking_uri or ""), "status": status,
+                 "status_delivered": delivered, "undelivered_steps": undelivered, "undelivered_from": first,
+                 "pid": os.getpid(), "host": socket.gethostname(),
+                 "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
+            os.makedirs(self.output_dir, exist_ok=True)
+            _write_atomic(os.path.join(self.output_dir, STATE_FILE), json.dumps(state, indent=1) + "\n")
+        except OSError as e:
+            logger.warning("MLflow: could not write %s: %s", os.path.join(self.output_dir, STATE_FILE), e)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued call was delivered or given up (at most `timeout` s); True if so."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._idle() or self._thread is None, timeout)
+
+    def _idle(self) -> bool:
+        return not (self._queue or self._inflight or self._gap or self._inflight_gap)
+
+    # ------------------------------------------------------------------ the queue and its sender
+    def _submit(self, call: _Call) -> None:
+        """Before the sender runs (inside start): try at once, queue on failure. After: queue only."""
+        if self._thread is None:
+            try:
+                self._send([call])
+                return
+            except Exception as e:
+                if _permanent(e):
+                    self._give_up([call], e)
+                    return
+                self._down(e)
+        with self._cond:
+            self._queue.append(call)
+            while len(self._queue) > self.max_pending:
+                self._drop(self._queue.popleft())
+            self._cond.notify()
+
+    def _drop(self, call: _Call) -> None:
+        """The queue is full: forget the oldest call; a metric step is backfilled from metrics.jsonl later."""
+        if call.kind != "metrics":
+            self.lost += 1
+            return
+        self.overflowed += 1
+        if self._gap:
+            self._gap = [min(self._gap[0], call.step), max(self._gap[1], call.step), self._gap[2] + 1]
+        else:
+            self._gap = [call.step, call.step, 1]
+
+    def _take(self) -> list[_Call]:
+        """The next call, or consecutive metric steps coalesced up to MLflow's batch limit."""
+        batch = [self._queue.popleft()]
+        if batch[0].kind == "metrics" and not self._split:
+            n = len(batch[0].data)
+            while self._queue and self._queue[0].kind == "metrics" and n + len(self._queue[0].data) <= \
+                    MAX_METRICS_PER_BATCH:
+                n += len(self._queue[0].data)
+                batch.append(self._queue.popleft())
+        self._split = max(0, self._split - 1)
+        return batch
+
+    def _send(self, batch: list[_Call]) -> None:
+        if batch[0].kind == "metrics":
+            from mlflow.entities import Metric
+
+            metrics = [Metric(k, v, c.stamp, c.step) for c in batch for k, v in c.data]
             for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
-            for items, kw in ((params, "params"), (tags, "tags")):
-                for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-                    self.client.log_batch(self.run_id, **{kw: items[i:i + MAX_PARAMS_PER_BATCH]})
-        except Exception as e:
-            self._fail(what, e)
+        else:
+            batch[0].data()
+            if batch[0].kind == "end":
+                self._end_delivered = True
 
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and (self._idle() or time.monotonic() < self._retry_at):
+                    self._cond.wait(None if self._idle() else max(0.0, self._retry_at - time.monotonic()))
+                if self._stop:
+                    return
+                if self._queue:
+                    batch, gap = self._take(), None
+                else:
+                    batch, gap, self._gap = [], self._gap, None
+                self._inflight, self._inflight_gap = batch, gap
+            try:
+                self._backfill(gap) if gap else self._send(batch)
+            except Exception as e:
+                self._failed(batch, gap, e)
+            else:
+                self._up()
+            with self._cond:
+                self._inflight, self._inflight_gap = [], None
+                self._cond.notify_all()
+
+    def _backfill(self, gap: list) -> None:
+        path = os.path.join(self.output_dir or "", METRICS_FILE)
+        if not (self.output_dir and os.path.isfile(path)):
+            self.lost += gap[2]
+            logger.warning("MLflow: %d metric steps were dropped while the server was down and there is no %s "
+                           "to backfill them from", gap[2], path)
+            return
+        sent = backfill_metrics(self.client, self.run_id, path, gap[0], gap[1])
+        self.backfilled += sent
+        logger.info("MLflow: backfilled %d steps (%d..%d) from %s", sent, gap[0], gap[1], path)
+
+    def _failed(self, batch: list[_Call], gap: "list | None", err: Exception) -> None:
+        """Transient: back into the queue (front), retry after a backoff. Permanent: split, then give up."""
+        with self._cond:
+            if not _permanent(err):
+                if gap:  # merge with steps dropped meanwhile
+                    self._gap = gap if not self._gap else [min(gap[0], self._gap[0]), max(gap[1], self._gap[1]),
+                                                           gap[2] + self._gap[2]]
+                self._queue.extendleft(reversed(batch))
+                while len(self._queue) > self.max_pending:
+                    self._drop(self._queue.popleft())
+            elif len(batch) > 1:
+                self._queue.extendleft(reversed(batch))
+                self._split = len(batch)
+                return
+        if _permanent(err):
+            self._give_up(batch, err) if batch else self._give_up_gap(gap, err)
+        else:
+            self._down(err)
+
+    def _give_up(self, batch: list[_Call], err: Exception) -> None:
+        self.lost += len(batch)
+        kind = batch[0].kind
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self._warn(kind, err, "The store refused it; not retried.")
+
+    def _give_up_gap(self, gap: list, err: Exception) -> None:
+        self.lost += gap[2]
+        self._warn("backfill", err, f"Steps {gap[0]}..{gap[1]} are not backfilled.")
+
+    def _down(self, err: Exception) -> None:
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            self._warn("send", err, f"Training goes on; calls are queued (at most {self.max_pending}, older "
+                       f"steps are backfilled from {METRICS_FILE}) and retried with backoff.")
+        limit = 1.0 if self._closing else self._max_backoff
+        with self._cond:
+            self._retry_at = now + min(self._backoff, limit)
+            self._backoff = min(2 * self._backoff, self._max_backoff)
+
+    def _up(self) -> None:
+        if self._down_since is not None:
+            logger.warning("MLflow answers again after %.0f s; sending the %d queued calls",
+                           time.monotonic() - self._down_since, len(self._queue))
+            self._down_since = None
+        self._backoff = min(1.0, self._max_backoff)
+
+    # ------------------------------------------------------------------ logging calls (queued)
     def log_params(self, params) -> None:
         """Log a Config (flattened) or a dict; on a resumed run, changed values become tags, not errors."""
         if not self._ready():
             return
+        items = _clean(params.flat() if hasattr(params, "flat") else dict(params), MAX_PARAM_VALUE)
+        self._submit(_Call("log_params", lambda: self._log_params(items)))
+
+    def _log_params(self, items: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
 
-        items = _clean(params.flat() if hasattr(params, "flat") else dict(params), MAX_PARAM_VALUE)
-        try:
-            existing = self.client.get_run(self.run_id).data.params
-            new = {k: v for k, v in items.items() if k not in existing}
-            changed = {f"resume_changed.{k}"[:MAX_KEY]: v for k, v in items.items() if k in existing and existing[k] != v}
-            if changed:
-                logger.info("MLflow: %d params changed since the run started; logged as resume_changed.* tags",
-                            len(changed))
-        except Exception as e:
-            self._fail("log_params", e)
-            return
-        self._log_batch("log_params", params=[Param(k, v) for k, v in new.items()],
-                        tags=[RunTag(k, v) for k, v in changed.items()])
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in items.items() if k not in existing]
+        changed = [RunTag(f"resume_changed.{k}"[:MAX_KEY], v) for k, v in items.items()
+                   if k in existing and existing[k] != v]
+        if changed:
+            logger.info("MLflow: %d params changed since the run started; logged as resume_changed.* tags",
+                        len(changed))
+        for items_, kw in ((new, "params"), (changed, "tags")):
+            for i in range(0, len(items_), MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, **{kw: items_[i:i + MAX_PARAMS_PER_BATCH]})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Numbers (and 1-element tensors) only; other values are skipped."""
+        """Numbers (and 1-element tensors) only; other values are skipped. Queued: never waits on the store."""
         if not self._ready():
             return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = []
-        for key, value in metrics.items():
-            if hasattr(value, "item"):
-                value = value.item()
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                batch.append(Metric(_BAD_KEY_CHARS.sub("_", key)[:MAX_KEY], float(value), now, int(step)))
-        self._log_batch("log_metrics", metrics=batch)
+        values = _numbers(metrics)
+        if values:
+            self._submit(_Call("metrics", values, int(step)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self._ready():
             return
         from mlflow.entities import RunTag
 
-        self._log_batch("set_tags", tags=[RunTag(k, v) for k, v in _clean(tags, MAX_PARAM_VALUE).items()])
+        cleaned = [RunTag(k, v) for k, v in _clean(tags, MAX_PARAM_VALUE).items()]
+        self._submit(_Call("set_tags", lambda: self._log_tags(cleaned)))
+
+    def _log_tags(self, tags: list) -> None:
+        for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=tags[i:i + MAX_PARAMS_PER_BATCH])
 
     def log_artifact(self, path: str, artifact_path: "str | None" = None) -> None:
         """Copy a file or a directory into the run's artifacts."""
@@ -299,23 +718,49 @@ class Tracker:
         if not os.path.exists(path):
             logger.warning("MLflow: artifact %s does not exist; not logged", path)
             return
-        try:
-            if os.path.isdir(path):
-                self.client.log_artifacts(self.run_id, path, artifact_path)
-            else:
-                self.client.log_artifact(self.run_id, path, artifact_path)
-        except Exception as e:
-            self._fail("log_artifact", e)
-
+        upload: Callable = self.client.log_artifacts if os.path.isdir(path) else self.client.log_artifact
+        self._submit(_Call("log_artifact", lambda: upload(self.run_id, path, artifact_path)))
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
         """A column -> values table the MLflow UI shows under the run's artifacts (e.g. per-category scores)."""
         if not self._ready():
             return
-        try:
-            self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
-        except Exception as e:
-            self._fail("log_table", e)
+        table = {k: list(v) for k, v in data.items()}
+        self._submit(_Call("log_table", lambda: self.client.log_table(self.run_id, data=table,
+                                                                      artifact_file=artifact_file)))
+
+
+def backfill_run(run_dir: str, tracking_uri: "str | None" = None, status: "str | None" = None) -> str:
+    """Deliver what a run's processes could not: the steps of metrics.jsonl missing in MLflow and the
+    recorded final status (KILLED for a RUNNING run whose process is gone from this host)."""
+    from mlflow import MlflowClient
+
+    state = read_state(run_dir)
+    if state is None:
+        raise FileNotFoundError(f"no {STATE_FILE} in {run_dir}: not a run directory written by this tracker")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or state["tracking_uri"]
+    if "//***@" in uri:
+        raise ValueError("the recorded tracking URI had credentials (not stored): pass --tracking-uri or set "
+                         "MLFLOW_TRACKING_URI, with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    here = state.get("host") == socket.gethostname()
+    if state.get("status") == "RUNNING" and here and _pid_alive(int(state.get("pid") or 0)) and not status:
+        raise RuntimeError(f"run {state['run_id']} is still being logged by process {state.get('pid')}")
+    prepare_server(uri)
+    client = MlflowClient(tracking_uri=uri)
+    run_id = state["run_id"]
+    sent = backfill_metrics(client, run_id, os.path.join(run_dir, METRICS_FILE))
+    final = status or state.get("status")
+    if final == "RUNNING":
+        final = "KILLED" if here else None  # its process is gone (checked above)
+    note = ""
+    if final:
+        client.set_terminated(run_id, status=final.upper())
+    else:
+        note = f" (left RUNNING: its process ran on {state.get('host')}; pass --status KILLED once it is gone)"
+    state.update(status=(final or "RUNNING").upper(), status_delivered=bool(final), undelivered_steps=0,
+                 undelivered_from=None, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    _write_atomic(os.path.join(run_dir, STATE_FILE), json.dumps(state, indent=1) + "\n")
+    return f"MLflow run {run_id}: backfilled {sent} steps from {METRICS_FILE}; status {final or 'RUNNING'}{note}"
 
 
 def summarize(output_dir: str) -> str:
@@ -333,7 +778,33 @@ def summarize(output_dir: str) -> str:
     return "\n".join(lines) or f"no MLflow runs under {output_dir}"
 
 
+def main(argv: "list[str] | None" = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m ilvr.training.tracking",
+                                description="Summarize a run dir's MLflow runs, or backfill what did not arrive.")
+    p.add_argument("run_dir")
+    p.add_argument("--backfill", action="store_true",
+                   help="send the steps of metrics.jsonl missing in the run and its recorded final status")
+    p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the recorded one")
+    p.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], default=None,
+                   help="final status to set (default: the recorded one)")
+    args = p.parse_args(argv)
+    if not args.backfill:
+        print(summarize(args.run_dir))
+        return 0
+    try:
+        print(backfill_run(args.run_dir, args.tracking_uri, args.status))
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"backfill: {redact_uri(str(e))}")
+        return 2
+    except Exception as e:  # the store: still down, refused, ...
+        print(f"backfill failed, nothing lost (retry later): {redact_uri(f'{type(e).__name__}: {e}')[:500]}")
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
     import sys
 
-    print(summarize(sys.argv[1]))
+    sys.exit(main())

@@ -32,6 +32,19 @@ log = logging.getLogger(__name__)
 FINISHED_FILE = "finished.json"  # written when a run reaches train.max_steps (slurm/train.sh reads it)
 
 
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """What a tracker can plot: numbers as they are, a histogram (list) as one fraction per bucket."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (list, tuple)):
+            total = sum(value) or 1
+            stem = key[:-len("_hist")] if key.endswith("_hist") else key
+            out.update({f"{stem}_k{j + 1}": v / total for j, v in enumerate(value)})
+        elif isinstance(value, (int, float)):
+            out[key] = float(value)
+    return out
+
+
 def stage_at(cfg: Config, step: int) -> int:
     """Which stage optimizer step `step` (0-based) trains."""
     if cfg.train.stage == "1+2":
@@ -47,6 +60,12 @@ class Trainer:
         self.step = 0
         self.saved_step = -1
         self.history: list[dict[str, float]] = []
+        from ilvr.model.latent_scale import MovingAverage
+
+        self.target_norm = MovingAverage()  # stage-1 targets' mean norm (this rank)
+        self.fed_mean = MovingAverage()  # mean fed-back latent state (this rank): the constant-latent ablation
+        self.latent_norm: "float | None" = None  # model.latent_rescale: fixed at the switch to stage 2
+        self.stage2_checkpoint = False  # stage 2's per-call activation checkpointing (model.gradient_checkpointing)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -54,6 +73,11 @@ class Trainer:
         self.info: DistInfo = dist_info_from_env()
         setup_logging(self.info)
         init_distributed(self.info, cfg.train.collective_timeout)
+        from ilvr.training.checkpoint import claim_output_dir
+
+        # one job per output dir, before anything (MLflow's store included) is written there: rank 0 locks
+        # <output_dir>/.lock for the process's life; on a refusal every rank raises OutputDirBusy at once
+        claim_output_dir(cfg.train.output_dir)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
 
         from data_pipeline.tiny_processor import load_processor
@@ -63,11 +87,14 @@ class Trainer:
         self.engine = self._build_student()
         self.teacher = self._build_teacher() if cfg.train.stage in ("1", "1+2") else None
         self.loader = self._build_loader()
+        from ilvr.training.comm_stats import CommStats
+
+        self.comm = CommStats(self.info.world_size)
         from ilvr.training.checkpoint import CheckpointManager
         from ilvr.training.tracking import Tracker
 
         self.checkpoints = CheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
-        self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir)
+        self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
                                          resume_run_id=self.run_id, world_size=self.info.world_size)
@@ -93,6 +120,8 @@ class Trainer:
         from ilvr.training.ds_config import describe, resolve_ds_config
 
         resolved = resolve_ds_config(self.ds_config_arg, self.cfg, self.info.world_size, self._hidden_size())
+        if self.cfg.train.comm_stats:  # DeepSpeed's comms logger feeds comm/* (ilvr/training/comm_stats.py)
+            resolved["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
         log.info("DeepSpeed config (all 'auto' values resolved):\n%s", describe(resolved))
         return resolved
 
@@ -140,16 +169,25 @@ class Trainer:
     def _resume(self) -> "str | None":
         from ilvr.training.checkpoint import resolve_resume
 
-        path = resolve_resume(self.resume_arg, self.cfg.train.output_dir)
+        # verified on all ranks alike: "auto" skips (and logs) checkpoints that fail, an explicit one raises
+        path = resolve_resume(self.resume_arg, self.cfg.train.output_dir, collective=True)
         if path is None:
             return os.environ.get("MLFLOW_RUN_ID")
         if self.teacher is not None and stage_at(self.cfg, int(self._peek_step(path))) == 2:
             self.teacher = None  # the checkpoint is past stage 1: no teacher state to load
         load_teacher = self._teacher_io("load")
-        trainer_state, rank_state = self.checkpoints.load(self.engine, path, load_teacher)  # restores RNG too
+        trainer_state, rank_state = self.checkpoints.load(self.engine, path, load_teacher,  # restores RNG too
+                                                          verify=False)  # resolve_resume just verified it
         self.step = self.saved_step = int(trainer_state["step"])
         self.history = list(trainer_state.get("history", []))
         self.loader.load_state_dict(rank_state["loader"])
+        self.latent_norm = trainer_state.get("latent_norm")
+        self.target_norm.load(rank_state.get("target_norm"))
+        self.fed_mean.load(rank_state.get("fed_mean"))
+        if self.info.is_main:  # steps past the checkpoint are trained (and logged) again
+            from ilvr.training.tracking import METRICS_FILE, truncate_metrics
+
+            truncate_metrics(os.path.join(self.cfg.train.output_dir, METRICS_FILE), self.step)
         log.info("resumed from %s at step %d", path, self.step)
         return trainer_state.get("mlflow_run_id")
 
@@ -174,19 +212,61 @@ class Trainer:
         from ilvr.model.stage1 import stage1_loss
         from ilvr.model.stage2 import stage2_loss
 
-        module = self.engine.module
-        if stage == 1:
-            return stage1_loss(module, self.teacher.module, batch, self.cfg.loss, self.cfg.model.latent_size,
-                               generator=generator)
+        from ilvr.model.selection import select_targets
+        from ilvr.training.gather import held
+
+        module, k = self.engine.module, self.cfg.model.latent_size
+        if stage == 1:  # targets come from the momentum teacher, never from the student
+            teacher = self.teacher.module
+            with held(teacher.model, self._gather_once()):  # one gather of the teacher per step
+                selection = select_targets(teacher, batch, self.cfg.loss, k)
+            return stage1_loss(module, teacher, batch, self.cfg.loss, k, generator=generator,
+                               latent_norm=self._latent_norm_so_far(), selection=selection)
         local = [int(batch["latent_segments"][:, 0].bincount().max()) if batch["latent_segments"].numel() else 0]
         s_max = int(all_reduce(local, "max")[0])
-        return stage2_loss(module, batch, always_run_vision=True, min_segments=s_max,
-                           min_steps=self.cfg.model.latent_size)
+        return stage2_loss(module, batch, always_run_vision=True, min_segments=s_max, min_steps=k,
+                           latent_norm=self.latent_norm, checkpoint_calls=self.stage2_checkpoint)
 
-    def _release_teacher(self) -> None:
+    def _gather_once(self) -> bool:
+        return self._zero3() and self.cfg.train.gather_once
+
+    def _gather_span(self, stage: int):
+        """Stage 2 under ZeRO-3 with train.gather_once: the language model's parameters are gathered once
+        for the micro-batch's forward AND backward (docs/training.md, "Stage 2 under ZeRO-3")."""
+        from ilvr.training.gather import held
+
+        return held(self.engine.module, stage == 2 and self._gather_once())
+
+    def _latent_norm_so_far(self) -> "float | None":
+        """Stage 1's view of model.latent_rescale (only for the recorded fed-back states): this rank's
+        running target norm."""
+        if not self.cfg.model.latent_rescale:
+            return None
+        value = self.target_norm.value()
+        return None if value is None else float(value)
+
+    def _start_stage2(self, batch: "dict | None" = None) -> None:
+        """At the first stage-2 step: release the teacher, turn gradient checkpointing off (stage 2 feeds
+        states through the KV cache, which transformers drops under checkpointing), and fix the
+        latent_rescale norm (the stage-1 targets' mean norm over all ranks)."""
         if self.teacher is not None:
             log.info("stage 2 from step %d on: the momentum teacher is released", self.step + 1)
             self.teacher = None
+        module = self.engine.module
+        if getattr(module, "is_gradient_checkpointing", False):
+            module.gradient_checkpointing_disable()  # transformers' per-layer form drops the KV cache
+            self.stage2_checkpoint = True
+            log.info("stage 2 from step %d on: activation checkpointing per decoder call (the KV cache is "
+                     "rebuilt inside each checkpointed call) instead of transformers' per-layer form", self.step + 1)
+        if self.cfg.model.latent_rescale and self.latent_norm is None:
+            value = self.target_norm.value()
+            total, count = all_reduce([float(value) if value is not None else 0.0,
+                                       1.0 if value is not None else 0.0], "sum")
+            if count == 0:
+                raise RuntimeError("model.latent_rescale=true needs the stage-1 targets' norm, and this run has no "
+                                   "stage-1 step to measure it (train.stage=2): run stage 1 first or turn it off")
+            self.latent_norm = total / count
+            log.info("model.latent_rescale: fed-back latent states are rescaled to norm %.4g", self.latent_norm)
 
     def run(self) -> dict[str, float]:
         self.setup()
@@ -202,8 +282,9 @@ class Trainer:
                 stage = stage_at(cfg, self.step)
                 generator.manual_seed((cfg.train.seed * 1_000_003 + self.info.rank) * 1_000_003 + self.step)
                 if stage == 2:
-                    self._release_teacher()
+                    self._start_stage2()
                 t0 = time.perf_counter()
+                self.comm.mark()
                 sums: dict[str, float] = {"tokens": 0.0, "samples": 0.0}
                 parts: list[dict[str, Any]] = []
                 bad = False
@@ -212,12 +293,15 @@ class Trainer:
                     t_data = time.perf_counter()
                     batch = self._to_device(next(batches))
                     data_s += time.perf_counter() - t_data
-                    out = self._loss(batch, stage, generator)
-                    flags = all_reduce([float(not torch.isfinite(out.loss).item()), float(stop.received is not None)])
+                    with self._gather_span(stage):  # stage 2 under ZeRO-3: the decoder gathered once
+                        out = self._loss(batch, stage, generator)
+                        flags = all_reduce([float(not torch.isfinite(out.loss).item()),
+                                            float(stop.received is not None)])
+                        if not flags[0]:
+                            engine.backward(out.loss)
                     if flags[0]:  # every rank skips together (gradients of earlier micro-batches carry over)
                         bad = True
                         break
-                    engine.backward(out.loss)
                     engine.step()
                     parts.append({"loss": float(out.loss.detach()), "ce": float(out.ce.detach()),
                                   "align": float(getattr(out, "align", torch.zeros(())).detach()),
@@ -274,13 +358,36 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             m["grad_norm"] = float(grad_norm)
-        for key, value in parts[-1]["stats"].items():
-            if isinstance(value, (int, float)):
-                m[f"latent/{key}"] = float(value)
+        m.update(self._latent_metrics(parts, stage))
+        m.update(self.comm.step())  # {} unless train.comm_stats
         for reason, n in self.loader.skips.skipped.items():
             m[f"skipped/{reason}"] = float(n)
         if torch.cuda.is_available():
             m["mfu"] = self._mfu(tokens / seconds)
+        return m
+
+    def _latent_metrics(self, parts: list, stage: int) -> dict:
+        """latent/* metrics of one optimizer step, averaged over its micro-batches (the selected-count
+        histogram summed, over all ranks); updates the running target norm and fed-back mean."""
+        stats = [p["stats"] for p in parts]
+        m: dict = {}
+        for key in stats[-1]:
+            values = [s[key] for s in stats if isinstance(s.get(key), (int, float))]
+            if values and key not in ("fed_count",):
+                m[f"latent/{key}"] = float(sum(values) / len(values))
+        if "selected_hist" in stats[-1]:
+            hist = [sum(s["selected_hist"][j] for s in stats) for j in range(len(stats[-1]["selected_hist"]))]
+            m["latent/selected_hist"] = [int(v) for v in all_reduce([float(v) for v in hist], "sum")]
+            n = sum(m["latent/selected_hist"])
+            if n:
+                m["latent/selected_mean"] = sum((j + 1) * c for j, c in enumerate(m["latent/selected_hist"])) / n
+        fed = [s for s in stats if s.get("fed_count")]
+        if fed:
+            total = sum(s["fed_sum"].double().cpu() for s in fed)
+            self.fed_mean.add(total / sum(s["fed_count"] for s in fed))
+        if stage == 1 and any(s.get("segments") for s in stats):
+            norms = [s["target_norm"] for s in stats if s.get("segments")]
+            self.target_norm.add(torch.tensor(sum(norms) / len(norms)))
         return m
 
     def _mfu(self, tokens_per_s: float) -> float:
@@ -290,20 +397,32 @@ class Trainer:
         return 6 * n * tokens_per_s / peak
 
     def _log(self, metrics: dict) -> None:
+        """metrics.jsonl gets every value (lists too: latent/selected_hist); MLflow takes scalars, so a
+        histogram goes there as one fraction per bucket (latent/selected_k1 .. _kK)."""
         self.history.append({"step": self.step, **{k: metrics[k] for k in ("loss", "ce") if k in metrics}})
         if self.info.is_main:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k)
             log.info("step %d/%d %s", self.step, self.cfg.train.max_steps, shown)
             with open(os.path.join(self.cfg.train.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        self.tracker.log_metrics(metrics, step=self.step)
+        self.tracker.log_metrics(scalar_metrics(metrics), step=self.step)
+
+    def _fed_mean_all_ranks(self) -> "list[float] | None":
+        """The mean fed-back latent state over all ranks (what the constant-latent ablation feeds)."""
+        value = self.fed_mean.value()
+        width = self._hidden_size()
+        local = value.tolist() if value is not None else [0.0] * width
+        summed = all_reduce(local + [1.0 if value is not None else 0.0], "sum")
+        return None if summed[-1] == 0 else [v / summed[-1] for v in summed[:-1]]
 
     def save(self) -> str:
         trainer_state = {"stage": stage_at(self.cfg, max(self.step - 1, 0)), "mlflow_run_id": self.run_id,
                          "config": self.cfg.to_dict(), "history": self.history,
-                         "latent_ids": list(self.latent_ids.as_tuple())}
-        path = self.checkpoints.save(self.engine, self.step, extra_state=trainer_state,
-                                     rank_state={"loader": self.loader.state_dict()},
+                         "latent_ids": list(self.latent_ids.as_tuple()),
+                         "latent_norm": self.latent_norm, "fed_mean": self._fed_mean_all_ranks()}
+        rank_state = {"loader": self.loader.state_dict(), "target_norm": self.target_norm.state(),
+                      "fed_mean": self.fed_mean.state()}
+        path = self.checkpoints.save(self.engine, self.step, extra_state=trainer_state, rank_state=rank_state,
                                      save_teacher=self._teacher_io("save"))
         self.saved_step = self.step
         log.info("checkpoint saved: %s", path)
