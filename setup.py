@@ -29,6 +29,11 @@ setup(
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
+        # stock AutoProcessor for Qwen2-VL / 2.5-VL needs torchvision (its video processor). Not a hard
+        # requirement: PyPI's torchvision does not import beside the CPU quick start's pinned torch, and
+        # without it data_pipeline.tiny_processor.load_processor reads the same files.
+        "vision": ["torchvision"],
+        "cluster": ["torchvision", "flash-attn>=2.5"],  # a CUDA cluster: vision + FlashAttention-2
         "dev": ["pytest>=7", "pytest-timeout"],
     },
     entry_points={

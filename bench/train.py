@@ -1,6 +1,6 @@
 """Training-side cost of ILVR on DeepSpeed ZeRO-3, on 2 gloo ranks on CPU: EMA teacher, memory, step breakdown.
 
-    python -m bench.train [--samples 128] [--ema-repeats 15] [--big-steps 3] [--steps 10] [--json PATH]
+    python -m bench.train [--parts 1,2,3,4] [--samples 128] [--ema-repeats 15] [--big-steps 3] [--steps 10] [--json PATH]
 
 The script writes synthetic VSP shards and a tiny processor to a temporary directory, then
 starts 2 gloo ranks itself (torch.multiprocessing spawn, 1 torch thread each) that build the
@@ -43,6 +43,14 @@ measures, side by side in one run:
    all_reduce, optimizer step, EMA; plus the teacher selection alone (an extra
    `select_targets` call on the same batch, not counted in the step: it is part of the
    forward). Medians per rank and shares of the median step.
+
+4. Stage 2 vs stage 1 (`--parts 4`), on the tiny recipe and on the part-1 model, on the same
+   batches: ZeRO-3 with DeepSpeed's per-call gathering, ZeRO-3 with `train.gather_once` (the
+   teacher's pass and each stage-2 forward + backward gather once, ilvr/training/gather.py),
+   ZeRO-2, and on the bigger model stage 2 with per-call activation checkpointing. Per variant:
+   step time (slower rank, median), all-gather calls and gathered bytes and reduce-scatter bytes
+   (DeepSpeed's comms logger), activation memory (bytes autograd saves for backward), the full
+   parameters gather_once holds, and the step's RSS peak; then the ratios the targets are about.
 
 Why: the shard-local EMA is advertised as free next to a training step and as costing
 (2+4) bytes x params / world_size per rank; this shows both on 2 ranks, and where a step's
@@ -411,7 +419,28 @@ class PeakRss:
         return self.peak - self.base
 
 
-def stage_step(engine, teacher, batch, cfg, generator, stage: int, gather_once: bool, checkpoint: bool) -> float:
+class SavedForBackward:
+    """Bytes autograd keeps for the backward pass (each storage once): the activation memory of a step,
+    deterministic where RSS is not (the allocator keeps what earlier variants freed)."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t):
+        import torch
+
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            storage = t.untyped_storage()
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+def stage_step(engine, teacher, batch, cfg, generator, stage: int, gather_once: bool, checkpoint: bool,
+               saved: "SavedForBackward | None" = None) -> float:
     """One optimizer step of `stage` as `Trainer` makes it (grad_accum 1); seconds on this rank."""
     import torch
 
@@ -424,17 +453,24 @@ def stage_step(engine, teacher, batch, cfg, generator, stage: int, gather_once: 
     k = cfg.model.latent_size
     torch.distributed.barrier()
     t0 = time.perf_counter()
+    import contextlib
+
+    saving = (torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t) if saved is not None
+              else contextlib.nullcontext())
     if stage == 1:
         with held(teacher.module.model, gather_once):
             selection = select_targets(teacher.module, batch, cfg.loss, k)
-        out = stage1_loss(engine.module, teacher.module, batch, cfg.loss, k, generator=generator, selection=selection)
+        with saving:
+            out = stage1_loss(engine.module, teacher.module, batch, cfg.loss, k, generator=generator,
+                              selection=selection)
         engine.backward(out.loss)
     else:
         local = [int(batch["latent_segments"][:, 0].bincount().max()) if batch["latent_segments"].numel() else 0]
         s_max = int(all_reduce(local, "max")[0])
         with held(engine.module, gather_once):
-            out = stage2_loss(engine.module, batch, always_run_vision=True, min_segments=s_max, min_steps=k,
-                              checkpoint_calls=checkpoint)
+            with saving:
+                out = stage2_loss(engine.module, batch, always_run_vision=True, min_segments=s_max, min_steps=k,
+                                  checkpoint_calls=checkpoint)
             engine.backward(out.loss)
     engine.step()
     if stage == 1:
@@ -470,22 +506,26 @@ def bench_stages(cfg, processor, latent_ids, size, opts: dict, rank: int, world_
         engine, teacher, _, _ = built[zname]
         stats = CommStats(world_size)
         generator = torch.Generator()
-        times, counts, peaks = [], [], []
+        times, counts, peaks, saved_bytes = [], [], [], []
         for i, batch in enumerate(batches):
             stats.mark()
             gc.collect()
+            saved = SavedForBackward()
             with PeakRss() as mem:
                 seconds = stage_step(engine, teacher, batch, cfg, generator, stage, bool(once) and zstage == 3,
-                                     checkpoint=once == "ckpt")
+                                     checkpoint=once == "ckpt", saved=saved)
             c = stats.step()
             if i:  # the first step warms up
                 times.append(seconds)
                 counts.append(c)
                 peaks.append(mem.growth)
+                saved_bytes.append(saved.bytes)
         comm.comms_logger.comms_dict.clear()
         mean = {k: sum(c.get(k, 0.0) for c in counts) / len(counts) for k in counts[0]}
+        held_bytes = sum(p.ds_numel * p.element_size() for p in engine.module.parameters()) \
+            if zstage == 3 and once and stage == 2 else 0
         results.append({"zero": zname, "stage": stage, "gather_once": once, "times": times, "comm": mean,
-                        "peak_rss": max(peaks)})
+                        "peak_rss": max(peaks), "saved_for_backward": max(saved_bytes), "held_param_bytes": held_bytes})
     built.clear()
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     return {"label": label, "params": params, "param_bytes": params * 4, "variants": results}
@@ -521,14 +561,15 @@ def rank_main_stages(rank: int, world_size: int, opts: dict) -> dict[str, Any]:
 
 def report_stages(results: list[dict]) -> dict[str, Any]:
     print(f"\n4. Stage 2 vs stage 1 under ZeRO-3 and ZeRO-2 ({WORLD_SIZE} gloo ranks, same batches; DeepSpeed's "
-          "comms logger; bytes = gathered tensor sizes; time = slower rank, median; RSS peak above the step's start, "
-          "per rank)")
+          "comms logger; bytes = gathered tensor sizes; time = slower rank, median; activations = bytes autograd "
+          "saved for backward (rank 0); held params = the full parameters gather_once keeps for the step; RSS peak "
+          "above the step's start, per rank: the allocator reuses freed memory, so read it with care)")
     summary = {}
     for key in results[0]:
         model = results[0][key]
         print(f"  {model['label']}: {model['params'] / 1e6:.2f} M params ({mib(model['param_bytes']).strip()} fp32)")
         print(f"  {'variant':<34}{'step s':>8}{'gathers':>9}{'gathered':>12}{'x model':>8}{'red.-scat.':>12}"
-              f"{'step RSS peak r0 / r1':>24}")
+              f"{'activations':>13}{'held params':>13}{'step RSS peak r0 / r1':>24}")
         rows = []
         for i, v in enumerate(model["variants"]):
             step = statistics.median(slowest([r[key]["variants"][i]["times"] for r in results]))
@@ -538,8 +579,10 @@ def report_stages(results: list[dict]) -> dict[str, Any]:
             rss = " / ".join(mib(r[key]["variants"][i]["peak_rss"]).strip() for r in results)
             print(f"  {name:<34}{step:8.2f}{c.get('comm/all_gather_calls', 0):9.0f}"
                   f"{mib(c.get('comm/all_gather_bytes', 0)):>12}{c.get('comm/all_gather_bytes', 0) / model['param_bytes']:8.2f}"
-                  f"{mib(c.get('comm/reduce_scatter_bytes', 0)):>12}{rss:>24}")
-            rows.append({"variant": name, "step_s": step, **c,
+                  f"{mib(c.get('comm/reduce_scatter_bytes', 0)):>12}{mib(v['saved_for_backward']):>13}"
+                  f"{mib(v['held_param_bytes']):>13}{rss:>24}")
+            rows.append({"variant": name, "step_s": step, **c, "saved_for_backward": v["saved_for_backward"],
+                         "held_param_bytes": v["held_param_bytes"],
                          "peak_rss": [r[key]["variants"][i]["peak_rss"] for r in results]})
         by = {r["variant"]: r for r in rows}
 

@@ -18,12 +18,26 @@ Batches carry the worker's stream position, so `state_dict()` records exactly wh
 the training loop has consumed; `load_state_dict()` makes each worker replay its
 stream up to that point (reading tar headers and JSON only) and continue, giving the
 batches an uninterrupted run would have seen.
+
+Another rank x worker layout (elastic resume, docs/training.md "Elastic resume"): the
+position cannot be replayed, so the rest of the interrupted epoch is re-planned. In exact
+mode every old worker's stream is replayed to learn which samples it consumed
+(`replay_consumed`); what the epoch has left (`remaining`: ranges in the epoch's order) is
+cut into slices for the new layout as a whole epoch would be, with T' = ceil(left /
+(ranks x workers)) per worker (`load_replanned`). Within the interrupted epoch no sample is
+seen twice and none is skipped, except the top-up repeats that even out the new workers'
+counts (as in any epoch). Resampled mode carries the epoch's sample budget over (statistical:
+shards are drawn with replacement anyway). The next epoch is planned for the new layout.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import hashlib
 import itertools
+import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -38,6 +52,7 @@ from data_pipeline.skips import SkipCounter
 log = logging.getLogger(__name__)
 
 Range = tuple[int, int, int]  # (shard index, first sample, end sample)
+SAMPLE_LOG_ENV = "ILVR_SAMPLE_LOG"  # debug/tests: append the samples of every consumed batch to <value>.rank<r>.jsonl
 
 
 def derive_seed(*parts: int) -> int:
@@ -45,22 +60,84 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(repr(tuple(parts)).encode()).digest()[:8], "little")
 
 
-def plan_slices(counts: list[int], num_slices: int, seed: int, epoch: int) -> list[list[Range]]:
-    """Cut the epoch's shuffled concatenation of shards into `num_slices` contiguous, near-equal slices."""
+def epoch_order(counts: list[int], seed: int, epoch: int) -> list[Range]:
+    """The epoch's samples in plan order: whole shards, shuffled by (seed, epoch)."""
     order = list(range(len(counts)))
     random.Random(derive_seed(seed, epoch, 0xD47A)).shuffle(order)
-    total = sum(counts)
+    return [(shard, 0, counts[shard]) for shard in order if counts[shard] > 0]
+
+
+def split_ranges(universe: list[Range], num_slices: int) -> list[list[Range]]:
+    """Cut the concatenation of `universe` into `num_slices` contiguous, near-equal slices."""
+    total = sum(b - a for _, a, b in universe)
     bounds = [total * i // num_slices for i in range(num_slices + 1)]
     slices: list[list[Range]] = [[] for _ in range(num_slices)]
     offset = 0
-    for shard in order:
-        n = counts[shard]
-        for s in range(num_slices):
+    for shard, a, b in universe:
+        n = b - a
+        s = max(0, bisect.bisect_right(bounds, offset) - 1)
+        while s < num_slices and bounds[s] < offset + n:
             lo, hi = max(bounds[s], offset), min(bounds[s + 1], offset + n)
             if lo < hi:
-                slices[s].append((shard, lo - offset, hi - offset))
+                slices[s].append((shard, a + lo - offset, a + hi - offset))
+            s += 1
         offset += n
     return slices
+
+
+def plan_slices(counts: list[int], num_slices: int, seed: int, epoch: int) -> list[list[Range]]:
+    """Cut the epoch's shuffled concatenation of shards into `num_slices` contiguous, near-equal slices."""
+    return split_ranges(epoch_order(counts, seed, epoch), num_slices)
+
+
+def as_ranges(samples: Iterable[tuple[int, int]]) -> list[Range]:
+    """(shard, index) pairs -> sorted, merged ranges."""
+    out: list[list[int]] = []
+    for shard, i in sorted(set(map(tuple, samples))):
+        if out and out[-1][0] == shard and out[-1][2] == i:
+            out[-1][2] = i + 1
+        else:
+            out.append([shard, i, i + 1])
+    return [tuple(r) for r in out]
+
+
+def subtract_ranges(universe: list[Range], done: Iterable[Range]) -> list[Range]:
+    """`universe` without the samples in `done`, in universe order."""
+    by_shard: dict[int, list[tuple[int, int]]] = {}
+    for shard, a, b in done:
+        by_shard.setdefault(shard, []).append((a, b))
+    for shard, spans in by_shard.items():
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        by_shard[shard] = merged
+    out: list[Range] = []
+    for shard, a, b in universe:
+        spans = by_shard.get(shard, [])
+        k = max(0, bisect.bisect_left(spans, (a, a)) - 1)  # the span before may reach into [a, b)
+        cur = a
+        while k < len(spans) and spans[k][0] < b:
+            lo, hi = spans[k]
+            if hi > cur:
+                if lo > cur:
+                    out.append((shard, cur, min(lo, b)))
+                cur = max(cur, hi)
+            k += 1
+        if cur < b:
+            out.append((shard, cur, b))
+    return out
+
+
+def range_size(ranges: Iterable[Range]) -> int:
+    return sum(b - a for _, a, b in ranges)
+
+
+def per_worker(total: int, slots: int, batch_size: int) -> int:
+    """T: ceil(total / slots) rounded up to a multiple of the batch size (at least one batch)."""
+    return max(1, -(-(-(-total // slots)) // batch_size)) * batch_size
 
 
 def shuffled(items: Iterable[Any], buffer_size: int, rng: random.Random) -> Iterator[Any]:
@@ -97,34 +174,78 @@ class StreamSpec:
     limits: Limits = DEFAULT_LIMITS  # member and sample byte caps for the shard reader
 
 
-class _SliceStream:
-    """The raw sample stream of one (rank, worker, epoch), with skip accounting for unreadable data."""
+@dataclass
+class Segment:
+    """What part of an epoch the workers share out: the whole epoch (`universe` None, segment 0), or
+    after an elastic re-plan what the epoch had left (`universe`: ranges in the epoch's order), with
+    T = `samples_per_worker` for this layout. `segment` salts the shuffle seeds of re-planned parts."""
 
-    def __init__(self, spec: StreamSpec, epoch: int, worker: int, skips: SkipCounter):
+    samples_per_worker: int
+    universe: "list[Range] | None" = None
+    segment: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples_per_worker": self.samples_per_worker, "segment": self.segment,
+                "universe": None if self.universe is None else [list(r) for r in self.universe]}
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any], default_per_worker: int) -> "Segment":
+        universe = state.get("universe")
+        return cls(int(state.get("samples_per_worker", default_per_worker)),
+                   None if universe is None else [tuple(int(v) for v in r) for r in universe],
+                   int(state.get("segment", 0)))
+
+
+class _SliceStream:
+    """The raw sample stream of one (rank, worker, epoch), with skip accounting for unreadable data.
+
+    Every item carries "__sample__": [shard, index in shard] (its identity); samples a read error made
+    unreadable in the first pass are listed in `lost` (they were counted as skipped)."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, worker: int, skips: SkipCounter,
+                 segment: "Segment | None" = None):
         self.spec, self.epoch, self.worker, self.skips = spec, epoch, worker, skips
-        self.rng = random.Random(derive_seed(spec.seed, epoch, spec.rank, worker))
+        self.segment = segment or Segment(spec.samples_per_worker)
+        salt = (self.segment.segment,) if self.segment.segment else ()  # segment 0: the seeds of before
+        self.rng = random.Random(derive_seed(spec.seed, epoch, spec.rank, worker, *salt))
+        self.lost: list[Range] = []
+        self.top_up_only = False  # a re-planned part smaller than the workers: this one only repeats samples
+        self.slice = self._my_slice() if spec.mode == "exact" else []
 
     def _read_range(self, shard: int, start: int, stop: int, count_skips: bool = True) -> Iterator[dict]:
         url, got = self.spec.urls[shard], 0
         try:
             for sample in read_samples(url, start, stop, self.spec.limits):
+                sample["__sample__"] = [shard, start + got]
                 got += 1
                 yield sample
         except ShardReadError as e:
             if count_skips:
                 log.warning("skipping the unreadable rest of a shard: %s", e)
         if got < stop - start and count_skips:
+            self.lost.append((shard, start + got, stop))
             self.skips.skip("shard_read_error", f"{url}: {stop - start - got} of samples {start}..{stop} unreadable",
                             n=stop - start - got)
+
+    def _my_slice(self) -> list[Range]:
+        spec = self.spec
+        universe = self.segment.universe
+        if universe is None:
+            universe = epoch_order(spec.counts, spec.seed, self.epoch)
+        mine = split_ranges(universe, spec.world_size * spec.num_workers)[spec.rank * spec.num_workers + self.worker]
+        if not mine and self.segment.universe is not None:
+            self.top_up_only = True
+            return universe
+        return mine
 
     def __iter__(self) -> Iterator[dict]:
         spec = self.spec
         if spec.mode == "exact":
-            my_slice = plan_slices(spec.counts, spec.world_size * spec.num_workers, spec.seed, self.epoch)[
-                spec.rank * spec.num_workers + self.worker]
+            my_slice = self.slice
             for pass_no in itertools.count():  # pass 0 is the epoch proper; later passes top up to T
                 # bad samples are counted once per epoch, in pass 0
-                pass_items = (s for r in my_slice for s in self._read_range(*r, count_skips=pass_no == 0))
+                counting = pass_no == 0 and not self.top_up_only
+                pass_items = (s for r in my_slice for s in self._read_range(*r, count_skips=counting))
                 yield from shuffled(pass_items, spec.shuffle_buffer, self.rng)
                 yield None  # pass boundary marker
         else:
@@ -141,6 +262,7 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec, encode: Callable[[Record], Any], collate: Callable[[list], Any]):
         self.spec, self.encode, self.collate = spec, encode, collate
         self.epoch = 0
+        self.segment = Segment(spec.samples_per_worker)  # the whole epoch, unless re-planned
         self.positions: list[tuple[int, int]] = [(0, 0)] * spec.num_workers  # (raw items pulled, samples emitted)
         self.rotation = 0  # DataLoader worker j serves logical worker (j + rotation) % num_workers
 
@@ -154,15 +276,17 @@ class ShardStream(IterableDataset):
         spec = self.spec
         skips = SkipCounter(max_fraction=1.0)  # the fraction is checked in the main process
         raw_pos, emitted = self.positions[worker]
-        stream = iter(_SliceStream(spec, self.epoch, worker, skips))
+        source = _SliceStream(spec, self.epoch, worker, skips, self.segment)
+        stream = iter(source)
         for _ in range(raw_pos):  # replay up to the saved position, decoding nothing
             next(stream)
         skips.reset()  # what the replay met was counted before the save
         batch: list[Any] = []
+        samples: list[list[int]] = []
         valid_in_pass = 1 if emitted else 0
-        topping_up = False  # in exact mode, past the first pass over the slice
+        topping_up = source.top_up_only  # in exact mode, past the first pass over the slice
         reported = (0, {})
-        while emitted < spec.samples_per_worker:
+        while emitted < self.segment.samples_per_worker:
             item = next(stream)
             raw_pos += 1
             if item is None:
@@ -182,20 +306,22 @@ class ShardStream(IterableDataset):
                 skips.ok()
             valid_in_pass += 1
             batch.append(sample)
+            samples.append(item["__sample__"])
             emitted += 1
             if len(batch) == spec.batch_size:
                 seen, skipped = skips.seen - reported[0], dict(skips.skipped)
                 delta = {k: v - reported[1].get(k, 0) for k, v in skipped.items() if v - reported[1].get(k, 0)}
                 reported = (skips.seen, skipped)
                 yield {"batch": self.collate(batch), "worker": worker, "position": (raw_pos, emitted),
-                       "seen": seen, "skipped": delta}
-                batch = []
+                       "seen": seen, "skipped": delta, "samples": samples}
+                batch, samples = [], []
 
 
 class StreamingLoader:
     """Iterates one epoch of batches per `iter()` call; equal batch counts on every rank.
 
-    `state_dict()` / `load_state_dict()` save and restore the position exactly (per rank).
+    `state_dict()` / `load_state_dict()` save and restore the position exactly (per rank);
+    `replay_consumed()` + `load_replanned()` carry it to another rank x worker layout.
     """
 
     def __init__(self, spec: StreamSpec, encode: Callable[[Record], Any], collate: Callable[[list], Any],
@@ -208,6 +334,7 @@ class StreamingLoader:
         self.prefetch_factor = prefetch_factor
         self.skips = SkipCounter(max_fraction=max_skip_fraction, what="training samples")
         self.consumed = 0  # batches of the current epoch handed to the caller
+        self.sample_log = os.environ.get(SAMPLE_LOG_ENV) or None
 
     @property
     def epoch(self) -> int:
@@ -215,7 +342,8 @@ class StreamingLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.spec.num_workers * self.spec.samples_per_worker // self.spec.batch_size
+        """Batches of the current epoch (of what is left of it, after a re-plan)."""
+        return self.spec.num_workers * self.dataset.segment.samples_per_worker // self.spec.batch_size
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -231,53 +359,180 @@ class StreamingLoader:
             self.consumed += 1
             self.skips.merge(item["skipped"], item["seen"])
             self.skips.check()
+            if self.sample_log:
+                self._log_samples(item["samples"])
             yield item["batch"]
         if self.consumed != self.batches_per_epoch:
             raise RuntimeError(f"epoch {self.epoch} ended after {self.consumed} of {self.batches_per_epoch} batches")
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
         self.dataset.epoch += 1
-        self.dataset.positions = [(0, 0)] * W
+        self.dataset.segment = Segment(self.spec.samples_per_worker)
+        self.dataset.positions = [(0, 0)] * self.spec.num_workers
         self.consumed = 0
+
+    def _log_samples(self, samples: list) -> None:
+        """Debug record of what the caller consumed (`ILVR_SAMPLE_LOG`; tests check exactly-once with it)."""
+        line = {"epoch": self.epoch, "segment": self.dataset.segment.segment, "samples": samples}
+        with open(f"{self.sample_log}.rank{self.spec.rank}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
     def batches(self) -> Iterator[Any]:
         """Batches forever, epoch after epoch."""
         while True:
             yield from self
 
-    def state_dict(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ state
+    def _fingerprint(self) -> dict[str, Any]:
         s = self.spec
-        return {"version": 1, "epoch": self.epoch, "consumed": self.consumed,
+        return {"mode": s.mode, "world_size": s.world_size, "num_workers": s.num_workers,
+                "batch_size": s.batch_size, "seed": s.seed, "counts": list(s.counts),
+                "samples_per_worker": s.samples_per_worker, "shuffle_buffer": s.shuffle_buffer}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 2, "epoch": self.epoch, "consumed": self.consumed,
                 "positions": [list(p) for p in self.dataset.positions],
                 "seen": self.skips.seen, "skipped": dict(self.skips.skipped),
-                "fingerprint": {"mode": s.mode, "world_size": s.world_size, "num_workers": s.num_workers,
-                                "batch_size": s.batch_size, "seed": s.seed, "counts": list(s.counts),
-                                "samples_per_worker": s.samples_per_worker}}
+                **self.dataset.segment.to_json(), "fingerprint": self._fingerprint()}
+
+    def _changed(self, state: dict[str, Any], keys: Iterable[str]) -> list[str]:
+        """Fingerprint keys that differ from `state`'s (a key a version-1 state lacks counts as unchanged
+        only for shuffle_buffer, which it did not record)."""
+        saved, mine = state.get("fingerprint", {}), self._fingerprint()
+        return sorted(k for k in keys if saved.get(k, mine[k] if k == "shuffle_buffer" else None) != mine[k])
+
+    def layout_changed(self, state: dict[str, Any]) -> bool:
+        """Whether `state` was saved with another rank x worker layout (or batch size) on the same data:
+        its position can only be carried over by a re-plan (replay_consumed + load_replanned)."""
+        return bool(self._changed(state, ("world_size", "num_workers", "batch_size", "samples_per_worker"))) \
+            and not self._changed(state, DATA_KEYS)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         s = self.spec
-        self.skips = SkipCounter(max_fraction=self.skips.max_fraction, what=self.skips.what)
-        self.skips.merge(state.get("skipped", {}), state.get("seen", 0))
+        self._restore_skips(state.get("skipped", {}), state.get("seen", 0))
         self.dataset.epoch = int(state["epoch"])
-        mine = {"mode": s.mode, "world_size": s.world_size, "num_workers": s.num_workers,
-                "batch_size": s.batch_size, "seed": s.seed, "counts": list(s.counts),
-                "samples_per_worker": s.samples_per_worker}
-        if state.get("fingerprint") != mine:
-            changed = sorted(k for k in mine if state.get("fingerprint", {}).get(k) != mine[k])
+        changed = self._changed(state, self._fingerprint())
+        if changed:
             log.warning("data loader settings changed since the checkpoint (%s): restarting epoch %d "
                         "from its beginning, so some samples of it will be seen twice", ", ".join(changed),
                         self.dataset.epoch)
+            self.dataset.segment = Segment(s.samples_per_worker)
             self.dataset.positions = [(0, 0)] * s.num_workers
             self.consumed = 0
             return
+        self.dataset.segment = Segment.from_json(state, s.samples_per_worker)
         self.dataset.positions = [tuple(p) for p in state["positions"]]
         self.consumed = int(state["consumed"])
+
+    def _restore_skips(self, skipped: dict[str, int], seen: int) -> None:
+        self.skips = SkipCounter(max_fraction=self.skips.max_fraction, what=self.skips.what)
+        self.skips.merge(skipped, seen)
+
+    # ------------------------------------------------------------------ another layout
+    def _old_stream(self, state: dict[str, Any], rank: int, worker: int) -> _SliceStream:
+        """The stream (rank, worker) of the layout `state` was saved with."""
+        fp = state["fingerprint"]
+        spec = dataclasses.replace(self.spec, rank=rank, world_size=int(fp["world_size"]),
+                                   num_workers=int(fp["num_workers"]), batch_size=int(fp["batch_size"]),
+                                   shuffle_buffer=int(fp.get("shuffle_buffer", self.spec.shuffle_buffer)),
+                                   samples_per_worker=int(fp["samples_per_worker"]))
+        segment = Segment.from_json(state, spec.samples_per_worker)
+        return _SliceStream(spec, int(state["epoch"]), worker, SkipCounter(max_fraction=1.0), segment)
+
+    def replay_consumed(self, state: dict[str, Any], rank: int, worker: int) -> list[Range]:
+        """Exact mode: the samples old worker (rank, worker) had consumed or skipped (as ranges) at the
+        save that wrote `state` (that rank's loader state). Reads its stream up to the saved position."""
+        if self.spec.mode != "exact" or self._changed(state, DATA_KEYS):
+            return []  # resampled mode carries a count; changed data restarts the epoch
+        raw_pos = int(state["positions"][worker][0])
+        stream = self._old_stream(state, rank, worker)
+        pulled = []
+        for item in itertools.islice(iter(stream), raw_pos):
+            if item is not None:
+                pulled.append(item["__sample__"])
+        done = as_ranges(pulled)
+        return done + [tuple(r) for r in stream.lost]
+
+    def load_replanned(self, states: list[dict[str, Any]], done: "list[Range] | None" = None) -> None:
+        """Continue the interrupted epoch on this loader's layout. `states`: every old rank's loader state,
+        in rank order; `done`: in exact mode, the union of replay_consumed() over every old (rank, worker)."""
+        self._check_old_states(states)
+        first = states[0]
+        epoch = int(first["epoch"])
+        changed = self._changed(first, DATA_KEYS)
+        if changed:  # as load_state_dict does for the same layout
+            log.warning("data settings changed since the checkpoint (%s): restarting epoch %d from its beginning, "
+                        "so some samples of it will be seen twice", ", ".join(changed), epoch)
+            self.load_state_dict({**first, "consumed": 0})
+            return
+        seen = sum(int(st.get("seen", 0)) for st in states)
+        skipped: dict[str, int] = {}
+        for st in states:
+            for k, v in st.get("skipped", {}).items():
+                skipped[k] = skipped.get(k, 0) + int(v)
+        share = self._share(seen, skipped)
+        self._restore_skips(*share)
+        self.dataset.epoch = epoch
+        self.dataset.positions = [(0, 0)] * self.spec.num_workers
+        self.consumed = 0
+        left, universe = self._left(states, done)
+        segment = 1 + max(int(st.get("segment", 0)) for st in states)
+        slots = self.spec.world_size * self.spec.num_workers
+        if left <= 0:
+            log.info("data: epoch %d was finished at the checkpoint; the next one starts on the new layout", epoch)
+            self._next_epoch()
+            return
+        self.dataset.segment = Segment(per_worker(left, slots, self.spec.batch_size), universe, segment)
+        log.info("data: epoch %d re-planned for %d ranks x %d workers: %d samples left, %d per worker (%d batches "
+                 "per rank)", epoch, self.spec.world_size, self.spec.num_workers, left,
+                 self.dataset.segment.samples_per_worker, self.batches_per_epoch)
+
+    def _check_old_states(self, states: list[dict[str, Any]]) -> None:
+        fp = states[0].get("fingerprint", {})
+        if len(states) != int(fp.get("world_size", -1)):
+            raise ValueError(f"re-planning needs the loader state of every saved rank: got {len(states)}, the "
+                             f"checkpoint was saved by {fp.get('world_size')} ranks")
+        epochs = {int(st["epoch"]) for st in states}
+        if len(epochs) != 1:
+            raise ValueError(f"saved ranks disagree on the epoch ({sorted(epochs)}): a damaged checkpoint")
+
+    def _left(self, states: list[dict[str, Any]], done: "list[Range] | None") -> tuple[int, "list[Range] | None"]:
+        """(samples the epoch has left, their ranges in exact mode)."""
+        first = states[0]
+        if self.spec.mode == "exact":
+            if done is None:
+                raise ValueError("exact mode: pass the samples the old workers consumed (replay_consumed)")
+            universe = Segment.from_json(first, 0).universe
+            if universe is None:
+                universe = epoch_order(self.spec.counts, self.spec.seed, int(first["epoch"]))
+            remaining = subtract_ranges(universe, done)
+            return range_size(remaining), remaining
+        fp = first["fingerprint"]
+        budget = int(fp["world_size"]) * int(fp["num_workers"]) * int(first.get("samples_per_worker",
+                                                                                 fp["samples_per_worker"]))
+        emitted = sum(int(p[1]) for st in states for p in st["positions"])
+        return budget - emitted, None
+
+    def _share(self, seen: int, skipped: dict[str, int]) -> tuple[dict[str, int], int]:
+        """This rank's share of the old ranks' skip counts (their sum over ranks is kept)."""
+        rank, world = self.spec.rank, self.spec.world_size
+
+        def part(n: int) -> int:
+            return n // world + (1 if rank < n % world else 0)
+
+        return {k: part(v) for k, v in skipped.items() if part(v)}, part(seen)
+
+
+DATA_KEYS = ("mode", "seed", "counts", "shuffle_buffer")  # what must match for a position to carry over
 
 
 def samples_per_worker(mode: str, total: int, world_size: int, workers: int, batch_size: int,
                        samples_per_epoch: int = 0) -> int:
     """T: samples each worker emits per epoch, a multiple of the batch size, equal on every rank."""
-    per_worker = -(-total // (world_size * workers)) if mode == "exact" or not samples_per_epoch \
-        else -(-samples_per_epoch // workers)
-    return max(1, -(-per_worker // batch_size)) * batch_size
+    if mode == "exact" or not samples_per_epoch:
+        return per_worker(total, world_size * workers, batch_size)
+    return per_worker(samples_per_epoch, workers, batch_size)
 
 
 def make_stream_spec(urls: list[str], counts: list[int], *, mode: str, rank: int, world_size: int,

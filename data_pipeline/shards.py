@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from data_pipeline.shard_reader import count_samples  # noqa: F401  (re-exported
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ilvr-shards/1"
+COMPLETE, FAILED = "complete", "failed"  # Manifest.status: a failed run's shards are kept but not used
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_.-]+-\d{6,}\.tar(\.tmp)?$")  # what ShardWriter names its files
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Manifest:
     source: str = ""
     skipped: dict[str, int] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
+    status: str = COMPLETE  # FAILED: ilvr-prepare refused its own output (error says why); loaders refuse it
+    error: str = ""
 
     @property
     def total_samples(self) -> int:
@@ -61,6 +66,8 @@ class Manifest:
             shards=[ShardInfo(**s) for s in data["shards"]],
             source=data.get("source", ""),
             skipped=data.get("skipped", {}),
+            status=data.get("status", COMPLETE),
+            error=data.get("error", ""),
         )
 
 
@@ -117,12 +124,38 @@ class ShardWriter:
         if self._count >= self.samples_per_shard:
             self._finish()
 
-    def close(self, skipped: "dict[str, int] | None" = None) -> Manifest:
+    def close(self, skipped: "dict[str, int] | None" = None, error: str = "") -> Manifest:
+        """Finish the last shard and write the manifest; an `error` marks the set failed (shards kept)."""
         if self._tar is not None:
             self._finish()
         self.manifest.skipped = dict(skipped or {})
+        self.manifest.status, self.manifest.error = (FAILED, error) if error else (COMPLETE, "")
         self.manifest.save(self.out_dir)
         return self.manifest
+
+
+def previous_output(directory: str) -> tuple[list[str], list[str]]:
+    """(files an earlier ilvr-prepare wrote here, other entries) of a shard directory.
+
+    Ours: manifest.json if it is an ILVR manifest, the shard files it lists, and unfinished
+    `<prefix>-NNNNNN.tar.tmp` files; a listed name is only taken when it is a plain file name of
+    ShardWriter's form (a hostile manifest cannot point outside the directory). Everything else
+    (unlisted tars included: nothing says which run wrote them) is 'other'.
+    """
+    names = sorted(os.listdir(directory))
+    ours: set[str] = set()
+    path = os.path.join(directory, MANIFEST)
+    if os.path.isfile(path):
+        try:
+            listed = {s.file for s in Manifest.load(path).shards}
+        except (ValueError, KeyError, TypeError, OSError):
+            listed = None  # not one of ours (or unreadable): left alone
+        if listed is not None:
+            ours.add(MANIFEST)
+            ours.update(n for n in listed if isinstance(n, str) and _SHARD_NAME.match(n) and n in names)
+    ours.update(n for n in names if n.endswith(".tar.tmp") and _SHARD_NAME.match(n))
+    ours = {n for n in ours if os.path.isfile(os.path.join(directory, n)) or os.path.islink(os.path.join(directory, n))}
+    return sorted(ours), [n for n in names if n not in ours]
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -151,7 +184,11 @@ def expand_shards(spec: "str | list[str]", must_exist: bool = False) -> list[str
             directory = item if os.path.isdir(item) else os.path.dirname(item)
             manifest = os.path.join(directory, MANIFEST)
             if os.path.isfile(manifest):
-                urls.extend(os.path.join(directory, s.file) for s in Manifest.load(manifest).shards)
+                loaded = Manifest.load(manifest)
+                if loaded.status != COMPLETE:
+                    raise ValueError(f"{manifest} is marked {loaded.status!r} by ilvr-prepare ({loaded.error}); "
+                                     "fix the source data, or prepare again with a higher --max-skip-fraction")
+                urls.extend(os.path.join(directory, s.file) for s in loaded.shards)
             else:
                 found = sorted(glob.glob(os.path.join(directory, "*.tar")))
                 if not found:

@@ -12,13 +12,19 @@ class SkipCounter:
     """Counts samples seen and samples skipped per reason; stops the job past a fraction.
 
     `max_fraction` is checked only after `min_seen` samples, so one bad sample among
-    the first few does not stop a run.
+    the first few does not stop a run; `check(final=True)` checks it whatever was seen
+    (a finite input must also fail when its bad rows all came first). `setting` is the
+    knob the message tells the user to raise; `check_each=False` leaves the check to the
+    caller (a converter judges the whole input, not a prefix of it).
     """
 
-    def __init__(self, max_fraction: float = 1.0, min_seen: int = 20, what: str = "samples"):
+    def __init__(self, max_fraction: float = 1.0, min_seen: int = 20, what: str = "samples",
+                 setting: str = "data.max_skip_fraction", check_each: bool = True):
         self.max_fraction = max_fraction
         self.min_seen = min_seen
         self.what = what
+        self.setting = setting
+        self.check_each = check_each
         self.seen = 0
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, str] = {}
@@ -30,21 +36,23 @@ class SkipCounter:
         self.seen += n
         self.skipped[reason] += n
         self.examples.setdefault(reason, detail)
-        self.check()
+        if self.check_each:
+            self.check()
 
     @property
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def check(self) -> None:
-        if self.seen < self.min_seen or self.seen == 0:
+    def check(self, final: bool = False) -> None:
+        """Raise TooManySkips past `max_fraction` (before `min_seen` samples only when `final`)."""
+        if self.seen == 0 or (self.seen < self.min_seen and not final):
             return
         frac = self.total_skipped / self.seen
         if frac > self.max_fraction:
             raise TooManySkips(
                 f"{self.total_skipped} of {self.seen} {self.what} were skipped ({frac:.1%} > "
-                f"data.max_skip_fraction={self.max_fraction:.1%}): {self.summary()}. "
-                "Fix the data, or raise data.max_skip_fraction."
+                f"{self.setting}={self.max_fraction:g}): {self.summary()}. "
+                f"Fix the data, or raise {self.setting}."
             )
 
     def reset(self) -> None:

@@ -53,7 +53,7 @@ class ModelConfig:
     freeze_vision: bool = True  # vision tower + merger frozen (the reference setting)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    gradient_checkpointing: bool = False  # stage 1 only for now: stage 2 turns it off (see docs/model.md)
+    gradient_checkpointing: bool = False  # per layer in stage 1, per decoder call in stage 2 (docs/training.md)
     # fed-back latent states rescaled to the stage-1 targets' mean norm, in stage 1's alignment
     # inputs at inference, in stage 2 and in generation alike (docs/model.md, "Scale")
     latent_rescale: bool = False
@@ -81,7 +81,11 @@ class TrainConfig:
     output_dir: str = "runs/default"
     stage: Literal["1", "2", "1+2"] = "1+2"
     stage1_steps: int = 0  # with stage "1+2": optimizer steps of stage 1 before stage 2
-    max_steps: int = 100
+    max_steps: int = 100  # optimizer steps; 0 = from train.epochs (a recipe that gives epochs and no max_steps)
+    # the run's length in passes over data.train_shards, resolved to max_steps at start-up from the manifest's
+    # sample counts, world size, data.batch_size and train.grad_accum (exclusive with max_steps)
+    epochs: float = 0.0
+    stage1_epochs: float = 0.0  # with stage "1+2" and epochs: stage 1's share, resolved to stage1_steps
     lr: float = 1e-5
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -131,9 +135,11 @@ class Config:
         """Dotted key -> value, e.g. for experiment-tracker params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, header: str = "") -> None:
+        """Write the config as a YAML recipe (reloadable with load_config); `header`: leading comment lines."""
         data = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()} for s, sec in self.to_dict().items()}
         with open(path, "w", encoding="utf-8") as f:
+            f.write(header)
             yaml.safe_dump(data, f, sort_keys=False)
 
 
@@ -259,9 +265,21 @@ def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | 
         merged = _merge(merged, loaded)
     for text in overrides or []:
         merged = _merge(merged, parse_override(text))
+    _length_from_epochs(merged)
     cfg = _build(Config, merged, "")
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _length_from_epochs(merged: dict[str, Any]) -> None:
+    """A recipe that gives train.epochs (train.stage1_epochs) and no max_steps (stage1_steps) means the step
+    counts come from the epochs: the defaults step aside (0) instead of clashing with them."""
+    train = merged.get("train")
+    if not isinstance(train, dict):
+        return
+    for epochs, steps in (("epochs", "max_steps"), ("stage1_epochs", "stage1_steps")):
+        if epochs in train and steps not in train:
+            train[steps] = 0
 
 
 # ----------------------------------------------------------------------------- validation
@@ -306,7 +324,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
     _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be >= 1")
+    _validate_length(t)
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(0.0 <= t.ema_decay <= 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1] (the reference uses 0.999)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
@@ -315,9 +333,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     _require(t.stop_after >= 0, f"train.stop_after={t.stop_after} must be >= 0 (0 = run to train.max_steps)")
     _require(t.collective_timeout >= 10, f"train.collective_timeout={t.collective_timeout} must be >= 10 seconds")
-    if t.stage == "1+2":
-        _require(0 <= t.stage1_steps <= t.max_steps,
-                 f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps}")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     if not check_paths:
@@ -332,9 +347,51 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"data.{name}: {e}. Run ilvr-prepare first, or fix the path.") from None
     if d.processor:
-        _require(os.path.isdir(d.processor),
-                 f"data.processor={d.processor!r} is not a directory; give a local HF processor dir "
-                 "(scripts/quickstart.sh builds a tiny one)")
+        _check_processor_dir(d.processor)
     if m.name_or_path and m.name_or_path != "tiny":
         _require(os.path.isdir(m.name_or_path),
                  f"model.name_or_path={m.name_or_path!r} is not a directory; give a local checkpoint or 'tiny'")
+
+
+def _validate_length(t: TrainConfig) -> None:
+    """The run's length: train.max_steps or train.epochs (exclusive), stage 1's share likewise."""
+    _require(t.epochs >= 0 and t.stage1_epochs >= 0,
+             f"train.epochs={t.epochs} and train.stage1_epochs={t.stage1_epochs} must be >= 0 (0 = not used)")
+    _require(not (t.epochs > 0 and t.max_steps != 0),
+             f"train.epochs={t.epochs:g} and train.max_steps={t.max_steps} both set the run's length: keep one "
+             "(train.max_steps=0 takes it from train.epochs; train.epochs=0 uses train.max_steps)")
+    _require(t.epochs > 0 or t.max_steps >= 1,
+             f"train.max_steps={t.max_steps} must be >= 1 (or 0 with train.epochs > 0: the length in epochs)")
+    _require(not (t.stage1_epochs > 0 and t.stage1_steps != 0),
+             f"train.stage1_epochs={t.stage1_epochs:g} and train.stage1_steps={t.stage1_steps} both set stage 1's "
+             "length: keep one (train.stage1_steps=0 takes it from train.stage1_epochs)")
+    _require(t.stage1_epochs == 0 or t.stage == "1+2",
+             f"train.stage1_epochs={t.stage1_epochs:g} only applies to train.stage='1+2' (it is {t.stage!r})")
+    if t.stage == "1+2" and t.stage1_epochs > 0 and t.epochs > 0:
+        _require(t.stage1_epochs <= t.epochs,
+                 f"train.stage1_epochs={t.stage1_epochs:g} must be <= train.epochs={t.epochs:g}")
+    elif t.stage == "1+2" and t.stage1_epochs == 0 and t.max_steps > 0:
+        _require(0 <= t.stage1_steps <= t.max_steps,
+                 f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps}")
+    else:
+        _require(t.stage1_steps >= 0, f"train.stage1_steps={t.stage1_steps} must be >= 0")
+
+
+# what data_pipeline.tiny_processor.load_processor reads: a tokenizer and an image processor config
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def _check_processor_dir(path: str) -> None:
+    """data.processor must be a Hugging Face processor directory (a Qwen2.5-VL model dir holds one): checked
+    here, because loading anything else fails a minute later with a message about sentencepiece."""
+    _require(os.path.isdir(path), f"data.processor={path!r} is not a directory; give a local HF processor dir "
+             "(a Qwen2.5-VL model directory holds one; scripts/quickstart.sh builds a tiny one)")
+    names = set(os.listdir(path))
+    missing = [what for what, files in (("tokenizer_config.json", ("tokenizer_config.json",)),
+                                        (" or ".join(_TOKENIZER_FILES), _TOKENIZER_FILES),
+                                        (" or ".join(_IMAGE_PROCESSOR_FILES), _IMAGE_PROCESSOR_FILES))
+               if not names.intersection(files)]
+    _require(not missing, f"data.processor={path!r} is not a processor directory: it has no {'; no '.join(missing)}. "
+             "Point it at the model directory you train from (e.g. /models/Qwen2.5-VL-7B-Instruct), at a run's "
+             "checkpoints/step-N/processor, or at the tiny processor scripts/quickstart.sh builds")

@@ -12,8 +12,9 @@ Contract with the trainer (what a checkpoint dir must hold; ilvr.training.checkp
   COMPLETE               the checkpoint finished saving
 
 The exported dir holds the model (safetensors, the config), the processor with the latent
-tokens, and ilvr_settings.json (K, latent token strings and ids, stage, step, loss settings)
-that ILVR inference needs besides the weights. It is written to a sibling `<out>.tmp-<pid>` and
+tokens, ilvr_settings.json (K, latent token strings and ids, stage, step, loss settings)
+that ILVR inference needs besides the weights, and a README.md with the loading snippet. Its
+files get the user's umask (safetensors alone writes 0600), so a shared cluster group can read it. It is written to a sibling `<out>.tmp-<pid>` and
 swapped in (old export renamed away, new renamed in, old deleted), so an interrupted export
 never leaves a half directory at `out`. `--overwrite` only ever replaces an earlier export
 (a dir with ilvr_settings.json), never `/`, the home dir, the current dir or one of its parents.
@@ -70,7 +71,56 @@ def export_model(model, processor, out_dir: str, settings: dict) -> str:
     processor.save_pretrained(out_dir)
     with open(os.path.join(out_dir, SETTINGS_FILE), "w", encoding="utf-8") as f:
         json.dump(full, f, indent=2)
+    with open(os.path.join(out_dir, README_FILE), "w", encoding="utf-8") as f:
+        f.write(README_TEMPLATE.format(step=full.get("step"), stage=full.get("stage"), k=full["latent_size"]))
+    apply_umask(out_dir)
     return out_dir
+
+
+README_FILE = "README.md"
+README_TEMPLATE = """# ILVR model (exported by ilvr-export)
+
+Qwen2.5-VL weights trained with interleaved latent visual reasoning (step {step}, stage {stage}, K = {k}).
+`ilvr_settings.json` holds what ILVR decoding needs besides the weights (K, latent token ids, scale).
+
+```python
+from transformers import AutoModelForImageTextToText
+from transformers.utils import is_torchvision_available
+
+path = "."  # this directory
+model = AutoModelForImageTextToText.from_pretrained(path)
+if is_torchvision_available():  # stock transformers: `pip install "ilvr-train[vision]"` (or torchvision)
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(path)
+else:  # without torchvision (e.g. the CPU quick start): ILVR-train's loader reads the same files
+    from data_pipeline.tiny_processor import load_processor
+
+    processor, latent_ids = load_processor(path)
+```
+
+Latent decoding and scoring: `ilvr-eval --model <this dir> --shards SHARDS --out DIR`, or
+`ilvr.evaluation.loading.load_eval_model(path)` with `ilvr.model.generate.generate`.
+"""
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it: set and restore at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str) -> None:
+    """Give everything under `root` the permissions the user's umask asks for (files 0666 & ~umask, dirs 0777 &
+    ~umask): safetensors writes 0600, which a shared group cannot read."""
+    mask = current_umask()
+    for directory, dirs, files in os.walk(root):
+        os.chmod(directory, 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(directory, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:

@@ -19,11 +19,23 @@ if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make `
 from ilvr.config import ConfigError, load_config  # noqa: E402
 
 
+AUTO_DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs", "zero3.json")
+
+
 def parse_args(argv: "list[str] | None" = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ilvr-train", description="Train an ILVR model with DeepSpeed.")
-    p.add_argument("--deepspeed", required=True, help="DeepSpeed JSON config (ds_configs/zero3.json); 'auto' allowed")
+    p.add_argument("--deepspeed", default="auto",
+                   help="DeepSpeed JSON config (ds_configs/zero2.json, zero3.json, zero3_offload.json); 'auto' "
+                        "(default) = the repository's ds_configs/zero3.json. Its \"auto\" values are filled from "
+                        "the training config either way")
     p.add_argument("--config", action="append", required=True, help="YAML recipe (repeatable; later ones win)")
-    p.add_argument("--resume", default="auto", help="'auto' (latest complete checkpoint), 'never', or a checkpoint dir")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (default): continue the run in train.output_dir if its recorded config matches "
+                        "(fields that may change: docs/training.md), else start one; 'never': a new run (refused "
+                        "if the dir holds one); or a checkpoint / run dir to continue from, whatever its config")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="continue the run in train.output_dir although fields it cannot change on resume differ "
+                        "(e.g. train.lr); the change is recorded in <output_dir>/config.history.jsonl")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5 data.batch_size=4")
     return p.parse_args(argv)
@@ -37,20 +49,26 @@ def main(argv: "list[str] | None" = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if not os.path.isfile(args.deepspeed):
-            raise ConfigError(f"--deepspeed {args.deepspeed!r} does not exist (see ds_configs/)")
-        load_ds_config(args.deepspeed)  # value types checked here, before any process group or model
+        ds_path = AUTO_DS_CONFIG if args.deepspeed == "auto" else args.deepspeed
+        if not os.path.isfile(ds_path):
+            raise ConfigError(f"--deepspeed {args.deepspeed!r} -> {ds_path} does not exist: give a DeepSpeed JSON "
+                              "(see ds_configs/ in the repository)")
+        load_ds_config(ds_path)  # value types checked here, before any process group or model
     except (ConfigError, DeepSpeedConfigError) as e:
         print(f"ilvr-train: config error: {e}", file=sys.stderr)
         return 2
     import torch.distributed as dist
 
     from ilvr.training.checkpoint import CheckpointError, OutputDirBusy
+    from ilvr.training.run_dir import RunDirRefused
     from ilvr.training.trainer import Trainer
 
     try:
-        Trainer(cfg, args.deepspeed, resume=args.resume).run()
-    except (OutputDirBusy, CheckpointError, DeepSpeedConfigError) as e:  # refusals: every rank says why, no traceback
+        Trainer(cfg, ds_path, resume=args.resume, allow_config_change=args.allow_config_change).run()
+    except ConfigError as e:  # found at start-up (train.epochs against the shards): every rank says it
+        print(f"ilvr-train: config error: {e}", file=sys.stderr)
+        return 2
+    except (OutputDirBusy, CheckpointError, DeepSpeedConfigError, RunDirRefused) as e:  # refusals: no traceback
         print(f"ilvr-train: {e}", file=sys.stderr)
         return 3
     finally:

@@ -2,8 +2,10 @@
 # Multi-node ILVR training on Slurm: one torchrun per node (static rendezvous), DeepSpeed ZeRO-3,
 # checkpoint on the time-limit warning, requeue, resume into the same MLflow run.
 #
-#   sbatch slurm/train.sh                                         # the defaults below (from the repo root)
 #   ILVR_CONFIG=configs/qwen25vl_7b_vsp.yaml sbatch -N 4 --time=12:00:00 slurm/train.sh train.lr=2e-5
+#
+# ILVR_CONFIG (the recipe) is required; the Python is `python3` from the submitting environment (activate
+# yours before sbatch) unless ILVR_PYTHON (or ILVR_VENV) names another.
 #
 # Arguments are dotted config overrides. Every knob (sbatch flags and ILVR_* variables): docs/slurm.md.
 # The #SBATCH lines are defaults; flags given to sbatch win over them.
@@ -27,11 +29,13 @@ die() { echo "[train.sh] error: $*" >&2; exit 2; }
 REPO=${ILVR_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$REPO" || die "cannot cd to $REPO (set ILVR_REPO)"
 [ -f ilvr/train.py ] || die "$REPO is not the ILVR-train repository: sbatch from its root or set ILVR_REPO"
+[ -n "${ILVR_CONFIG:-}" ] || die "ILVR_CONFIG is not set: name the recipe to train, e.g. \
+ILVR_CONFIG=configs/qwen25vl_7b_vsp.yaml sbatch -N 4 slurm/train.sh (several, space-separated: later ones win)"
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a Slurm job: submit with 'sbatch slurm/train.sh'"
 
+# The active python3 (activate your environment before sbatch: --export=ALL passes it on), or the one named.
 if [ -n "${ILVR_PYTHON:-}" ]; then PY=$ILVR_PYTHON
 elif [ -n "${ILVR_VENV:-}" ]; then PY=$ILVR_VENV/bin/python
-elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
 else PY=python3
 fi
 case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # absolute, venv link kept
@@ -47,7 +51,7 @@ if [ -n "${ILVR_ENV_FILE:-}" ]; then
 fi
 
 # ---------------------------------------------------------------- what to train
-read -r -a CONFIGS <<< "${ILVR_CONFIG:-configs/tiny_cpu.yaml}"   # several: later ones win
+read -r -a CONFIGS <<< "$ILVR_CONFIG"   # several: later ones win
 DS_CONFIG=${ILVR_DS_CONFIG:-ds_configs/zero3.json}
 RESUME=${ILVR_RESUME:-auto}
 read -r -a OVERRIDES <<< "${ILVR_OVERRIDES:-}"
@@ -128,7 +132,8 @@ on_term() {  # scancel, preemption or our own requeue: Slurm signals the ranks i
 trap on_usr1 USR1
 trap on_term TERM
 
-rm -f "$FINISHED"  # only this run may say it finished
+# finished.json is the trainer's: it removes a stale one when a finished run trains on (train.max_steps grew), and
+# a finished run submitted again refuses to train and keeps it (this job then reports it done)
 # shellcheck disable=SC2016  # $0, $@ and $SLURM_NODEID expand on each node, inside bash -c
 srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
   --open-mode=append --output="$LOG_DIR/%j-node%n-%N.log" \
@@ -156,9 +161,10 @@ mark() {  # mark done|failed "why": a marker the tests and the user can check (S
   printf 'job=%s restarts=%s nodes=%s time=%s %s\n' "$SLURM_JOB_ID" "$RESTARTS" "${NODES[*]}" \
     "$(date -Is)" "$2" > "$SLURM_DIR/$SLURM_JOB_ID.$1"
 }
-if [ -f "$FINISHED" ]; then
-  mark "done" "step=$MAX_STEPS"
-  log "finished at step $MAX_STEPS: $SLURM_DIR/$SLURM_JOB_ID.done"
+FINISHED_STEP=$(sed -n 's/.*"step": *\([0-9][0-9]*\).*/\1/p' "$FINISHED" 2>/dev/null | head -n 1 || true)
+if [ -n "$FINISHED_STEP" ] && { [ "$MAX_STEPS" -eq 0 ] || [ "$FINISHED_STEP" -ge "$MAX_STEPS" ]; }; then
+  mark "done" "step=$FINISHED_STEP"
+  log "finished at step $FINISHED_STEP: $SLURM_DIR/$SLURM_JOB_ID.done"
   exit 0
 fi
 if [ -n "$TERMINATED" ]; then

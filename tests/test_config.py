@@ -40,6 +40,10 @@ def test_later_files_win(tmp_path):
     ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
     ("train.stage1_steps=500", "train.stage1_steps=500 must be between 0 and train.max_steps=30"),
     ("lr=1", "the key must be section.key"),
+    ("train.epochs=2", "train.epochs=2 and train.max_steps=30 both set the run's length"),
+    ("train.stage1_epochs=1", "train.stage1_epochs=1 and train.stage1_steps=20 both set stage 1's length"),
+    ("train.max_steps=0", "train.max_steps=0 must be >= 1 (or 0 with train.epochs > 0"),
+    ("train.epochs=-1", "train.epochs=-1.0 and train.stage1_epochs=0.0 must be >= 0"),
 ])
 def test_each_mistake_names_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -89,7 +93,8 @@ def test_reference_recipes_load_with_the_reference_constants(recipe):
     assert (cfg.train.lr, cfg.train.weight_decay, cfg.data.batch_size, cfg.train.grad_accum) == (1e-5, 0.01, 1, 8)
     assert cfg.model.dtype == "bf16" and cfg.data.max_length == 32768 and cfg.eval.max_new_tokens == 4096
     # the whole method, not stage 1 only; selection that adapts (score_norm), not the reference's flat softmax
-    assert cfg.train.stage == "1+2" and 0 < cfg.train.stage1_steps < cfg.train.max_steps
+    assert cfg.train.stage == "1+2" and (cfg.train.epochs, cfg.train.stage1_epochs) == (15, 10)
+    assert (cfg.train.max_steps, cfg.train.stage1_steps) == (0, 0)  # resolved from the epochs at start-up
     assert cfg.loss.score_norm == "standardize"
 
 
@@ -119,3 +124,28 @@ def test_output_dir_is_never_home_a_parent_of_here_or_the_project(tmp_path, monk
             load_config(TINY, [f"train.output_dir={bad}"], check_paths=False)
     for good in (".", "runs/x", str(tmp_path / "elsewhere"), str(REPO / "runs" / "x")):
         load_config(TINY, [f"train.output_dir={good}"], check_paths=False)
+
+
+def test_a_recipe_in_epochs_leaves_the_steps_to_start_up(tmp_path):
+    recipe = tmp_path / "epochs.yaml"
+    recipe.write_text("train:\n  stage: '1+2'\n  epochs: 3\n  stage1_epochs: 2\n")
+    cfg = load_config(str(recipe), check_paths=False)
+    assert (cfg.train.epochs, cfg.train.stage1_epochs, cfg.train.max_steps, cfg.train.stage1_steps) == (3, 2, 0, 0)
+    with pytest.raises(ConfigError, match="train.stage1_epochs=4 must be <= train.epochs=3"):
+        load_config(str(recipe), ["train.stage1_epochs=4"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"train.epochs=3 and train.max_steps=10 both set"):
+        load_config(str(recipe), ["train.max_steps=10"], check_paths=False)
+
+
+def test_processor_must_be_a_processor_directory(tmp_path, tiny_processor_dir):
+    empty = tmp_path / "not_a_processor"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")  # e.g. a model dir without its tokenizer
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["data.train_shards=", "data.eval_shards=", f"data.processor={empty}"])
+    message = str(e.value)
+    assert f"data.processor='{empty}' is not a processor directory" in message
+    assert "tokenizer_config.json" in message and "preprocessor_config.json or processor_config.json" in message
+    assert "checkpoints/step-N/processor" in message  # the fix
+    cfg = load_config(TINY, ["data.train_shards=", "data.eval_shards=", f"data.processor={tiny_processor_dir}"])
+    assert cfg.data.processor == tiny_processor_dir

@@ -2,6 +2,7 @@
 the quick-start model trained on 2 ZeRO-3 ranks -> export -> `ilvr-eval` CLI -> sweep -> `ilvr-report`."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -22,8 +23,8 @@ from tests.factories import logit_bias
 from tests.test_train import command as train_command, env as train_env
 
 LATENT_BIAS = 1.0  # on <|latent_start|>: makes the random tiny model open latent segments (0.4 is too weak here)
-ROW_FIELDS = {"id", "prompt", "prediction", "latent_segments", "num_tokens", "latency_ms", "parsed", "correct",
-              "category", "finished"}
+ROW_FIELDS = {"id", "prompt", "prediction", "gold", "latent_segments", "num_tokens", "latency_ms", "parsed",
+              "correct", "category", "finished"}
 
 
 def write_vsp_shards(out: str, n: int, seed: int = 3) -> str:
@@ -68,6 +69,7 @@ def test_every_mode_outputs_mlflow_and_report(tmp_path, exported, eval_shards, t
         rows = [json.loads(line) for line in open(tmp_path / mode / "predictions.jsonl", encoding="utf-8")]
         assert [r["id"] for r in rows] == [f"synvsp-s3-{i:06d}" for i in range(6)]
         assert all(ROW_FIELDS <= set(r) for r in rows)
+        assert all(r["gold"] and set(r["gold"]) <= set("LRUD,") for r in rows), rows  # the reference plan
         on_disk = json.load(open(tmp_path / mode / "metrics.json", encoding="utf-8"))
         assert on_disk["metrics"] == result["metrics"] and on_disk["mlflow_run_id"]
         m = result["metrics"]
@@ -166,16 +168,32 @@ def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir):
     assert all(mode in html for mode in ("latent", "text", "constant-latent"))
 
 
-def test_bad_data_fails_before_decoding_and_nothing_evaluable_is_an_error(tmp_path, exported, eval_shards):
-    from data_pipeline.records import ImageRef
+def _no_model_loading(monkeypatch) -> None:
+    import ilvr.evaluation.evaluate as evaluate
+    import ilvr.evaluation.loading as loading
 
-    with pytest.raises(ValueError, match="cannot be scored as 'comt'"):  # VSP records, wrong scorer: no model loaded
-        run_evaluation(EvalRequest(model=str(tmp_path / "no-model"), shards=eval_shards, out_dir=str(tmp_path / "x"),
-                                   benchmark="comt", mlflow=False))
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "load_eval_model", refuse)
+    monkeypatch.setattr(loading, "load_eval_model", refuse)
+
+
+def test_bad_data_fails_before_decoding_and_nothing_evaluable_is_an_error(tmp_path, exported, eval_shards,
+                                                                          monkeypatch):
+    with monkeypatch.context() as m:
+        _no_model_loading(m)
+        with pytest.raises(ValueError, match="cannot be scored as 'comt'"):  # VSP records, wrong scorer
+            run_evaluation(EvalRequest(model=exported, shards=eval_shards, out_dir=str(tmp_path / "x"),
+                                       benchmark="comt", mlflow=False))
+        with pytest.raises(FileNotFoundError, match="neither an exported model"):  # checked before the shards
+            run_evaluation(EvalRequest(model=str(tmp_path / "no-model"), shards=str(tmp_path / "no-shards"),
+                                       out_dir=str(tmp_path / "x"), mlflow=False))
     writer = ShardWriter(str(tmp_path / "broken"), prefix="b", samples_per_shard=4)
     for i, rec in enumerate(synthetic(num_samples=2, seed=3, min_size=3, max_size=3)):
-        rec.images = [ImageRef(data=b"\x89PNG\r\n\x1a\n but truncated")]
-        writer.write(record_to_sample(rec, i, verify_images=False))
+        sample = record_to_sample(rec, i)  # the writer checks images now: break the image in the sample itself
+        sample["in0.png"] = b"\x89PNG\r\n\x1a\n but truncated"
+        writer.write(sample)
     writer.close()
     req = EvalRequest(model=exported, shards=str(tmp_path / "broken"), out_dir=str(tmp_path / "y"), mlflow=False)
     with pytest.raises(ValueError, match=r"no record .* could be evaluated \(skipped: \{'corrupt_image': 2\}"):
@@ -192,3 +210,42 @@ def test_a_sweep_dir_is_not_reused(tmp_path, exported, eval_shards, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == "1"
     assert eval_main(args) == 2
     assert "already holds a sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["missing-shards", "missing-model"])
+def test_cli_checks_inputs_before_loading_the_model(tmp_path, exported, monkeypatch, capsys, case):
+    from ilvr.evaluation.cli import main as eval_main
+
+    _no_model_loading(monkeypatch)
+    model = exported if case == "missing-shards" else str(tmp_path / "no-model")
+    shards = str(tmp_path / "no-shards" / "x-{000000..000001}.tar")
+    assert eval_main(["--model", model, "--shards", shards, "--out", str(tmp_path / "o"), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert ("no-shards" in err) if case == "missing-shards" else ("neither an exported model" in err), err
+    assert not (tmp_path / "o").exists()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_decoding_shows_progress_on_a_terminal_and_logs_it_elsewhere(exported, eval_shards, monkeypatch, caplog):
+    from ilvr.evaluation.data import load_records
+    from ilvr.evaluation.evaluate import decode_records
+
+    em = load_eval_model(exported, dtype="fp32")
+    records = load_records(eval_shards).records
+    settings = DecodeSettings(max_new_tokens=2, batch_size=4)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    decode_records(em, records, settings, progress=True)
+    assert "6/6" in terminal.getvalue() and "sample" in terminal.getvalue()
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    decode_records(em, records, settings, progress=False)  # --no-progress, or a rank other than 0
+    assert quiet.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal (a Slurm log): log lines instead
+    with caplog.at_level("INFO", logger="ilvr.evaluation.evaluate"):
+        decode_records(em, records, settings, progress=True)
+    assert any("decoded 6/6 samples" in r.getMessage() and "eta" in r.getMessage() for r in caplog.records)

@@ -120,3 +120,39 @@ def test_cli_exports_a_zero3_checkpoint(tmp_path, tiny_processor_dir):
     assert not os.path.exists(os.path.join(out, "marker.txt"))
     assert sorted(os.listdir(tmp_path)) == ["export", "run"]
     assert_same_weights(load_stock(out).state_dict(), load_file(os.path.join(run, "reference.safetensors")))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_exported_files_follow_the_umask(tmp_path, tiny, tiny_model_factory, umask):
+    """safetensors writes 0600; a cluster group must read an export as its umask says."""
+    import stat
+
+    processor, _ = tiny
+    old = os.umask(umask)
+    try:
+        out = str(tmp_path / "export")
+        export_model(tiny_model_factory(), processor, out, {"latent_size": K})
+    finally:
+        os.umask(old)
+    modes = {name: stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) for name in os.listdir(out)}
+    assert "model.safetensors" in modes and all(m == 0o666 & ~umask for m in modes.values()), \
+        {k: oct(v) for k, v in modes.items()}
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+
+
+def test_the_export_readme_snippet_loads_the_model_and_processor(tmp_path, tiny, tiny_model_factory, monkeypatch):
+    """The README.md written into the export: stock AutoProcessor where torchvision exists, the project's
+    loader otherwise (this CPU environment has no torchvision: the fallback runs here)."""
+    import re
+
+    processor, latent_ids = tiny
+    out = tmp_path / "export"
+    export_model(tiny_model_factory(), processor, str(out), {"latent_size": K, "step": 3, "stage": "2"})
+    readme = (out / "README.md").read_text()
+    assert "step 3, stage 2, K = 4" in readme and 'pip install "ilvr-train[vision]"' in readme
+    snippet = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(out)  # path = "." in the snippet
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert type(scope["model"]).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert scope["processor"].tokenizer.convert_tokens_to_ids("<|latent_pad|>") == latent_ids.pad

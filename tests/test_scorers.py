@@ -178,3 +178,16 @@ def test_score_subcommand_on_real_vsp_shards(vsp_records, tmp_path, capsys):
     preds.write_text('{"id": "x"}\n')
     assert eval_main(["score", "--predictions", str(preds), "--data", str(tmp_path / "shards")]) == 2
     assert "preds.jsonl:1" in capsys.readouterr().err
+
+
+def test_scores_carry_the_gold_reference():
+    """predictions.jsonl shows what each answer was judged against: CoMT's letter, Zebra's answer, and for VSP
+    the record's plan or, when the row has none (the test set), a shortest plan on its map."""
+    assert comt.score("\\boxed{A}", comt_record("(B)", choices=["a", "b", "c", "d"])).gold == "B"
+    z = Record(id="z", task="zebra", question="q", images=[], steps=[], answer="42", meta={})
+    assert zebra.score("no answer", z).gold == "42"
+    grid = [[1, 0], [-1, 2]]
+    v = Record(id="v", task="vsp", question="q", images=[], steps=[], answer="", meta={"map_desc": grid})
+    assert vsp.score("\\boxed{R,D}", v).gold == ",".join(shortest_plan(grid)) == "R,D"
+    v.answer = "R,D"
+    assert vsp.score("nothing", v).gold == "R,D"

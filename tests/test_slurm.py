@@ -65,9 +65,11 @@ def overrides(data: dict, processor: str) -> list[str]:
 
 
 def job_env(cluster: SlurmCluster, **extra: str) -> dict:
-    """What sbatch passes on to the job (--export=ALL): this venv's python, CPU DeepSpeed, no outside MLflow."""
+    """What sbatch passes on to the job (--export=ALL): this venv's python, the tiny recipe (ILVR_CONFIG is
+    required), CPU DeepSpeed, no outside MLflow."""
     env = {k: v for k, v in cluster.env().items() if not k.startswith(("MLFLOW_", "ILVR_"))}
-    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", ILVR_PYTHON=sys.executable, **extra)
+    env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", ILVR_PYTHON=sys.executable,
+               ILVR_CONFIG="configs/tiny_cpu.yaml", **extra)
     return env
 
 

@@ -247,6 +247,33 @@ def test_failing_store_is_retried_without_blocking_or_losing(tmp_path, caplog):
     assert tracker.dropped == 0
 
 
+def test_full_queue_drops_the_oldest_steps_and_backfills_them(tmp_path):
+    """Memory stays bounded during an outage (max_pending calls); what fell out comes back from
+    metrics.jsonl once the store answers, so MLflow still gets every step, once."""
+    out = tmp_path / "out"
+    tracker = Tracker(rank=0, retry_after_s=0.2, max_pending=3)
+    run_id = tracker.start(make_cfg(out))
+    real, calls = tracker.client.log_batch, []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise ConnectionError("store went away")
+
+    tracker.client.log_batch = broken
+    for step in range(1, 51):
+        log_step(tracker, out, step)
+    deadline = time.monotonic() + 20
+    while len(calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tracker.overflowed >= 50 - 3 - 1  # at most one more in flight
+    tracker.client.log_batch = real
+    tracker.end()
+    assert tracker.backfilled == tracker.overflowed
+    client = client_for(tracker.tracking_uri)
+    assert steps_of(client, run_id) == list(range(1, 51))
+    assert steps_of(client, run_id, "latent/selected_k1") == list(range(1, 51))
+
+
 def test_refused_call_is_given_up_alone_and_counted(tmp_path):
     """A 4xx answer is not retried forever (it would block the queue): the refused step alone is lost,
     and `dropped` (what the evaluation ends FAILED on) counts it."""

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--parent-run-id", default=None, help="log as a child of this MLflow run")
     run.add_argument("--run-name", default=None)
     run.add_argument("--no-mlflow", action="store_true", help="write files only")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no progress bar while decoding (it is shown on rank 0 when stderr is a terminal; "
+                          "otherwise a log line every tenth of the records)")
     run.add_argument("--collective-timeout", type=float, default=1800.0, help="seconds; multi-rank only")
     _decode_args(run)
     _tracking_args(run)
@@ -132,17 +135,18 @@ def cmd_run(args) -> int:
     import torch
 
     from ilvr.evaluation.evaluate import EvalRequest, run_evaluation
-    from ilvr.evaluation.loading import load_eval_model
+    from ilvr.evaluation.loading import resolve_model_path
 
     decode = _decode_settings(args)
+    resolve_model_path(args.model)  # a wrong --model fails here, before any process group or file is touched
     info = _start_ranks(args.collective_timeout)
     try:
         device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
         req = EvalRequest(model=args.model, shards=args.shards, out_dir=args.out, benchmark=args.benchmark,
                           decode=decode, limit=args.limit, dtype=args.dtype, tracking_uri=args.tracking_uri,
                           experiment=args.experiment, parent_run_id=args.parent_run_id, run_name=args.run_name,
-                          mlflow=not args.no_mlflow)
-        result = run_evaluation(req, em=load_eval_model(args.model, args.dtype, device=device))
+                          mlflow=not args.no_mlflow, device=device, progress=not args.no_progress)
+        result = run_evaluation(req)  # shards and references are checked before the model is loaded
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

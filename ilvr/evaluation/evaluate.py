@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import zlib
 from collections import Counter
@@ -22,9 +23,11 @@ import torch
 from data_pipeline.encode import encode_prompt
 from data_pipeline.records import Record, RecordError
 from ilvr.evaluation.data import BenchmarkData, load_records
-from ilvr.evaluation.loading import EvalModel, load_eval_model
+from ilvr.evaluation.loading import EvalModel, load_eval_model, resolve_model_path
 from ilvr.evaluation.scorers import aggregate, category_key, get_scorer, infer_benchmark
 from ilvr.model.generate import MODES, generate
+from ilvr.training.distributed import format_duration
+from ilvr.training.distributed import all_gather_json
 
 log = logging.getLogger(__name__)
 
@@ -67,45 +70,90 @@ class EvalRequest:
     parent_run_id: str | None = None  # makes this run a child (sweeps)
     run_name: str | None = None
     mlflow: bool = True
+    device: str | None = None  # default: this rank's GPU, else CPU
+    progress: bool = True  # a progress bar on rank 0 while decoding, when stderr is a terminal
+
+
+class Progress:
+    """Decoding progress on rank 0: a tqdm bar on a terminal; otherwise (Slurm logs, pipes) a log line at
+    every tenth of the records, so a long evaluation is never silent until it ends."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, dynamic_ncols=True)
+        self.next_log = max(1, total // 10)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (self.done >= self.next_log or self.done == self.total):
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0.0
+            log.info("decoded %d/%d samples on this rank (%.2f samples/s, eta %s)", self.done, self.total, rate,
+                     format_duration(eta))
+            self.next_log = self.done + max(1, self.total // 10)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
 def decode_records(em: EvalModel, records: list[Record], settings: DecodeSettings,
-                   skipped: Counter | None = None) -> list[dict]:
-    """One row per record that could be encoded: id, prompt, prediction, segments, tokens, latency."""
+                   skipped: Counter | None = None, progress: bool = False) -> list[dict]:
+    """One row per record that could be encoded: id, prompt, prediction, gold answer, segments, tokens,
+    latency. `progress`: show decoding progress (Progress: a bar on a terminal, else log lines)."""
     rows: list[dict] = []
     generator = torch.Generator(device=em.model.device) if settings.do_sample else None
-    for start in range(0, len(records), settings.batch_size):
-        prompts, batch_records = [], []
-        for record in records[start:start + settings.batch_size]:
-            try:
-                prompts.append(encode_prompt(record, em.processor))
-                batch_records.append(record)
-            except RecordError as e:
-                if skipped is not None:
-                    skipped[e.reason] += 1
-                log.warning("record %s cannot be evaluated: %s", record.id, e)
-        if not prompts:
-            continue
-        donor = settings.mode == "shuffled-latent" and len(prompts) == 1 and len(records) > 1
-        if donor:  # shuffling needs a second sample: borrow one whose own answer is not kept
-            prompts.append(_donor_prompt(em, records, batch_records[0]))
-        if generator is not None:  # seeded by the batch's first record: no two ranks draw the same stream
-            generator.manual_seed(settings.seed * 1_000_003 + zlib.crc32(batch_records[0].id.encode()))
-        t0 = time.perf_counter()
-        results = generate(em.model, prompts, em.processor.tokenizer, em.latent_ids, em.latent_size,
-                           mode=settings.mode, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
-                           temperature=settings.temperature, top_p=settings.top_p, generator=generator,
-                           latent_norm=em.latent_norm, constant_latent=em.fed_mean)
-        latency_ms = (time.perf_counter() - t0) * 1000
-        prompts = prompts[:len(batch_records)]
-        for record, result in zip(batch_records, results):
-            rows.append({"id": record.id, "prompt": record.question, "prediction": result.text,
-                         "latent_segments": result.num_latent_segments, "num_tokens": len(result.token_ids),
-                         "finished": result.finished, "latency_ms": round(latency_ms, 3),
-                         "batch_size": len(prompts)})
+    bar = Progress(len(records), progress, f"ilvr-eval {settings.mode}")
+    try:
+        for start in range(0, len(records), settings.batch_size):
+            rows.extend(_decode_batch(em, records, start, settings, generator, skipped))
+            bar.update(len(records[start:start + settings.batch_size]))
+    finally:
+        bar.close()
+    return rows
+
+
+def _decode_batch(em: EvalModel, records: list[Record], start: int, settings: DecodeSettings,
+                  generator: "torch.Generator | None", skipped: "Counter | None") -> list[dict]:
+    """The rows of records[start:start + batch_size] (those that could be encoded)."""
+    rows: list[dict] = []
+    prompts, batch_records = [], []
+    for record in records[start:start + settings.batch_size]:
+        try:
+            prompts.append(encode_prompt(record, em.processor))
+            batch_records.append(record)
+        except RecordError as e:
+            if skipped is not None:
+                skipped[e.reason] += 1
+            log.warning("record %s cannot be evaluated: %s", record.id, e)
+    if not prompts:
+        return rows
+    donor = settings.mode == "shuffled-latent" and len(prompts) == 1 and len(records) > 1
+    if donor:  # shuffling needs a second sample: borrow one whose own answer is not kept
+        prompts.append(_donor_prompt(em, records, batch_records[0]))
+    if generator is not None:  # seeded by the batch's first record: no two ranks draw the same stream
+        generator.manual_seed(settings.seed * 1_000_003 + zlib.crc32(batch_records[0].id.encode()))
+    t0 = time.perf_counter()
+    results = generate(em.model, prompts, em.processor.tokenizer, em.latent_ids, em.latent_size,
+                       mode=settings.mode, max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
+                       temperature=settings.temperature, top_p=settings.top_p, generator=generator,
+                       latent_norm=em.latent_norm, constant_latent=em.fed_mean)
+    latency_ms = (time.perf_counter() - t0) * 1000
+    prompts = prompts[:len(batch_records)]
+    for record, result in zip(batch_records, results):
+        rows.append({"id": record.id, "prompt": record.question, "prediction": result.text,
+                     "gold": record.answer, "latent_segments": result.num_latent_segments,
+                     "num_tokens": len(result.token_ids), "finished": result.finished,
+                     "latency_ms": round(latency_ms, 3), "batch_size": len(prompts)})
     return rows
 
 
@@ -118,22 +166,6 @@ def _donor_prompt(em: EvalModel, records: list[Record], other_than: Record):
             except RecordError:
                 continue
     raise ValueError("mode 'shuffled-latent' needs at least 2 evaluable records")
-
-
-def all_gather_json(obj) -> list:
-    """Every rank's JSON-serialisable `obj`, in rank order (JSON bytes in tensors: nothing is unpickled)."""
-    dist = torch.distributed
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
-    longest = max(int(n) for n in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
-    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(buffers, padded)
-    return [json.loads(bytes(b[:int(n)].cpu().tolist()).decode("utf-8")) for b, n in zip(buffers, sizes)]
 
 
 def _gather_rows(rows: list[dict], skipped: Counter, wall_s: float):
@@ -152,7 +184,8 @@ def _gather_rows(rows: list[dict], skipped: Counter, wall_s: float):
 
 
 def score_rows(rows: list[dict], records: dict[str, Record], benchmark: str) -> dict[str, float]:
-    """Add parsed/correct/category to each row (in place); return the score metrics."""
+    """Add gold/parsed/correct/category to each row (in place); return the score metrics. `gold` is the
+    reference the scorer compared with (CoMT: its letter), so a row can be judged without the shards."""
     scorer = get_scorer(benchmark)
     unknown = [r["id"] for r in rows if r["id"] not in records]
     if unknown:
@@ -161,7 +194,8 @@ def score_rows(rows: list[dict], records: dict[str, Record], benchmark: str) -> 
     scores = []
     for row in rows:
         s = scorer(row["prediction"], records[row["id"]])
-        row.update(parsed=s.parsed, correct=s.correct, category=s.category, outcome=s.detail)
+        row.update(gold=s.gold if s.gold is not None else records[row["id"]].answer, parsed=s.parsed,
+                   correct=s.correct, category=s.category, outcome=s.detail)
         scores.append(s)
     return aggregate(scores, benchmark)
 
@@ -238,14 +272,20 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
     """Decode, score and record one (model, benchmark, mode). Returns the metrics (on every rank)."""
     dist = torch.distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    # every input is checked before the model loads (minutes for 7B): the model path, the shards, the references
+    if em is None:
+        resolve_model_path(req.model)
     data = data or load_records(req.shards, req.limit)
     benchmark = infer_benchmark(data.records) if req.benchmark == "auto" else req.benchmark
     check_references(data.records, benchmark)  # before any decoding: bad data must not cost hours of it
-    em = em or load_eval_model(req.model, req.dtype)
+    if rank == 0:
+        log.info("%d %s records from %s; %s", len(data.records), benchmark, req.shards,
+                 "loading the model" if em is None else "decoding")
+    em = em or load_eval_model(req.model, req.dtype, device=req.device)
 
     skipped = Counter()
     t0 = time.perf_counter()
-    rows = decode_records(em, data.records[rank::world], req.decode, skipped)
+    rows = decode_records(em, data.records[rank::world], req.decode, skipped, progress=req.progress and rank == 0)
     rows, skipped, wall_s = _gather_rows(rows, skipped, time.perf_counter() - t0)
     order = {r.id: i for i, r in enumerate(data.records)}
     rows.sort(key=lambda r: order[r["id"]])

@@ -63,6 +63,8 @@ MANIFEST_FORMAT = 2  # COMPLETE as JSON with a sha256 per file; before: the text
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")  # files torch.load may be pointed at
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^(step-\d+\.tmp(-.*)?|\.trash-.*)$")  # crashed saves, half-removed checkpoints
+# derived from a checkpoint after its save, with their own COMPLETE (ilvr/training/elastic.py): not its files
+_DERIVED = re.compile(r"^universal(\.(tmp|trash)-.+)?$")
 _FORCE, _FORCE_NO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
 
@@ -148,19 +150,9 @@ def _all_true(flag: bool) -> bool:
 
 def _all_gather_json(obj) -> list:
     """Every rank's JSON-serialisable `obj`, in rank order ([obj] alone); JSON bytes, never pickle."""
-    if not _distributed():
-        return [obj]
-    dist, device = torch.distributed, _device()
-    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
-    longest = max(int(n) for n in sizes)
-    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-    padded[:data.numel()] = data
-    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
-    dist.all_gather(buffers, padded)
-    return [json.loads(bytes(b[:int(n)].cpu().tolist()).decode("utf-8")) for b, n in zip(buffers, sizes)]
+    from ilvr.training.distributed import all_gather_json
+
+    return all_gather_json(obj)
 
 
 # ----------------------------------------------------------------------------- files
@@ -193,9 +185,13 @@ def _fsync_tree(root: str) -> None:
 
 
 def _payload_files(root: str) -> list[str]:
-    """Every file under `root` but COMPLETE, as sorted relative paths (symlinks included, to be refused)."""
+    """Every file under `root` but COMPLETE, as sorted relative paths (symlinks included, to be refused).
+    Derived forms beside the files (`universal/`, the elastic-resume cache, verified on its own) are not
+    the checkpoint's."""
     out = []
-    for dirpath, _, files in os.walk(root):
+    for dirpath, dirs, files in os.walk(root):
+        if dirpath == root:
+            dirs[:] = [d for d in dirs if not _DERIVED.match(d)]
         out += [os.path.relpath(os.path.join(dirpath, name), root) for name in files]
     return sorted(p for p in out if p != COMPLETE)
 
@@ -658,8 +654,10 @@ class CheckpointManager:
         """Load a complete checkpoint into `engine` (collective); return (trainer_state, rank_state).
 
         trainer_state: trainer.json (step, world_size, the saved extra_state); rank_state: this rank's
-        saved rank_state. RNG states are restored unless restore_rng=False. The checkpoint is verified
-        first (verify_checkpoint; verify=False when resolve_resume just did) and DeepSpeed reads it
+        saved rank_state, or {} when the checkpoint was saved on another world size (elastic resume:
+        ilvr/training/elastic.py converts it once and re-partitions it; the caller re-plans per-rank
+        state from elastic.saved_rank_states). RNG states are restored unless restore_rng=False (new
+        ranks of an elastic resume get derived ones). The checkpoint is verified first (verify_checkpoint; verify=False when resolve_resume just did) and DeepSpeed reads it
         weights-only. Pass a freshly built engine: DeepSpeed cannot load ZeRO-3 state into one that has
         already run (its docs).
         """
@@ -670,9 +668,27 @@ class CheckpointManager:
         with open(os.path.join(path, TRAINER_FILE), encoding="utf-8") as f:
             trainer_state = json.load(f)
         rank, world = _rank_world()
-        if trainer_state.get("world_size", world) != world:  # ZeRO shards are not re-split here
-            raise ValueError(f"{path} was saved by {trainer_state['world_size']} ranks, this run has {world}; "
-                             "export it with ilvr-export and start a new run from the exported weights")
+        saved_world = int(trainer_state.get("world_size", world))
+        if saved_world != world:  # ZeRO partitions of another world size: converted once, then re-partitioned
+            from ilvr.training.elastic import load_resharded, restore_rng as restore_elastic_rng
+
+            load_resharded(engine, path, load_teacher)
+            if restore_rng:
+                restore_elastic_rng(path, saved_world, int(trainer_state.get("step", 0)))
+            log.info("resumed from %s (step %s) on %d ranks instead of %d", path, trainer_state.get("step"), world,
+                     saved_world)
+            return trainer_state, {}
+        self._load_same_size(engine, path, load_teacher)
+        with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+        if restore_rng:
+            set_rng_state(saved["rng"])
+        log.info("resumed from %s (step %s)", path, trainer_state.get("step"))
+        return trainer_state, saved["state"]
+
+    @staticmethod
+    def _load_same_size(engine, path: str, load_teacher: Callable[[str], None] | None) -> None:
+        """DeepSpeed's and the teacher's state of a checkpoint saved on this world size."""
         try:
             with weights_only_loading():
                 load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_module_strict=True,
@@ -684,9 +700,3 @@ class CheckpointManager:
             raise RuntimeError(f"DeepSpeed could not load {path}/{DS_TAG}")
         if load_teacher is not None:
             load_teacher(path)
-        with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        if restore_rng:
-            set_rng_state(saved["rng"])
-        log.info("resumed from %s (step %s)", path, trainer_state.get("step"))
-        return trainer_state, saved["state"]

@@ -6,6 +6,7 @@ timeout is what turns a dead rank into a clean exit of the others instead of a h
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -59,15 +60,46 @@ def init_distributed(info: DistInfo, timeout_s: float) -> None:
              int(timeout_s))
 
 
+LOG_FILE_HANDLER = "ilvr-run-log"  # the name of the handler add_log_file installs (one at a time)
+
+
+def _log_format(info: DistInfo) -> str:
+    return f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
+
+
 def setup_logging(info: DistInfo) -> None:
     """Rank 0 logs at INFO; other ranks only warnings and errors (with their rank in the line)."""
     level = logging.INFO if info.is_main else logging.WARNING
-    fmt = f"%(asctime)s [rank {info.rank}] %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt, force=True)
+    logging.basicConfig(level=level, format=_log_format(info), force=True)
     # DeepSpeed calls collectives torch has renamed; the notice would repeat every step
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_log_file(info: DistInfo, path: str) -> "str | None":
+    """Rank 0 also writes its log lines to `path` (train.log in the run dir, appended on resume), so a run
+    keeps its own log whatever the launcher did with the console. Call after the output dir is claimed."""
+    if not info.is_main:
+        return None
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == LOG_FILE_HANDLER]:
+        root.removeHandler(old)
+        old.close()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.set_name(LOG_FILE_HANDLER)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(_log_format(info)))
+    root.addHandler(handler)
+    return path
+
+
+def format_duration(seconds: float) -> str:
+    """1h02m, 3m05s, 12s: an ETA short enough for a step line."""
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def all_reduce(values: list[float], op: str = "max") -> list[float]:
@@ -79,3 +111,23 @@ def all_reduce(values: list[float], op: str = "max") -> list[float]:
             t = t.cuda()
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+def all_gather_json(obj) -> list:
+    """Every rank's JSON-serialisable `obj`, in rank order ([obj] without a process group). JSON bytes in
+    tensors: nothing is unpickled, whatever another rank sends."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    data = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.long, device=device))
+    longest = max(int(n) for n in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:data.numel()] = data
+    buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(buffers, padded)
+    return [json.loads(bytes(b[:int(n)].cpu().tolist()).decode("utf-8")) for b, n in zip(buffers, sizes)]

@@ -17,7 +17,10 @@ parameter is a plain full tensor and the EMA runs on it.
 The EMA state is kept in fp32 (a bf16 EMA at d = 0.999 stalls: (1 - d) * (s - t) is
 below half an ulp of t) and rounded into the teacher's parameters after each update.
 Each rank checkpoints its own buffers (`teacher_rank{r}.safetensors`): DeepSpeed's
-save_checkpoint on an engine without optimizer hangs the other ranks.
+save_checkpoint on an engine without optimizer hangs the other ranks. On another world size
+(elastic resume) they are first joined into whole buffers (`teacher.safetensors`,
+ilvr/training/elastic.py), and each rank cuts its partition from those exactly as the student's
+new partitions are cut (`load_consolidated`).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 FILE_PATTERN = "teacher_rank{rank}.safetensors"
+CONSOLIDATED_FILE = "teacher.safetensors"  # whole fp32 EMA buffers, independent of the world size (elastic resume)
 # ZeRO++ features the teacher runs without (its primary partitions stay the student's): hpZ keeps a
 # secondary copy of the weights for backward gathers, which a teacher never runs and which a shard-local
 # EMA would leave stale; quantized weights change only how gathers travel. The student keeps them.
@@ -59,6 +63,25 @@ def teacher_ds_config(student_config: dict) -> dict:
         zero["stage"] = 0
     cfg["zero_optimization"] = zero
     return cfg
+
+
+class _readable:
+    """Turns a safetensors read failure into `error` naming the file and the way out."""
+
+    def __init__(self, path: str, error: type):
+        self.path, self.error = path, error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        from safetensors import SafetensorError
+
+        if value is not None and isinstance(value, (SafetensorError, OSError, ValueError)) \
+                and not isinstance(value, self.error):
+            raise self.error(f"{self.path}: unreadable teacher state ({value}); resume from an earlier "
+                             "checkpoint") from None
+        return False
 
 
 @dataclass
@@ -232,23 +255,49 @@ class MomentumTeacher:
         return path
 
     def load(self, directory: str, rank: int):
-        """Restore from `directory`/teacher_rank{rank}.safetensors (safetensors: nothing is unpickled).
-        A damaged file is a CheckpointError naming it (resume normally catches it earlier, by its hash)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
+        """Restore from `directory`/teacher_rank{rank}.safetensors, or from `directory`/teacher.safetensors
+        (whole buffers, written by an elastic conversion) when that is there (safetensors: nothing is
+        unpickled). A damaged file is a CheckpointError naming it (resume normally catches it earlier,
+        by its hash)."""
         from ilvr.training.checkpoint import CheckpointError
 
+        consolidated = os.path.join(directory, CONSOLIDATED_FILE)
+        if os.path.isfile(consolidated):
+            return self.load_consolidated(consolidated)
         path = os.path.join(directory, FILE_PATTERN.format(rank=rank))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no teacher state for rank {rank}: {path}")
-        device = next(iter(self._buffers.values())).device if self._buffers else "cpu"
-        try:
-            state = load_file(path, device=str(device))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable teacher state ({e}); resume from an earlier "
-                                  "checkpoint") from None
+        with _readable(path, CheckpointError):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device=str(self._device()))
         self.load_state_dict(state)
+
+    def load_consolidated(self, path: str):
+        """Restore from whole fp32 buffers ({name: flat tensor}): each rank reads only its partition of each
+        (the elements [start, start + valid) of its slot, as the student is partitioned now), or the whole
+        tensor for persistent and unpartitioned parameters."""
+        from safetensors import safe_open
+
+        from ilvr.training.checkpoint import CheckpointError
+
+        state = {}
+        with _readable(path, CheckpointError), safe_open(path, framework="pt", device=str(self._device())) as f:
+            missing = sorted(set(self._buffers) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path}: no teacher buffer for {missing[:5]}")
+            for s in self._ema:
+                whole = f.get_slice(s.name)
+                numel = int(torch.Size(whole.get_shape()).numel())
+                expected = s.teacher.ds_numel if s.partitioned else s.teacher.numel()
+                if numel != expected:
+                    raise CheckpointError(f"{path}: teacher buffer {s.name!r} has {numel} elements, the "
+                                          f"parameter {expected} (saved for another model?)")
+                state[s.name] = whole[:] if s.full else whole[s.start:s.start + s.valid]
+        self.load_state_dict(state)
+
+    def _device(self):
+        return next(iter(self._buffers.values())).device if self._buffers else "cpu"
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
         """Full teacher weights on CPU, on every rank (collective: call it on all ranks; tests/export).

@@ -53,10 +53,13 @@ def stage_at(cfg: Config, step: int) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ds_config: "str | dict", resume: str = "auto"):
+    def __init__(self, cfg: Config, ds_config: "str | dict", resume: str = "auto", allow_config_change: bool = False):
         self.cfg = cfg
         self.ds_config_arg = ds_config
         self.resume_arg = resume
+        self.allow_config_change = allow_config_change  # continue a run whose recorded config differs (run_dir.py)
+        self._clock: "tuple[float, int] | None" = None  # (time, step) at this process's first step line: the ETA
+        self._schedule_note: "str | None" = None  # how train.epochs became train.max_steps
         self.step = 0
         self.saved_step = -1
         self.history: list[dict[str, float]] = []
@@ -79,6 +82,7 @@ class Trainer:
         # <output_dir>/.lock for the process's life; on a refusal every rank raises OutputDirBusy at once
         claim_output_dir(cfg.train.output_dir)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
+        self._plan_run()  # train.epochs -> steps; continue, start or refuse, before anything is built
 
         from data_pipeline.tiny_processor import load_processor
 
@@ -98,13 +102,73 @@ class Trainer:
         self.run_id = self._resume()
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
                                          resume_run_id=self.run_id, world_size=self.info.world_size)
-        if self.info.is_main:
-            cfg.save(os.path.join(cfg.train.output_dir, "config.resolved.yaml"))
-            from ilvr.training.ds_config import save_resolved
+        self._record_config()
 
-            save_resolved(self.ds_config, os.path.join(cfg.train.output_dir, "ds_config.resolved.json"))
-            self.tracker.log_artifact(os.path.join(cfg.train.output_dir, "config.resolved.yaml"))
-            self.tracker.log_artifact(os.path.join(cfg.train.output_dir, "ds_config.resolved.json"))
+    def _plan_run(self) -> None:
+        """Resolve train.epochs and decide what this start does with its output dir (run_dir.plan_run: a new
+        run, a resume, or a refusal naming the differing fields). Rank 0 decides from the files and every rank
+        takes its answer, so a refusal ends all ranks at once, seconds after the start. Then train.log."""
+        from ilvr.config import ConfigError
+        from ilvr.training.distributed import add_log_file, all_gather_json
+        from ilvr.training.run_dir import FINISHED_FILE, RunDirRefused, RunPlan, append_history
+
+        outcome = all_gather_json(self._decide() if self.info.is_main else None)[0]
+        if "error" in outcome:
+            raise {"config": ConfigError, "refused": RunDirRefused}.get(outcome["kind"], RuntimeError)(outcome["error"])
+        t, out = self.cfg.train, self.cfg.train.output_dir
+        t.max_steps, t.stage1_steps = outcome["steps"]
+        t.epochs = t.stage1_epochs = 0.0
+        self.plan, self._schedule_note = RunPlan(**outcome["plan"]), outcome["note"]
+        add_log_file(self.info, os.path.join(out, "train.log"))
+        if not self.info.is_main:
+            return
+        if self._schedule_note:
+            log.info("%s", self._schedule_note)
+        (log.warning if self.plan.accepted_by.startswith("--") else log.info)(
+            "train.output_dir=%s: %s", out, self.plan.describe())
+        append_history(out, self.plan, self.info.world_size, self._schedule_note)
+        if os.path.exists(os.path.join(out, FINISHED_FILE)):  # it trains again (max_steps grew): no longer finished
+            os.remove(os.path.join(out, FINISHED_FILE))
+
+    def _decide(self) -> dict:
+        """Rank 0's part of _plan_run, as JSON for the other ranks (an error is sent, never left to hang them)."""
+        from dataclasses import asdict
+
+        from ilvr.config import ConfigError
+        from ilvr.training.run_dir import RunDirRefused, plan_run
+        from ilvr.training.schedule import resolve_epochs
+
+        try:
+            note = resolve_epochs(self.cfg, self.info.world_size)
+            plan = plan_run(self.cfg, self.resume_arg, self.allow_config_change)
+        except ConfigError as e:
+            return {"error": str(e), "kind": "config"}
+        except RunDirRefused as e:
+            return {"error": str(e), "kind": "refused"}
+        except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks)
+            return {"error": f"deciding how to use train.output_dir failed: {type(e).__name__}: {e}", "kind": "error"}
+        return {"plan": asdict(plan), "steps": [self.cfg.train.max_steps, self.cfg.train.stage1_steps], "note": note}
+
+    def _record_config(self) -> None:
+        """config.resolved.yaml / ds_config.resolved.json (rank 0), only for a new run or a resume with allowed
+        changes: a run's record never takes values it was not trained with. config.history.jsonl has every start."""
+        if not self.info.is_main:
+            return
+        from ilvr.training.ds_config import save_resolved
+        from ilvr.training.run_dir import DS_RESOLVED_FILE, HISTORY_FILE, RESOLVED_FILE
+
+        out = self.cfg.train.output_dir
+        written = [os.path.join(out, HISTORY_FILE)]
+        if self.plan.record_config:
+            header = f"# {self._schedule_note}\n" if self._schedule_note else ""
+            self.cfg.save(os.path.join(out, RESOLVED_FILE), header=header)
+            save_resolved(self.ds_config, os.path.join(out, DS_RESOLVED_FILE))
+            written += [os.path.join(out, RESOLVED_FILE), os.path.join(out, DS_RESOLVED_FILE)]
+        elif self.plan.changes:
+            log.warning("%s and %s keep the config this run was trained with; the change is in %s",
+                        RESOLVED_FILE, DS_RESOLVED_FILE, HISTORY_FILE)
+        for path in written:
+            self.tracker.log_artifact(path)
 
     def _hidden_size(self) -> int:
         if self.cfg.model.name_or_path == "tiny":
@@ -176,14 +240,24 @@ class Trainer:
         if self.teacher is not None and stage_at(self.cfg, int(self._peek_step(path))) == 2:
             self.teacher = None  # the checkpoint is past stage 1: no teacher state to load
         load_teacher = self._teacher_io("load")
-        trainer_state, rank_state = self.checkpoints.load(self.engine, path, load_teacher,  # restores RNG too
+        # restores RNG too; saved on another world size: converted once and re-partitioned (elastic.py)
+        trainer_state, rank_state = self.checkpoints.load(self.engine, path, load_teacher,
                                                           verify=False)  # resolve_resume just verified it
         self.step = self.saved_step = int(trainer_state["step"])
         self.history = list(trainer_state.get("history", []))
-        self.loader.load_state_dict(rank_state["loader"])
         self.latent_norm = trainer_state.get("latent_norm")
-        self.target_norm.load(rank_state.get("target_norm"))
-        self.fed_mean.load(rank_state.get("fed_mean"))
+        saved_world = int(trainer_state.get("world_size", self.info.world_size))
+        if saved_world == self.info.world_size and not self.loader.layout_changed(rank_state["loader"]):
+            self.loader.load_state_dict(rank_state["loader"])
+            self.target_norm.load(rank_state.get("target_norm"))
+            self.fed_mean.load(rank_state.get("fed_mean"))
+        else:  # another rank x worker layout: the data position is re-planned, per-rank statistics merged
+            from ilvr.training.elastic import mean_moving_average, replan_loader, saved_rank_states
+
+            states = saved_rank_states(path, saved_world)
+            replan_loader(self.loader, [s["loader"] for s in states])
+            self.target_norm.load(mean_moving_average([s.get("target_norm") for s in states]))
+            self.fed_mean.load(mean_moving_average([s.get("fed_mean") for s in states]))
         if self.info.is_main:  # steps past the checkpoint are trained (and logged) again
             from ilvr.training.tracking import METRICS_FILE, truncate_metrics
 
@@ -402,10 +476,24 @@ class Trainer:
         self.history.append({"step": self.step, **{k: metrics[k] for k in ("loss", "ce") if k in metrics}})
         if self.info.is_main:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if "/" not in k)
-            log.info("step %d/%d %s", self.step, self.cfg.train.max_steps, shown)
+            log.info("step %d/%d %s %s", self.step, self.cfg.train.max_steps, self._progress(metrics), shown)
             with open(os.path.join(self.cfg.train.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
         self.tracker.log_metrics(scalar_metrics(metrics), step=self.step)
+
+    def _progress(self, metrics: dict) -> str:
+        """'(40%, eta 3m05s, 12.5 samples/s)': the ETA from the wall time per step since this process's first
+        step line (data, logging and saving included), samples/s over all ranks for this step."""
+        from ilvr.training.distributed import format_duration
+
+        now = time.monotonic()
+        if self._clock is None:
+            self._clock = (now - float(metrics.get("step_s", 0.0)), self.step - 1)
+        start, first = self._clock
+        per_step = (now - start) / max(self.step - first, 1)
+        left = max(self.cfg.train.max_steps - self.step, 0)
+        return (f"({100 * self.step / self.cfg.train.max_steps:.0f}%, eta {format_duration(per_step * left)}, "
+                f"{metrics.get('samples_per_s', 0.0):.3g} samples/s)")
 
     def _fed_mean_all_ranks(self) -> "list[float] | None":
         """The mean fed-back latent state over all ranks (what the constant-latent ablation feeds)."""

@@ -19,12 +19,14 @@ _KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 @dataclass
 class Score:
-    """One prediction judged. `parsed` is None when no answer could be extracted."""
+    """One prediction judged. `parsed` is None when no answer could be extracted; `gold` is the reference it
+    was judged against, in the same form as `parsed` (None: the record's answer as it stands)."""
 
     parsed: str | None
     correct: bool
     category: str
     detail: str = ""
+    gold: str | None = None
 
     @property
     def parseable(self) -> bool:

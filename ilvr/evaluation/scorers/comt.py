@@ -69,4 +69,4 @@ def score(prediction: str, record: Record) -> Score:
     category = str(record.meta.get("category") or "all")
     parsed = parse_choice(prediction, choices)
     return Score(parsed=parsed, correct=parsed == gold, category=category,
-                 detail="unparseable" if parsed is None else f"gold {gold}")
+                 detail="unparseable" if parsed is None else f"gold {gold}", gold=gold)

@@ -12,7 +12,7 @@ import re
 
 from data_pipeline.records import Record
 from data_pipeline.sources.ilvr_jsonl import last_boxed
-from data_pipeline.vsp_world import simulate
+from data_pipeline.vsp_world import shortest_plan, simulate
 from ilvr.evaluation.scorers import Score
 
 _WORDS = {"left": "L", "right": "R", "up": "U", "down": "D"}
@@ -39,13 +39,24 @@ def parse_plan(text: str) -> list[str] | None:
     return moves or None
 
 
+def gold_plan(record: Record) -> str:
+    """A reference plan for the row (the record's answer, else a shortest plan on its map): any plan that
+    reaches the goal is correct, so this is an example, not the only right answer."""
+    if record.answer:
+        return record.answer
+    plan = shortest_plan(record.meta["map_desc"])
+    return ",".join(plan) if plan else ""
+
+
 def score(prediction: str, record: Record) -> Score:
     map_desc = record.meta.get("map_desc")
     if map_desc is None:
         raise ValueError(f"record {record.id!r} has no meta.map_desc: it is not a VSP record")
     category = f"level{record.meta.get('level', len(map_desc))}"
     moves = parse_plan(prediction)
+    gold = gold_plan(record)
     if moves is None:
-        return Score(parsed=None, correct=False, category=category, detail="unparseable")
+        return Score(parsed=None, correct=False, category=category, detail="unparseable", gold=gold)
     outcome = simulate(map_desc, moves)
-    return Score(parsed=",".join(moves), correct=outcome.success, category=category, detail=outcome.status)
+    return Score(parsed=",".join(moves), correct=outcome.success, category=category, detail=outcome.status,
+                 gold=gold)

@@ -54,5 +54,5 @@ def score(prediction: str, record: Record) -> Score:
     category = str(record.meta.get("category") or "all")
     answer = final_answer(prediction)
     if answer is None or not normalize(answer):
-        return Score(parsed=None, correct=False, category=category, detail="unparseable")
-    return Score(parsed=answer, correct=matches(answer, record.answer), category=category)
+        return Score(parsed=None, correct=False, category=category, detail="unparseable", gold=record.answer)
+    return Score(parsed=answer, correct=matches(answer, record.answer), category=category, gold=record.answer)
