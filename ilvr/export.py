@@ -13,7 +13,9 @@ Contract with the trainer (what a checkpoint dir must hold; ilvr.training.checkp
 
 The exported dir holds the model (safetensors, the config), the processor with the latent
 tokens, ilvr_settings.json (K, latent token strings and ids, stage, step, loss settings)
-that ILVR inference needs besides the weights, and a README.md with the loading snippet. Its
+that ILVR inference needs besides the weights, plus `mlflow` (the training run's id and store, its
+SQLite file also relative to the export, the URI without credentials: evaluations log beside their
+training run), and a README.md with the loading snippet. Its
 files get the user's umask (safetensors alone writes 0600), so a shared cluster group can read it. It is written to a sibling `<out>.tmp-<pid>` and
 swapped in (old export renamed away, new renamed in, old deleted), so an interrupted export
 never leaves a half directory at `out`. `--overwrite` only ever replaces an earlier export
@@ -168,6 +170,18 @@ def checkpoint_settings(trainer_state: dict) -> dict:
             "latent_norm": trainer_state.get("latent_norm"), "fed_mean": trainer_state.get("fed_mean")}
 
 
+def mlflow_settings(checkpoint: str, trainer_state: dict, out_dir: str) -> "dict | None":
+    """The training run's MLflow run id and store, for ilvr_settings.json: evaluations of the export then log
+    beside their training run. The store comes from the run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
+    from ilvr.training.tracking import connectable_uri, read_state, store_record
+
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    state = read_state(run_dir) or {}
+    run_id = trainer_state.get("mlflow_run_id") or state.get("run_id")
+    uri = connectable_uri(state.get("tracking_uri"), state.get("tracking_db"), run_dir) or state.get("tracking_uri")
+    return store_record(uri, run_id, out_dir) if uri else None
+
+
 def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None = None, dtype: str = "fp32",
                       overwrite: bool = False) -> str:
     """Consolidate `checkpoint` and write the HF directory `out_dir` (via `<out_dir>.tmp` + rename)."""
@@ -180,7 +194,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None =
     if not os.path.isdir(processor_dir):
         raise FileNotFoundError(f"no processor at {processor_dir}; pass --processor DIR")
     with open(os.path.join(checkpoint, "trainer.json"), encoding="utf-8") as f:
-        settings = checkpoint_settings(json.load(f))
+        trainer_state = json.load(f)
+    settings = checkpoint_settings(trainer_state)
+    record = mlflow_settings(checkpoint, trainer_state, out_dir)
+    if record:
+        settings["mlflow"] = record
     processor, _ = load_processor(processor_dir)
     model = model_from_checkpoint(checkpoint, DTYPES[dtype])
 

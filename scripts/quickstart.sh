@@ -13,9 +13,9 @@ CONFIG=configs/tiny_cpu.yaml
 
 echo "== 1. synthetic VSP data -> WebDataset shards"
 "$PY" -m data_pipeline.prepare --source synthetic --num-samples 512 --seed 0 --max-size 6 \
-  --out "$OUT/shards/train" --prefix train --samples-per-shard 64 --no-progress
+  --out "$OUT/shards/train" --prefix train --samples-per-shard 64 --no-progress --overwrite
 "$PY" -m data_pipeline.prepare --source synthetic --num-samples 64 --seed 1 --max-size 6 \
-  --out "$OUT/shards/eval" --prefix eval --samples-per-shard 32 --no-progress
+  --out "$OUT/shards/eval" --prefix eval --samples-per-shard 32 --no-progress --overwrite
 
 echo "== 2. tiny Qwen2.5-VL processor trained on the shards' text"
 "$PY" -m data_pipeline.tiny_processor --shards "$OUT/shards/train" --out "$OUT/processor"
@@ -24,13 +24,16 @@ echo "== 3. the batches each of 2 ranks will stream"
 "$PY" -m data_pipeline.preview --config "$CONFIG" --world-size 2 --batches 2
 
 echo "== 4. DeepSpeed ZeRO-3 training on 2 ranks: stage 1 (momentum teacher) then stage 2"
+echo "   (the trainer's lines: step N/M with ETA and samples/s; everything rank 0 logs: $OUT/train/train.log)"
 rm -rf "$OUT/train"
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# shown: the project's own log lines (loggers ilvr.*) and errors; DeepSpeed's and torch's start-up chatter is not
 "$VENV/bin/deepspeed" --num_gpus 2 --master_port "$PORT" ilvr/train.py --deepspeed ds_configs/zero3.json \
-  --config "$CONFIG" --resume never "$@" 2>&1 | grep --line-buffered -E "ilvr\.|Error|error" || true
-test -f "$OUT/train/checkpoints/latest" || { echo "quickstart: training failed (no checkpoint)"; exit 1; }
+  --config "$CONFIG" --resume never "$@" 2>&1 \
+  | grep --line-buffered -E "(INFO|WARNING|ERROR) ilvr\.|^ilvr-train:|Traceback|Error" || true
+test -f "$OUT/train/checkpoints/latest" || { echo "quickstart: training failed (no checkpoint; see $OUT/train/train.log)"; exit 1; }
 
-echo "== 5. MLflow (sqlite store in $OUT/train/mlflow.db; browse: mlflow ui --backend-store-uri sqlite:///$PWD/$OUT/train/mlflow.db)"
+echo "== 5. MLflow: one SQLite store for the whole experiment, $OUT/train/mlflow.db (the evaluations below log there too)"
 "$PY" -m ilvr.training.tracking "$OUT/train"
 
 echo "== 6. export the last checkpoint as a Hugging Face directory"
@@ -48,10 +51,13 @@ SWEEP_RC=0
 "$PY" -m ilvr.evaluate sweep run --out "$OUT/eval/sweep" --checkpoint-glob "$OUT/train/checkpoints/step-*" \
   --benchmark "vsp=$OUT/shards/eval" --modes latent text constant-latent --limit 32 --max-new-tokens 128 \
   --batch-size 16 > "$OUT/eval/sweep.log" 2>&1 || SWEEP_RC=$?
-grep -E "ilvr\.evaluation\.(evaluate|sweep)|Error|error" "$OUT/eval/sweep.log" || true
+grep -E "ilvr\.evaluation\.(evaluate|sweep)|Error|error" "$OUT/eval/sweep.log" | grep -v " decoded " || true
 [ "$SWEEP_RC" -eq 0 ] || { echo "quickstart: the sweep failed (exit $SWEEP_RC; see $OUT/eval/sweep.log)"; exit 1; }
 cat "$OUT/eval/sweep/summary.md"
 
-echo "== 9. report (accuracy vs step per mode, mode comparison, latency)"
-"$PY" -m ilvr.evaluation.report --sweep "$OUT/eval/sweep" --out "$OUT/eval/report.html"
-echo "quickstart: done (outputs in $OUT; the report: $OUT/eval/report.html)"
+echo "== 9. report: training curves, accuracy per step / mode / level with 95% intervals, the export, samples"
+"$PY" -m ilvr.evaluation.report --run "$OUT/train" --out "$OUT/eval/report.html" >/dev/null
+echo "quickstart: done. Outputs in $OUT/. Where to look:"
+echo "  report (one HTML file, opens offline): $OUT/eval/report.html"
+echo "  MLflow UI (training, its evaluations and the sweep, one store):"
+echo "    $VENV/bin/mlflow ui --backend-store-uri sqlite:///$PWD/$OUT/train/mlflow.db   # then http://127.0.0.1:5000"

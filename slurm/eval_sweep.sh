@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Evaluation sweep on Slurm: (checkpoint x benchmark x mode) as a job array, then a summary job.
+# Evaluation sweep on Slurm: one array element per checkpoint (loaded once, then every benchmark x mode),
+# then a summary job.
 #
 #   bash slurm/eval_sweep.sh --out runs/sweeps/s1 --checkpoint-glob 'runs/x/checkpoints/step-*' \
 #       --benchmark vsp=shards/vsp_test [--modes latent text] [--max-parallel 8] [--wait] [--sbatch --partition=gpu]
@@ -7,7 +8,8 @@
 # On the submit host it runs `python -m ilvr.evaluate sweep plan` (every option not listed below goes to it:
 # --checkpoints/--checkpoint-list/--checkpoint-glob, --benchmark, --modes, --limit, --max-new-tokens,
 # --batch-size, --tracking-uri, --experiment), then submits
-#   an array job:  one element per task, `sweep task --index $SLURM_ARRAY_TASK_ID`, at most --max-parallel at once
+#   an array job:  one element per checkpoint task, `sweep task --index $SLURM_ARRAY_TASK_ID` (the checkpoint is
+#                  consolidated once and evaluated on every benchmark x mode), at most --max-parallel at once
 #   a summary job: `sweep summary`, after the whole array (afterany: a failed task is listed, not hidden)
 # Own options: --out DIR (required), --max-parallel N, --wait (block until the summary job ends; exit with
 # its status), --sbatch ARG (extra sbatch flag for both jobs, repeatable). Knobs: docs/slurm.md.

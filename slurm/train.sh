@@ -111,6 +111,19 @@ MLFLOW_VARS=$(compgen -e | grep '^MLFLOW_' | tr '\n' ' ' || true)  # names only:
 log "MLflow variables passed on: ${MLFLOW_VARS:-(none: sqlite store in the output dir)}"
 log "per-node logs: $LOG_DIR/$SLURM_JOB_ID-node<i>-<host>.log"
 
+# A requeued (or resubmitted) part may get another node count on a preemptible cluster: the trainer then
+# resumes elastically (docs/training.md, "Elastic resume"); say so here, where the decision was made.
+LAST_LAYOUT="$SLURM_DIR/last_layout"   # "<ranks> <nodes>" of the run's previous part
+WORLD=$((NNODES * NPROC))
+if [ -r "$LAST_LAYOUT" ]; then
+  read -r LAST_WORLD LAST_NODES < "$LAST_LAYOUT" || true
+  if [ -n "${LAST_WORLD:-}" ] && [ "$LAST_WORLD" != "$WORLD" ]; then
+    log "the previous part ran on $LAST_WORLD rank(s) ($LAST_NODES node(s)), this one has $WORLD: elastic resume" \
+        "(the checkpoint is converted once, beside itself, and re-partitioned)"
+  fi
+fi
+echo "$WORLD $NNODES" > "$LAST_LAYOUT"
+
 # ---------------------------------------------------------------- signals
 # --signal=B:USR1@grace signals this shell only. srun passes USR1 on to its step, where Slurm delivers it
 # to every process (torchrun and the ranks). torchrun would die of it, so it ignores USR1 (trap '' before
@@ -134,8 +147,10 @@ trap on_term TERM
 
 # finished.json is the trainer's: it removes a stale one when a finished run trains on (train.max_steps grew), and
 # a finished run submitted again refuses to train and keeps it (this job then reports it done)
+# --ntasks explicitly: a job shrunk while pending (scontrol update NumNodes=...) still inherits the submitted
+# SLURM_NTASKS in Slurm 22.05, and srun would ask for that many tasks on fewer nodes and fail
 # shellcheck disable=SC2016  # $0, $@ and $SLURM_NODEID expand on each node, inside bash -c
-srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
+srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" --kill-on-bad-exit=1 \
   --open-mode=append --output="$LOG_DIR/%j-node%n-%N.log" \
   bash -c 'trap "" USR1; exec "$0" -m torch.distributed.run --node-rank "$SLURM_NODEID" "$@"' "$PY" \
   --nnodes "$NNODES" --nproc-per-node "$NPROC" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \

@@ -122,6 +122,103 @@ def test_two_ranks_give_the_single_process_predictions(tmp_path, exported, eval_
     assert json.load(open(tmp_path / "two" / "metrics.json"))["params"]["world_size"] == 2
 
 
+@pytest.fixture
+def training_run(tmp_path, tiny_processor_dir, tiny_model_factory, monkeypatch):
+    """A training run dir with its MLflow run (the default SQLite store) and two fake checkpoints (step 5, 10)
+    whose "consolidation" is counted: every call of model_from_checkpoint consolidates a ZeRO checkpoint once."""
+    import shutil
+
+    import ilvr.evaluation.loading as loading
+    from ilvr.config import load_config
+    from ilvr.training.tracking import Tracker
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    run = tmp_path / "run"
+    tracker = Tracker(rank=0)
+    run_id = tracker.start(load_config(None, [f"train.output_dir={run}"], check_paths=False))
+    tracker.end("FINISHED")
+    for step in (5, 10):
+        ckpt = run / "checkpoints" / f"step-{step}"
+        shutil.copytree(tiny_processor_dir, ckpt / "processor")
+        (ckpt / "trainer.json").write_text(json.dumps({"step": step, "mlflow_run_id": run_id,
+                                                       "config": {"model": {"latent_size": 4}}}))
+        (ckpt / "COMPLETE").write_text("{}")
+    consolidated = []
+
+    def fake_model_from_checkpoint(directory, dtype):
+        consolidated.append(os.path.basename(directory))
+        return tiny_model_factory(seed=1)
+
+    monkeypatch.setattr(loading, "model_from_checkpoint", fake_model_from_checkpoint)
+    return {"dir": run, "run_id": run_id, "uri": f"sqlite:///{run}/mlflow.db", "consolidated": consolidated}
+
+
+def _eval_runs(uri: str) -> list:
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(uri)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`ilvr.kind` = 'eval'")
+
+
+def test_evaluations_log_beside_their_training_run(training_run, tmp_path, tiny, tiny_model_factory, eval_shards):
+    """An export records its training run's store (ilvr_settings.json `mlflow`), a checkpoint its run id
+    (trainer.json) and run dir (mlflow_run.json): evaluations go into that store and experiment, tagged."""
+    import mlflow
+
+    from ilvr.evaluation.evaluate import training_origin
+    from ilvr.training.tracking import store_record
+
+    run = training_run
+    processor, _ = tiny
+    export = str(tmp_path / "export")
+    export_model(tiny_model_factory(seed=1), processor, export,
+                 {"latent_size": 4, "step": 10, "mlflow": store_record(run["uri"], run["run_id"], export)})
+    for model, kind in ((export, "exported"), (str(run["dir"] / "checkpoints" / "step-5"), "checkpoint"),
+                        (str(run["dir"]), "checkpoint")):
+        origin = training_origin(model)
+        assert (origin.model_kind, origin.run_id, origin.tracking_uri) == (kind, run["run_id"], run["uri"]), model
+
+    result = run_evaluation(EvalRequest(model=export, shards=eval_shards, out_dir=str(tmp_path / "eval"),
+                                        decode=DecodeSettings(max_new_tokens=4, batch_size=6)))
+    assert not (tmp_path / "eval" / "mlflow.db").exists()  # no store of its own
+    client = mlflow.tracking.MlflowClient(run["uri"])
+    ev = client.get_run(result["mlflow_run_id"])
+    train = client.get_run(run["run_id"])
+    assert ev.info.experiment_id == train.info.experiment_id  # shown together in the MLflow UI
+    assert {k: ev.data.tags[k] for k in ("ilvr.train_run_id", "ilvr.checkpoint_step", "ilvr.model_kind")} == \
+        {"ilvr.train_run_id": run["run_id"], "ilvr.checkpoint_step": "10", "ilvr.model_kind": "exported"}
+
+
+def test_a_sweep_loads_each_checkpoint_once(training_run, tmp_path, eval_shards, capsys):
+    """2 checkpoints x 2 modes: 2 consolidations (was 4: one per checkpoint x benchmark x mode), 4 child runs
+    in the training run's store, tagged with its run id and their step; one task per checkpoint."""
+    from ilvr.evaluation.cli import main as eval_main
+
+    run = training_run
+    sweep = str(tmp_path / "sweep")
+    assert eval_main(["sweep", "run", "--out", sweep, "--checkpoint-glob", str(run["dir"] / "checkpoints" / "step-*"),
+                      "--benchmark", f"vsp={eval_shards}", "--modes", "latent", "text", "--max-new-tokens", "4",
+                      "--limit", "2"]) == 0
+    assert sorted(run["consolidated"]) == ["step-10", "step-5"]
+    plan = json.load(open(os.path.join(sweep, "sweep.json")))
+    assert plan["tracking_uri"] == run["uri"] and len(plan["tasks"]) == 2
+    summary = open(os.path.join(sweep, "summary.csv")).read().splitlines()
+    assert [line.split(",")[2:5] + line.split(",")[-1:] for line in summary[1:]] == [
+        ["5", "vsp", "latent", "ok"], ["5", "vsp", "text", "ok"], ["10", "vsp", "latent", "ok"],
+        ["10", "vsp", "text", "ok"]]
+    runs = _eval_runs(run["uri"])
+    assert sorted((r.data.tags["ilvr.checkpoint_step"], r.data.params["mode"]) for r in runs) == \
+        [("10", "latent"), ("10", "text"), ("5", "latent"), ("5", "text")]
+    assert {r.data.tags["ilvr.train_run_id"] for r in runs} == {run["run_id"]}
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {plan["parent_run_id"]}
+
+    capsys.readouterr()
+    assert eval_main(["sweep", "task", "--sweep", sweep, "--index", "1"]) == 0  # a rerun: one checkpoint, once
+    assert run["consolidated"].count("step-10") == 2 and len(run["consolidated"]) == 3
+
+
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, *args], env=train_env(), capture_output=True, text=True, timeout=timeout,
                           cwd=str(REPO))
@@ -130,8 +227,16 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir):
-    """The quick-start path: train on 2 ZeRO-3 ranks -> export -> ilvr-eval x 3 modes -> sweep -> ilvr-report."""
+def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir, monkeypatch):
+    """The quick-start path: train on 2 ZeRO-3 ranks -> export -> ilvr-eval x 3 modes -> sweep -> ilvr-report,
+    all in the training run's one MLflow store; the sweep consolidates each checkpoint once."""
+    import mlflow
+
+    import ilvr.export
+    from ilvr.evaluation.cli import main as eval_main
+    from ilvr.evaluation.report import main as report_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     train_shards = write_vsp_shards(str(tmp_path / "train_shards"), 24, seed=5)
     shards = write_vsp_shards(str(tmp_path / "eval_shards"), 4, seed=6)
     run = str(tmp_path / "run")
@@ -141,31 +246,45 @@ def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir):
     assert proc.returncode == 0, proc.stderr[-6000:]
     export = str(tmp_path / "export")
     _cli("-m", "ilvr.export", "--checkpoint", run, "--out", export)
+    train_run_id = json.load(open(os.path.join(run, "checkpoints", "step-4", "trainer.json")))["mlflow_run_id"]
+    record = json.load(open(os.path.join(export, "ilvr_settings.json")))["mlflow"]
+    assert record["run_id"] == train_run_id and record["tracking_db"] == "../run/mlflow.db"
 
-    uri = f"sqlite:///{tmp_path}/eval.db"
+    uri = f"sqlite:///{run}/mlflow.db"  # the training run's store: every evaluation below lands there
     for mode in ("latent", "text", "constant-latent"):
         out = _cli("-m", "ilvr.evaluate", "--model", export, "--shards", shards, "--out", str(tmp_path / mode),
-                   "--mode", mode, "--max-new-tokens", "16", "--batch-size", "4", "--tracking-uri", uri).stdout
+                   "--mode", mode, "--max-new-tokens", "16", "--batch-size", "4").stdout
         metrics = json.loads(out.strip().splitlines()[-1])
         assert metrics["num_samples"] == 4 and 0.0 <= metrics["success_rate"] <= 1.0
 
+    consolidations = []
+    real = ilvr.export.consolidated_state_dict
+    monkeypatch.setattr(ilvr.export, "consolidated_state_dict",
+                        lambda checkpoint: consolidations.append(checkpoint) or real(checkpoint))
     sweep = str(tmp_path / "sweep")
-    _cli("-m", "ilvr.evaluate", "sweep", "run", "--out", sweep, "--checkpoint-glob",
-         os.path.join(run, "checkpoints", "step-*"), "--benchmark", f"vsp={shards}", "--max-new-tokens", "8")
+    assert eval_main(["sweep", "run", "--out", sweep, "--checkpoint-glob", os.path.join(run, "checkpoints", "step-*"),
+                      "--benchmark", f"vsp={shards}", "--modes", "latent", "text", "--max-new-tokens", "8"]) == 0
+    assert sorted(os.path.basename(c) for c in consolidations) == ["step-2", "step-4"]  # not 4: once per checkpoint
     summary = open(os.path.join(sweep, "summary.md"), encoding="utf-8").read()
-    assert "step-2" in summary and "step-4" in summary and summary.count("| ok |") == 2
-    import mlflow
-
+    assert "step-2" in summary and "step-4" in summary and summary.count("| ok |") == 4
     plan = json.load(open(os.path.join(sweep, "sweep.json")))
-    client = mlflow.tracking.MlflowClient(plan["tracking_uri"])
+    assert plan["tracking_uri"] == uri
+    client = mlflow.tracking.MlflowClient(uri)
     assert client.get_run(plan["parent_run_id"]).info.status == "FINISHED"
     children = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                   filter_string=f"tags.mlflow.parentRunId = '{plan['parent_run_id']}'")
-    assert sorted(int(r.data.params["checkpoint_step"]) for r in children) == [2, 4]
+    assert sorted(int(r.data.params["checkpoint_step"]) for r in children) == [2, 2, 4, 4]
+    evals = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                               filter_string=f"tags.`ilvr.train_run_id` = '{train_run_id}'")
+    assert len([r for r in evals if r.data.tags.get("ilvr.kind") == "eval"]) == 7  # 3 export + 4 sweep
 
-    _cli("-m", "ilvr.evaluation.report", "--tracking-uri", uri, "--out", str(tmp_path / "report.html"))
-    html = open(tmp_path / "report.html", encoding="utf-8").read()
+    report = tmp_path / "report.html"
+    assert report_main(["--run", run, "--out", str(report)]) == 0
+    html = report.read_text(encoding="utf-8")
     assert all(mode in html for mode in ("latent", "text", "constant-latent"))
+    for section in ("Training", "Accuracy by checkpoint", "Exported model", "Sample predictions", "Config"):
+        assert f"<h2>{section}</h2>" in html
+    assert html.count('<img src="data:image/png;base64,') == 3  # training curves, accuracy, per category
 
 
 def _no_model_loading(monkeypatch) -> None:

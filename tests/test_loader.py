@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from data_pipeline.loader import build_loader, plan_slices, shuffled
+from data_pipeline.loader import (as_ranges, build_loader, epoch_order, plan_slices, shuffled, split_ranges,
+                                  subtract_ranges)
 from data_pipeline.records import record_to_sample
 from data_pipeline.shards import ShardWriter, shard_sample_counts
 from data_pipeline.skips import TooManySkips
@@ -183,3 +184,147 @@ def test_on_two_gloo_ranks(tmp_path):
     assert set(ids0) | set(ids1) == {f"rec{i:04d}" for i in range(sum(UNEVEN))}
     dup = collections.Counter(ids0 + ids1)
     assert sum(c - 1 for c in dup.values()) == len(ids0) + len(ids1) - sum(UNEVEN)
+
+
+# ----------------------------------------------------------------------------- another rank x worker layout
+# (elastic resume: ilvr/training/elastic.py replays the old workers over the new ranks; here in one process)
+
+def consume(lds, n: int) -> list[str]:
+    """n batches from each rank's loader (in rank order); the ids they held."""
+    its = [getattr(ld, "_test_it", None) or ld.batches() for ld in lds]
+    for ld, it in zip(lds, its):
+        ld._test_it = it
+    return [i for ld in lds for _ in range(n) for i in next(ld._test_it)]
+
+
+def saved(lds) -> list[dict]:
+    return [json.loads(json.dumps(ld.state_dict())) for ld in lds]  # as rank<r>.json holds them
+
+
+def replanned(urls, states, world: int, workers: int = 0, **kw) -> list:
+    """Every new rank's loader, carried on from `states` (every old rank's state)."""
+    fp = states[0]["fingerprint"]
+    old = [(r, w) for r in range(fp["world_size"]) for w in range(fp["num_workers"])]
+    lds = []
+    for rank in range(world):
+        ld = loader(urls, rank=rank, world=world, workers=workers, **kw)
+        assert ld.layout_changed(states[rank % len(states)])
+        done = [rg for r, w in old for rg in ld.replay_consumed(states[r], r, w)]
+        ld.load_replanned(states, done)
+        lds.append(ld)
+    return lds
+
+
+def rest_of_epoch(lds) -> list[str]:
+    assert len({len(ld) - ld.consumed for ld in lds}) == 1, "every rank has the same number of batches left"
+    return consume(lds, len(lds[0]) - lds[0].consumed)
+
+
+def test_ranges_split_and_subtract_like_sets():
+    rng = random.Random(0)
+    universe = [(3, 0, 7), (0, 2, 9), (5, 0, 1), (1, 4, 20)]
+    flat = [(s, i) for s, a, b in universe for i in range(a, b)]
+    for n_slices in (1, 2, 5, 13, 40):
+        cut = [(s, i) for sl in split_ranges(universe, n_slices) for s, a, b in sl for i in range(a, b)]
+        assert cut == flat  # contiguous, in order
+    for _ in range(50):
+        done = rng.sample(flat, rng.randrange(len(flat)))
+        left = [(s, i) for s, a, b in subtract_ranges(universe, as_ranges(done)) for i in range(a, b)]
+        assert left == [x for x in flat if x not in set(done)]
+
+
+def test_two_ranks_to_one_to_two_sees_every_sample_of_the_epoch_exactly_once(tmp_path):
+    counts = [7, 3, 11, 1, 6, 20]  # 48 = 16 (2 ranks x 4 batches of 2) + 4 (1 rank x 2) + 28 (2 ranks x 7)
+    urls = write_shards(str(tmp_path), counts)
+    kw = dict(batch=2, shuffle_buffer=5, seed=3)
+    a = [loader(urls, rank=r, world=2, **kw) for r in range(2)]
+    ids = consume(a, 4)
+    b = replanned(urls, saved(a), world=1, **kw)
+    assert len(b[0]) == 16, "32 samples left, all on one rank"
+    ids += consume(b, 2)
+    c = replanned(urls, saved(b), world=2, **kw)
+    assert len(c[0]) == 7 and len(c[1]) == 7
+    ids += rest_of_epoch(c)
+    assert sorted(ids) == [f"rec{i:04d}" for i in range(48)], "each sample of the epoch exactly once"
+    # the next epoch is planned for the new layout, as if the run had always had it
+    fresh = [loader(urls, rank=r, world=2, **kw) for r in range(2)]
+    n = len(fresh[0])
+    consume(fresh, n)  # its epoch 0
+    assert consume(c, n) == consume(fresh, n) and c[0].epoch == fresh[0].epoch == 1
+
+
+def test_uneven_layouts_repeat_only_the_top_up(tmp_path):
+    urls = write_shards(str(tmp_path), UNEVEN)  # 28 samples
+    a = [loader(urls, rank=r, world=2, workers=2, batch=3, shuffle_buffer=4, seed=1) for r in range(2)]
+    ids = consume(a, 2)  # 12 samples, 3 from each of the 4 workers
+    b = replanned(urls, saved(a), world=3, batch=2, shuffle_buffer=4, seed=1)
+    assert [len(ld) for ld in b] == [3, 3, 3], "16 left over 3 ranks: 6 each (18 slots, 2 top-up repeats)"
+    ids += rest_of_epoch(b)
+    counts = collections.Counter(ids)
+    assert set(counts) == {f"rec{i:04d}" for i in range(28)}
+    assert sum(c - 1 for c in counts.values()) == 18 + 12 - 28
+
+
+def test_a_remainder_smaller_than_the_workers_is_topped_up(tmp_path):
+    urls = write_shards(str(tmp_path), UNEVEN)
+    a = [loader(urls, batch=2, shuffle_buffer=3, seed=2)]
+    ids = consume(a, 13)  # 26 of 28
+    b = replanned(urls, saved(a), world=2, workers=2, batch=1, shuffle_buffer=3, seed=2)
+    assert [len(ld) for ld in b] == [2, 2], "2 left over 4 workers: one each, two of them repeats"
+    ids += rest_of_epoch(b)
+    counts = collections.Counter(ids)
+    assert set(counts) == {f"rec{i:04d}" for i in range(28)} and sum(counts.values()) == 30
+
+
+def test_a_replanned_epoch_resumes_exactly_on_the_same_layout(tmp_path):
+    urls = write_shards(str(tmp_path), UNEVEN)
+    kw = dict(batch=2, shuffle_buffer=4, seed=5)
+    a = [loader(urls, rank=r, world=2, **kw) for r in range(2)]
+    consume(a, 2)
+    states = saved(a)
+    straight = replanned(urls, states, world=1, workers=2, **kw)
+    reference = consume(straight, len(straight[0]) + 3)  # into the next epoch
+    split = replanned(urls, states, world=1, workers=2, **kw)
+    got = consume(split, 4)
+    again = loader(urls, world=1, workers=2, **kw)
+    again.load_state_dict(saved(split)[0])  # same layout: the plain, exact resume
+    got += consume([again], len(reference) // 2 - 4)
+    assert got == reference
+
+
+def test_samples_skipped_before_the_replan_are_not_read_or_counted_again(tmp_path):
+    urls = write_shards(str(tmp_path), [10, 10])
+    first = epoch_order([10, 10], 4, 0)[0][0]
+    truncate_at_sample(urls[first], 4)  # the epoch's first shard loses samples 4..9
+    kw = dict(batch=2, seed=4, max_skip_fraction=0.5)
+    a = [loader(urls, **kw)]
+    ids = consume(a, 3)  # 6 samples: the read error has been met and counted
+    assert a[0].skips.skipped == {"shard_read_error": 6}
+    b = replanned(urls, saved(a), world=2, **kw)
+    assert [len(ld) for ld in b] == [2, 2], "8 readable samples left"
+    ids += rest_of_epoch(b)
+    assert sorted(ids) == sorted(f"rec{i:04d}" for i in range(20) if not 10 * first + 4 <= i < 10 * first + 10)
+    assert sum(ld.skips.skipped["shard_read_error"] for ld in b) == 6 and sum(ld.skips.seen for ld in b) == 20
+
+
+def test_resampled_mode_carries_the_epoch_budget(tmp_path):
+    urls = write_shards(str(tmp_path), UNEVEN)
+    kw = dict(mode="resampled", samples_per_epoch=10, shuffle_buffer=4)
+    a = [loader(urls, rank=r, world=2, workers=2, batch=2, **kw) for r in range(2)]  # 6 per worker: 24 in all
+    consume(a, 2)  # 8 of them
+    b = replanned(urls, saved(a), world=1, batch=2, **kw)
+    assert len(b[0]) == 8, "16 samples left of the epoch's 24"
+    rest_of_epoch(b)
+    consume(b, 1)
+    assert b[0].epoch == 1 and len(b[0]) == 5, "then epochs of samples_per_epoch on the new layout"
+
+
+def test_sample_log_records_what_was_consumed(tmp_path, monkeypatch):
+    urls = write_shards(str(tmp_path / "s"), [6])
+    monkeypatch.setenv("ILVR_SAMPLE_LOG", str(tmp_path / "log"))
+    ld = loader(urls, batch=2)
+    consume([ld], 2)
+    with open(tmp_path / "log.rank0.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [len(r["samples"]) for r in rows] == [2, 2] and all(r["epoch"] == 0 for r in rows)
+    assert {s for r in rows for _, s in r["samples"]} <= set(range(6))

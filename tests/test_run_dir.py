@@ -82,11 +82,11 @@ def test_an_unfinished_run_takes_allowed_changes_and_refuses_a_changed_recipe(tm
     assert plan.action == "resume" and plan.accepted_by == "allowed" and len(plan.changes) == 7
     changed = make_cfg(out)
     changed.loss.temperature = 0.5
-    changed.train.stage1_steps = 5
+    changed.train.stage1_steps = 20  # the run is in stage 2 (stage1_steps 0): this would send it back to stage 1
     with pytest.raises(RunDirRefused) as e:
         plan_run(changed, "auto")
     assert "loss.temperature: 0.1 (recorded) -> 0.5 (given)" in str(e.value)
-    assert "train.stage1_steps: 0 (recorded) -> 5 (given)" in str(e.value)
+    assert "train.stage1_steps: 0 (recorded) -> 20 (given)" in str(e.value)
 
 
 def test_an_explicit_checkpoint_is_consent_and_never_mixes_into_a_used_dir(tmp_path):
@@ -138,6 +138,31 @@ def test_epochs_resolve_to_the_steps_the_loader_takes(tmp_path, world, batch, ac
     assert f"{world * batch * accum} samples per step" in note
 
 
+def test_epochs_on_another_world_size_count_the_rest_in_its_steps(tmp_path):
+    shards = write_shards(str(tmp_path / "shards"), 48)
+
+    def cfg(max_steps=0, stage1_steps=0, epochs=3.0, stage1_epochs=2.0):
+        c = make_cfg(tmp_path / "run", max_steps=max_steps, stage1_steps=stage1_steps, epochs=epochs,
+                     stage="1+2", stage1_epochs=stage1_epochs)
+        c.data.train_shards, c.data.batch_size, c.data.num_workers = shards, 2, 0
+        return c
+
+    first = cfg()
+    resolve_epochs(first, 2)  # 48 / (2 x 2) = 12 steps per epoch
+    assert (first.train.max_steps, first.train.stage1_steps) == (36, 24)
+    fake_run(tmp_path / "run", 12, first)  # one epoch done on 2 ranks
+    again = cfg()
+    note = resolve_epochs(again, 4, resumed=(12, 2))  # 6 steps per epoch on 4 ranks: 2 and 1 epochs to go
+    assert (again.train.max_steps, again.train.stage1_steps) == (12 + 12, 12 + 6)
+    assert "resumed at step 12 of a run on 2 ranks" in note
+    plan = plan_run(again, "auto")  # both boundaries still ahead: the new lengths are taken
+    assert plan.changes == {"train.max_steps": [36, 24], "train.stage1_steps": [24, 18]}
+    # a boundary moved behind the checkpoint (step 12): stage 1 would end at once, not after its share
+    late = cfg(epochs=0.0, stage1_epochs=0.0, max_steps=36, stage1_steps=10)
+    with pytest.raises(RunDirRefused, match=r"train.stage1_steps: 24 \(recorded\) -> 10"):
+        plan_run(late, "auto")
+
+
 def run_train(out: str, shards: str, processor: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command(out, shards, processor, *args), env=env(), capture_output=True, text=True,
                           timeout=400)
@@ -183,3 +208,47 @@ def test_rerunning_into_a_run_dir(tmp_path, tiny_processor_dir):
     assert [h["action"] for h in history] == ["new", "resume"]
     assert history[1]["changes"]["train.max_steps"] == [3, 4] and history[1]["step"] == 3
     assert json.load(open(os.path.join(out, "finished.json")))["step"] == 4
+
+
+def test_train_log_is_rank_0s_and_installed_once(tmp_path):
+    import logging
+
+    from ilvr.training.distributed import DistInfo, add_log_file, format_duration
+
+    path = str(tmp_path / "train.log")
+    assert add_log_file(DistInfo(1, 2, 1), path) is None and not os.path.exists(path)
+    root = logging.getLogger()
+    try:
+        add_log_file(DistInfo(0, 2, 0), path)
+        add_log_file(DistInfo(0, 2, 0), path)  # a second Trainer in one process: replaced, not doubled
+        logging.getLogger("ilvr.training.trainer").warning("step 1/2 (50%%, eta %s)", format_duration(3725))
+    finally:
+        for handler in [h for h in root.handlers if h.get_name() == "ilvr-run-log"]:
+            root.removeHandler(handler)
+            handler.close()
+    lines = open(path).read().splitlines()
+    assert len(lines) == 1 and "[rank 0] WARNING ilvr.training.trainer: step 1/2 (50%, eta 1h02m)" in lines[0]
+    assert (format_duration(185), format_duration(12.4), format_duration(-1)) == ("3m05s", "12s", "0s")
+
+
+def test_deepspeed_auto_and_allow_config_change_reach_the_trainer(monkeypatch, tmp_path):
+    import ilvr.training.trainer as trainer_module
+    from ilvr.train import AUTO_DS_CONFIG, main
+    from tests.conftest import REPO
+
+    seen = {}
+
+    class FakeTrainer:
+        def __init__(self, cfg, ds_config, resume="auto", allow_config_change=False):
+            seen.update(ds_config=ds_config, resume=resume, allow=allow_config_change)
+
+        def run(self):
+            return {}
+
+    monkeypatch.setattr(trainer_module, "Trainer", FakeTrainer)
+    args = ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "data.train_shards=", "data.eval_shards=",
+            "data.processor=", f"train.output_dir={tmp_path / 'run'}"]
+    assert main(["--deepspeed", "auto", "--allow-config-change", *args]) == 0
+    assert seen == {"ds_config": AUTO_DS_CONFIG, "resume": "auto", "allow": True}
+    assert AUTO_DS_CONFIG == str(REPO / "ds_configs" / "zero3.json")
+    assert main(args) == 0 and seen["ds_config"] == AUTO_DS_CONFIG and not seen["allow"]  # auto is the default

@@ -5,12 +5,16 @@
    checkpoint, requeue, resume, the same losses as the uninterrupted run of test 1, one MLflow run.
 3. The requeue cap: a run that stops unfinished with no requeue left ends with a `.failed` marker.
 4. `slurm/eval_sweep.sh`: two checkpoints x one benchmark as a job array, then the summary job.
+5. Elastic resume: a 2-node job loses a node (drained), the warning requeues it, the pending job is
+   changed to `-N 1` (scontrol update NumNodes=1): it resumes from the 2-rank checkpoint and finishes.
 """
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +31,7 @@ from tests.test_train import metrics
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 MAX_STEPS = 8
-SBATCH = ["-N", "2", "--gpus-per-node=0", "--cpus-per-task=1"]  # the test nodes: 1 CPU, no GPU each
+SBATCH = ["--gpus-per-node=0", "--cpus-per-task=1"]  # the test nodes: 1 CPU, no GPU each
 # MLFLOW_* reach rank 0 (the experiment name shows it); the batch log names them, never their values
 SECRET_ENV = {"MLFLOW_EXPERIMENT_NAME": "slurm-test", "MLFLOW_TRACKING_PASSWORD": "s3cret-never-logged"}
 
@@ -74,9 +78,10 @@ def job_env(cluster: SlurmCluster, **extra: str) -> dict:
 
 
 def submit(cluster, out: str, data: dict, processor: str, *extra_overrides: str, wait: bool = False,
-           expect_rc: int = 0, env: "dict | None" = None):
+           expect_rc: int = 0, env: "dict | None" = None, nodes: str = "2"):
     """sbatch slurm/train.sh from the repo root; returns (job id, batch log path)."""
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *SBATCH, f"--output={out}.batch-%j.log",
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), "-N", nodes, *SBATCH,
+           f"--output={out}.batch-%j.log",
            "--job-name=ilvr-test", "slurm/train.sh", *overrides(data, processor), *extra_overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=job_env(cluster, ILVR_OUTPUT_DIR=out, **(env or {})),
                           capture_output=True, text=True, timeout=300)
@@ -239,8 +244,64 @@ def test_eval_sweep_runs_a_job_array_and_a_summary(cluster, reference, data, tmp
         rows = list(csv.DictReader(f))
     assert [(r["index"], r["step"], r["benchmark"], r["status"]) for r in rows] == \
         [("0", "4", "vsp", "ok"), ("1", str(MAX_STEPS), "vsp", "ok")], rows
-    assert all(os.path.isfile(os.path.join(sweep, "tasks", str(i), "metrics.json")) for i in (0, 1))
+    # tasks/<i>/metrics.json, or tasks/<i>/<benchmark>-<mode>/metrics.json (one child run per evaluation)
+    assert all(glob.glob(os.path.join(sweep, "tasks", str(i), "**", "metrics.json"), recursive=True) for i in (0, 1))
     with open(os.path.join(sweep, "summary.md")) as f:
         table = f.read()
     assert all(c in table for c in checkpoints), table
+    assert_no_drained_node(cluster)
+
+
+def test_a_requeued_job_that_comes_back_on_fewer_nodes_resumes_elastically(cluster, data, tiny_processor_dir,
+                                                                          reference, tmp_path):
+    from tests.test_elastic import LOSS_TOLERANCE
+
+    out = str(tmp_path / "elastic")
+    job, batch_log = submit(cluster, out, data, tiny_processor_dir)
+
+    def context() -> str:
+        return logs(cluster, out, batch_log)
+
+    def requeued_and_pending() -> bool:
+        info = cluster.run("scontrol", "show", "job", job, check=False)
+        return "JobState=PENDING" in info and "Restarts=1" in info
+
+    path = os.path.join(out, "metrics.jsonl")
+    done, failed = (os.path.join(out, "slurm", f"{job}.{s}") for s in ("done", "failed"))
+    try:
+        _wait_for(lambda: _lines(path) >= 2, 180, "two steps", context)
+        # the node is lost while the job runs: the requeued job cannot get 2 nodes again
+        cluster.run("scontrol", "update", "nodename=node2", "state=drain", "reason=elastic-test")
+        cluster.run("scancel", "--signal=USR1", "--batch", job)  # the warning: checkpoint, requeue
+        _wait_for(requeued_and_pending, 120, "the job to be requeued", context)
+        # what a user or a site policy does (the tasks and CPUs too, or Slurm keeps asking for 2 nodes' worth)
+        cluster.run("scontrol", "update", f"jobid={job}", "NumNodes=1", "NumTasks=1", "NumCPUs=1")
+        _wait_for(lambda: os.path.exists(done) or os.path.exists(failed), 300, "the requeued job to finish",
+                  context)
+    finally:
+        cluster.run("scontrol", "update", "nodename=node2", "state=resume", check=False)
+    assert os.path.exists(done), context()
+    with open(batch_log) as f:
+        batch = f.read()
+    assert "2 node(s): node1 node2" in batch and "(requeued 1 times), 1 node(s): node1" in batch, batch
+    assert "the previous part ran on 2 rank(s) (2 node(s)), this one has 1: elastic resume" in batch, batch
+    node_logs = os.path.join(out, "slurm", "logs")
+    text = ""
+    for name in os.listdir(node_logs):
+        with open(os.path.join(node_logs, name), errors="replace") as f:
+            text += f.read()
+    assert "saved by 2 ranks, this run has 1" in text and "re-planned for 1 ranks" in text, context()
+
+    a, b = metrics(reference["out"]), metrics(out)
+    assert sorted(b) == list(range(1, MAX_STEPS + 1))
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == f"step-{MAX_STEPS}"
+    stopped = int(re.search(r"stopping after step (\d+)", text).group(1))  # the 2-node part's last step
+    for step in range(1, MAX_STEPS + 1):  # the 2-node part is the reference run; then the same state, 1 rank
+        if step <= stopped:
+            assert b[step]["loss"] == a[step]["loss"], (step, a[step]["loss"], b[step]["loss"])
+        else:
+            assert abs(b[step]["loss"] - a[step]["loss"]) < LOSS_TOLERANCE, (step, a[step]["loss"], b[step]["loss"])
+    client, runs = mlflow_runs(out)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert_no_drained_node(cluster)

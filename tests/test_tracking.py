@@ -335,8 +335,8 @@ def test_frozen_server_never_stalls_training_and_loses_nothing(server, tmp_path,
         server.signal(signal.SIGCONT)
     t1 = time.perf_counter()
     tracker.end()
-    print(f"frozen server: log_metrics max {max(latency) * 1e3:.3f} ms, mean {sum(latency) / len(latency) * 1e6:.1f} us;"
-          f" 40 steps of 0.1 s took {loop_s:.2f} s; end() after SIGCONT {time.perf_counter() - t1:.2f} s")
+    print(f"frozen server: log_metrics max {max(latency) * 1e3:.3f} ms, mean {sum(latency) / len(latency) * 1e6:.1f}"
+          f" us; 40 steps of 0.1 s took {loop_s:.2f} s; end() after SIGCONT {time.perf_counter() - t1:.2f} s")
     assert max(latency) < 0.05 and loop_s < 40 * 0.1 + 1.0
     client = client_for(server.uri)
     assert steps_of(client, run_id) == list(range(1, 46))
@@ -494,6 +494,13 @@ def test_resume_truncates_metrics_jsonl(tmp_path):
     assert truncate_metrics(str(path), 6) == 0 and truncate_metrics(str(tmp_path / "none.jsonl"), 3) == 0
 
 
+class Inert:
+    """Any method, any arguments: does nothing, returns None."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def test_trainer_resume_truncates_metrics_jsonl(tmp_path, monkeypatch):
     """The wiring: Trainer._resume on rank 0 cuts metrics.jsonl back to the checkpoint's step."""
     from types import SimpleNamespace
@@ -508,7 +515,7 @@ def test_trainer_resume_truncates_metrics_jsonl(tmp_path, monkeypatch):
     trainer = Trainer(make_cfg(out), ds_config={}, resume="auto")
     trainer.info = DistInfo(rank=0, world_size=1, local_rank=0)
     trainer.teacher, trainer.engine = None, None
-    trainer.loader = SimpleNamespace(load_state_dict=lambda state: None)
+    trainer.loader = Inert()
     trainer.checkpoints = SimpleNamespace(load=lambda *a, **k: ({"step": 5, "mlflow_run_id": "r"}, {"loader": {}}))
     monkeypatch.setattr(checkpoint, "resolve_resume", lambda *a, **k: str(out / "checkpoints" / "step-5"))
     assert trainer._resume() == "r"
@@ -541,3 +548,49 @@ def test_loss_curve_svg_without_matplotlib(tmp_path, monkeypatch):
 
     xml.dom.minidom.parseString(text)  # well-formed
     assert plot_loss_curve([], str(tmp_path / "empty.svg")).endswith("empty.svg")
+
+
+def test_a_moved_run_dir_still_opens_its_store_and_artifacts(tmp_path):
+    """MLflow stores absolute artifact URIs: after `mv run_a run_b` the run dir's record still finds the store,
+    readers find the artifacts beside the moved db, and the next writer points the store at its new place."""
+    from mlflow import MlflowClient
+
+    tracker = Tracker(rank=0)
+    run_id = tracker.start(make_cfg(tmp_path / "a" / "run"))
+    run_a_bit(tracker, tmp_path, range(2))
+    tracker.end("FINISHED")
+    state = tracking.read_state(str(tmp_path / "a" / "run"))
+    assert state["tracking_db"] == "mlflow.db" and state["tracking_uri"].endswith("/a/run/mlflow.db")
+
+    os.rename(tmp_path / "a", tmp_path / "b")
+    moved = tmp_path / "b" / "run"
+    uri, found_id = tracking.run_store(str(moved))
+    assert (uri, found_id) == (f"sqlite:///{moved}/mlflow.db", run_id)
+    stale = MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
+    assert "/a/run/mlartifacts/" in stale  # what MLflow recorded: the old place
+    assert (Path(tracking.artifact_dir(stale, uri)) / "notes.txt").read_text() == "hello"  # read-time resolution
+
+    later = Tracker(rank=0, output_dir=str(tmp_path / "eval"), tracking_uri=uri, experiment="ilvr")
+    later.start({"mode": "latent"})  # a writer (an evaluation) relocates the store once
+    later.log_artifact(str(tmp_path / "notes.txt"))
+    later.end("FINISHED")
+    client = MlflowClient(tracking_uri=uri)
+    for rid in (run_id, later.run_id):  # stock MLflow (what `mlflow ui` uses) opens both runs' artifacts
+        assert Path(client.download_artifacts(rid, "notes.txt", str(tmp_path))).read_text() == "hello"
+        assert client.get_run(rid).info.artifact_uri.startswith((moved / "mlartifacts").as_uri() + "/")
+    assert not (tmp_path / "a").exists()  # nothing was written at the old place
+    assert tracking.relocate_artifacts(uri) == 0  # done once
+
+
+def test_connectable_uri_never_uses_a_redacted_or_missing_store(tmp_path, monkeypatch):
+    recorded = tracking.redact_uri("https://alice:pw@mlflow.example")
+    assert tracking.connectable_uri(recorded) is None  # credentials are not recorded: no way to connect
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:pw@mlflow.example")
+    assert tracking.connectable_uri(recorded) == "https://alice:pw@mlflow.example"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:pw@other.example")
+    assert tracking.connectable_uri(recorded) is None  # another server's credentials
+    assert tracking.connectable_uri(f"sqlite:///{tmp_path}/gone.db") is None  # MLflow would create an empty one
+    assert tracking.connectable_uri("http://mlflow:5000") == "http://mlflow:5000"
+    record = tracking.store_record(f"sqlite:///{tmp_path}/run/mlflow.db", "abc", str(tmp_path / "export"))
+    assert record == {"run_id": "abc", "tracking_uri": f"sqlite:///{tmp_path}/run/mlflow.db",
+                      "tracking_db": "../run/mlflow.db"}

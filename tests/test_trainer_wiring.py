@@ -84,7 +84,7 @@ def test_teacher_targets_and_one_ema_update_per_optimizer_step(tmp_path, shards,
         assert isinstance(hist, list) and len(hist) == 4 and sum(hist) > 0
         for key in ("latent/align_first", "latent/align_copy", "latent/selected_mean"):
             assert key in r
-    from ilvr.training.trainer import scalar_metrics
+    from ilvr.training.tracking import scalar_metrics
 
     scalars = scalar_metrics(stage1_rows[0])
     assert abs(sum(scalars[f"latent/selected_k{j}"] for j in range(1, 5)) - 1.0) < 1e-9

@@ -42,8 +42,10 @@ def _decode_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 def _tracking_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("MLflow")
     g.add_argument("--tracking-uri", default=None,
-                   help="default: MLFLOW_TRACKING_URI, else sqlite in the output dir")
-    g.add_argument("--experiment", default=None, help="default: MLFLOW_EXPERIMENT_NAME, else 'ilvr-eval'")
+                   help="default: the store of the training run the model comes from (recorded with the checkpoint "
+                        "or export), else MLFLOW_TRACKING_URI, else sqlite in the output dir")
+    g.add_argument("--experiment", default=None,
+                   help="default: MLFLOW_EXPERIMENT_NAME, else the training run's experiment, else 'ilvr-eval'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", default=None, help="sweep name (default: the dir name)")
         _decode_args(p, with_mode=False)
         _tracking_args(p)
-    task = steps.add_parser("task", help="run one task of a planned sweep (a job array element)")
+    task = steps.add_parser("task", help="run one task of a planned sweep: one checkpoint, loaded once, on all its "
+                            "benchmarks x modes (a job array element)")
     task.add_argument("--sweep", required=True)
     task.add_argument("--index", type=int, default=None, help="default: SLURM_ARRAY_TASK_ID")
     summary = steps.add_parser("summary", help="summary.md/.csv of a sweep; exit 1 if a task has no result")
@@ -209,7 +212,7 @@ def cmd_sweep(args) -> int:
             try:
                 sweep.run_task(args.out, task["index"])
             except Exception:  # one bad checkpoint must not cost the rest of the sweep; summary names it
-                logging.exception("sweep task %d (%s, %s) failed", task["index"], task["checkpoint"], task["mode"])
+                logging.exception("sweep task %d (%s) failed", task["index"], task["checkpoint"])
         _, missing = sweep.write_summary(args.out)
         print(os.path.join(args.out, "summary.md"))
         return 1 if missing else 0

@@ -65,8 +65,10 @@ class EvalRequest:
     decode: DecodeSettings = field(default_factory=DecodeSettings)
     limit: int | None = None
     dtype: str = "auto"
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
-    experiment: str | None = None  # default: MLFLOW_EXPERIMENT_NAME, else "ilvr-eval"
+    # default: the training run's store (training_origin), else MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
+    tracking_uri: str | None = None
+    # default: MLFLOW_EXPERIMENT_NAME, else the training run's experiment (in its store), else "ilvr-eval"
+    experiment: str | None = None
     parent_run_id: str | None = None  # makes this run a child (sweeps)
     run_name: str | None = None
     mlflow: bool = True
@@ -248,16 +250,101 @@ def category_table(metrics: dict[str, float]) -> dict[str, list]:
             "count": [int(metrics[f"count/{c}"]) for c in cats]}
 
 
+@dataclass
+class TrainingOrigin:
+    """The training run a model comes from, as recorded with its weights: evaluations log beside it."""
+
+    model_kind: str  # "exported" | "checkpoint"
+    run_id: str | None = None  # the training run's MLflow run id
+    tracking_uri: str | None = None  # its store, usable from here (None: unknown or unreachable)
+    recorded_uri: str | None = None  # as recorded (credentials redacted), for messages
+
+
+def training_origin(model: str) -> TrainingOrigin:
+    """Where the training run of `model` logged: an export's ilvr_settings.json `mlflow`, or a checkpoint's
+    trainer.json `mlflow_run_id` with its run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
+    from ilvr.export import SETTINGS_FILE
+    from ilvr.training.tracking import connectable_uri, read_state
+
+    kind, directory = resolve_model_path(model)
+    if kind == "exported":
+        with open(os.path.join(directory, SETTINGS_FILE), encoding="utf-8") as f:
+            record, base = json.load(f).get("mlflow") or {}, directory
+    else:
+        with open(os.path.join(directory, "trainer.json"), encoding="utf-8") as f:
+            run_id = json.load(f).get("mlflow_run_id")
+        base = os.path.dirname(os.path.dirname(os.path.abspath(directory)))
+        record = read_state(base) or {}
+        record["run_id"] = run_id or record.get("run_id")
+    return TrainingOrigin(kind, record.get("run_id"),
+                          connectable_uri(record.get("tracking_uri"), record.get("tracking_db"), base),
+                          record.get("tracking_uri"))
+
+
+def experiment_of(uri: str | None, run_id: str | None) -> str | None:
+    """The experiment name of `run_id` in the store `uri`, or None (no run, an unreachable store)."""
+    if not (uri and run_id):
+        return None
+    from mlflow import MlflowClient
+
+    from ilvr.training.tracking import prepare_server
+
+    try:
+        prepare_server(uri, check=False)
+        client = MlflowClient(tracking_uri=uri)
+        return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    except Exception as e:  # the store is down or the run is gone: the default experiment will do
+        log.warning("MLflow: cannot look up training run %s (%s); using the default experiment", run_id,
+                    type(e).__name__)
+        return None
+
+
+def eval_store(tracking_uri: str | None, experiment: str | None, origin: TrainingOrigin) -> tuple[str | None, str]:
+    """(store, experiment) of an evaluation: given ones, else the training run's store and experiment, else
+    MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (a None store: the Tracker's default), else "ilvr-eval"."""
+    from ilvr.training.tracking import redact_uri
+
+    if origin.run_id and not origin.tracking_uri and not tracking_uri:
+        log.warning("MLflow: the training run %s logged to %s, which cannot be opened from here (moved, or its "
+                    "credentials are not in MLFLOW_TRACKING_URI): this evaluation is logged elsewhere; pass "
+                    "--tracking-uri to put it beside its training run", origin.run_id, origin.recorded_uri)
+    uri = tracking_uri or origin.tracking_uri
+    if uri and uri == origin.tracking_uri and not tracking_uri:
+        log.info("MLflow: logging beside training run %s in %s", origin.run_id, redact_uri(uri))
+    same_store = uri is not None and uri == origin.tracking_uri
+    name = (experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+            or (experiment_of(uri, origin.run_id) if same_store else None) or "ilvr-eval")
+    return uri, name
+
+
+def eval_tags(origin: TrainingOrigin, step: int | None, parent_run_id: str | None) -> dict:
+    """Tags that tie an evaluation to its training run and checkpoint (the report and the MLflow UI use them)."""
+    tags = {"ilvr.kind": "eval", "ilvr.model_kind": origin.model_kind}
+    if step is not None:
+        tags["ilvr.checkpoint_step"] = str(step)
+    if origin.run_id:
+        tags["ilvr.train_run_id"] = origin.run_id
+        tags["mlflow.note.content"] = f"Evaluation of training run {origin.run_id} at step {step} ({origin.model_kind})"
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return tags
+
+
 def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int) -> str | None:
-    """One MLflow run (a child when req.parent_run_id) with params, metrics, a category table, the files."""
+    """One MLflow run (a child when req.parent_run_id) with params, metrics, a category table, the files; in the
+    training run's store and experiment unless told otherwise, tagged with its run id and step."""
     from ilvr.training.tracking import Tracker
 
-    tracker = Tracker(rank=0, world_size=1, output_dir=req.out_dir, tracking_uri=req.tracking_uri,
-                      experiment=req.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr-eval",
+    try:
+        origin = training_origin(req.model)
+    except (OSError, ValueError) as e:  # the files are written already: log without the training run's store
+        log.warning("MLflow: cannot tell which training run %s comes from (%s)", req.model, e)
+        origin = TrainingOrigin("unknown")
+    uri, experiment = eval_store(req.tracking_uri, req.experiment, origin)
+    tracker = Tracker(rank=0, world_size=1, output_dir=req.out_dir, tracking_uri=uri, experiment=experiment,
                       attach_env_run=False)
-    tags = {"ilvr.kind": "eval"}
-    if req.parent_run_id:
-        tags["mlflow.parentRunId"] = req.parent_run_id
+    checkpoint_step = params["checkpoint_step"]
+    tags = eval_tags(origin, checkpoint_step if checkpoint_step != "" else None, req.parent_run_id)
     run_name = req.run_name or f"{params['benchmark']}-{params['mode']}-step{params['checkpoint_step'] or 'na'}"
     run_id = tracker.start(params, run_name=run_name, tags=tags)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)

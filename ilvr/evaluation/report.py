@@ -1,36 +1,60 @@
-"""ilvr-report: evaluation runs in an MLflow store -> one self-contained HTML report plus Markdown.
+"""ilvr-report: a training run and its evaluations in an MLflow store -> one self-contained HTML report + Markdown.
 
-    ilvr-report --tracking-uri sqlite:///runs/x/mlflow.db --sweep runs/x/sweep --out report.html
+    ilvr-report --run runs/x/train --out report.html          # everything evaluated from that training run
+    ilvr-report --sweep runs/x/sweep --out report.html        # one sweep
+    ilvr-report --tracking-uri URI [--experiment NAME] [--parent-run-id ID] --out report.html
 
-Gathering (collect_runs, the only part that talks to MLflow) is kept apart from rendering
-(render_markdown / render_html / svg_line_chart: plain rows in, text out), so a report can be tested
-and re-rendered without a store. Both formats are built from the same blocks, so their tables agree.
-Accuracies and rates are fractions in [0, 1], as the evaluation CLI logs them, shown as percents.
-The HTML has inline CSS and hand-drawn inline SVG only: no JavaScript, no external files.
+Gathering (collect_*, the only part that talks to MLflow or reads files) is kept apart from rendering
+(render_markdown / render_html: a ReportData in, text out), so a report can be tested and re-rendered without
+a store. Both formats are built from the same blocks, so their tables agree. Accuracies are fractions in [0, 1],
+shown as percents with 95% Wilson intervals: with n = 32 samples an accuracy near 50% is only known to about
++-16 points, near 0% the interval is [0, 10.7%]. Figures are matplotlib PNGs (matplotlib comes with mlflow)
+embedded as data URIs: the HTML has no JavaScript and loads nothing, so it opens offline; the only links are to
+the MLflow UI (`mlflow ui`, --mlflow-ui).
 """
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import io
 import json
 import math
 import os
 import re
 import sys
+import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Sequence
 
 from ilvr.evaluation.scorers import BENCHMARKS  # display order
 from ilvr.model.generate import MODES  # display order; other modes follow alphabetically
 from ilvr.training.checkpoint import write_text_atomic
-from ilvr.training.tracking import prepare_server, redact_uri
+from ilvr.training.tracking import artifact_dir, prepare_server, read_metrics, redact_uri, run_store
 
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-DASHES = ("", "6 3", "2 3", "8 3 2 3")  # lines stay distinguishable without colour
 PAGE_SIZE = 1000
 EVAL_FILTER = "tags.`ilvr.kind` = 'eval' and attributes.status = 'FINISHED'"
+MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
+Z95 = 1.959964
+SAMPLES_PER_MODE = 3
+MAX_PREDICTION_CHARS = 700
+# training curves: (panel title, [(metric key, label, line style)])
+TRAINING_PANELS = (
+    ("loss terms", [("loss", "loss", "-"), ("ce", "CE", "-"), ("align", "align (1 - cos)", "-")]),
+    ("alignment cosine (stage 1)", [("latent/align_cos", "all pads", "-"), ("latent/align_first", "first pad", "-"),
+                                    ("latent/align_later", "later pads", "-"),
+                                    ("latent/align_copy", "copy baseline", "--")]),
+    ("K* (selected features per segment)", [("latent/selected_mean", "K* mean", "-")]),
+    ("learning rate", [("lr", "lr", "-")]),
+    ("grad norm (before clipping)", [("grad_norm", "grad norm", "-")]),
+    ("throughput", [("samples_per_s", "samples/s", "-")]),
+)
+TRAINING_KEYS = tuple(k for _, lines in TRAINING_PANELS for k, _, _ in lines) + ("stage",)
+KEY_PARAMS = ("model.name_or_path", "model.latent_size", "train.stage", "train.stage1_steps", "train.max_steps",
+              "train.lr", "train.lr_schedule", "train.warmup_steps", "data.batch_size", "loss.w_align")
 
 
 @dataclass
@@ -40,21 +64,44 @@ class EvalRow:
     run_id: str
     benchmark: str
     mode: str
-    step: "int | None"  # None: an exported model whose checkpoint step is unknown
+    step: "int | None"  # None: a model whose checkpoint step is unknown
     model: str
     metrics: dict = field(default_factory=dict)
     start_time: int = 0  # ms since the epoch; among duplicates the newest wins
     run_name: str = ""
     parent_run_id: "str | None" = None
+    experiment_id: str = ""
+    train_run_id: "str | None" = None  # tag ilvr.train_run_id
+    model_kind: str = "checkpoint"  # tag ilvr.model_kind: "checkpoint" | "exported"
+    artifact_uri: str = ""
+    shards: str = ""
 
     @property
     def accuracy(self) -> "float | None":
         return self.metrics.get("accuracy")
 
+    @property
+    def n(self) -> "int | None":
+        n = self.metrics.get("num_samples")
+        return int(n) if _ok(n) else None
+
     def categories(self) -> dict:
         """category -> (accuracy, count), from the accuracy/<category> and count/<category> metrics."""
         return {k[len("accuracy/"):]: (v, self.metrics.get("count/" + k[len("accuracy/"):]))
                 for k, v in self.metrics.items() if k.startswith("accuracy/")}
+
+
+@dataclass
+class TrainingRun:
+    """The training run the evaluations came from: its curves, config and where they were read."""
+
+    run_id: "str | None"
+    curves: dict = field(default_factory=dict)  # metric key -> [(step, value)]
+    params: dict = field(default_factory=dict)
+    source: str = ""
+    experiment_id: str = ""
+    name: str = ""
+    status: str = ""
 
 
 @dataclass
@@ -64,6 +111,15 @@ class ReportMeta:
     store: str
     filter: str = "all experiments"
     generated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    mlflow_ui: str = MLFLOW_UI
+
+
+@dataclass
+class ReportData:
+    rows: list
+    meta: ReportMeta
+    training: "TrainingRun | None" = None
+    predictions: dict = field(default_factory=dict)  # run id -> predictions rows (a few)
 
 
 # ----------------------------------------------------------------------------------------- gathering
@@ -88,22 +144,33 @@ def _experiment_ids(client, names: "Sequence[str] | None") -> list:
 def _row(run) -> EvalRow:
     params, tags = run.data.params, run.data.tags
     step_text = params.get("checkpoint_step", "").strip()
+    model = params.get("model", "")
+    kind = tags.get("ilvr.model_kind") or ("checkpoint" if re.search(r"step-\d+/?$", model) else "exported")
     return EvalRow(run_id=run.info.run_id, benchmark=params.get("benchmark") or "unknown",
                    mode=params.get("mode") or "unknown",
                    step=int(step_text) if re.fullmatch(r"-?\d+", step_text) else None,
-                   model=params.get("model", ""), metrics=dict(run.data.metrics),
+                   model=model, metrics=dict(run.data.metrics),
                    start_time=run.info.start_time or 0, run_name=tags.get("mlflow.runName", ""),
-                   parent_run_id=tags.get("mlflow.parentRunId"))
+                   parent_run_id=tags.get("mlflow.parentRunId"), experiment_id=run.info.experiment_id,
+                   train_run_id=tags.get("ilvr.train_run_id"), model_kind=kind,
+                   artifact_uri=run.info.artifact_uri or "", shards=params.get("shards", ""))
 
 
-def collect_runs(client, experiment_names: "Sequence[str] | None" = None,
-                 parent_run_id: "str | None" = None) -> list:
-    """All FINISHED eval runs (tag ilvr.kind = eval) of the experiments, optionally children of one parent."""
+def _safe_id(run_id: str) -> str:
+    if not re.fullmatch(r"[\w-]+", run_id):  # it goes into a filter string
+        raise ValueError(f"not a run id: {run_id!r}")
+    return run_id
+
+
+def collect_runs(client, experiment_names: "Sequence[str] | None" = None, parent_run_id: "str | None" = None,
+                 train_run_id: "str | None" = None) -> list:
+    """All FINISHED eval runs (tag ilvr.kind = eval) of the experiments, optionally children of one parent
+    and/or evaluations of one training run (tag ilvr.train_run_id)."""
     query = EVAL_FILTER
     if parent_run_id:
-        if not re.fullmatch(r"[\w-]+", parent_run_id):  # it goes into a filter string
-            raise ValueError(f"not a run id: {parent_run_id!r}")
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        query += f" and tags.`mlflow.parentRunId` = '{_safe_id(parent_run_id)}'"
+    if train_run_id:
+        query += f" and tags.`ilvr.train_run_id` = '{_safe_id(train_run_id)}'"
     ids = _experiment_ids(client, experiment_names)
     rows, token = [], None
     while ids and token != "":
@@ -114,24 +181,126 @@ def collect_runs(client, experiment_names: "Sequence[str] | None" = None,
     return rows
 
 
-def dedupe(rows: Sequence[EvalRow]) -> "tuple[list, int]":
-    """Keep the newest run per (benchmark, mode, step, model); returns (kept, number dropped)."""
-    best: dict = {}
-    for r in rows:
-        key = (r.benchmark, r.mode, r.step, r.model)
-        if key not in best or (r.start_time, r.run_id) > (best[key].start_time, best[key].run_id):
-            best[key] = r
-    return list(best.values()), len(rows) - len(best)
+def curves_from_jsonl(path: str) -> dict:
+    """The training curves of a run dir's metrics.jsonl (the trainer's per-step log)."""
+    curves: dict = {}
+    for step, values in sorted(read_metrics(path).items()):
+        for key, value in values:
+            if key in TRAINING_KEYS:
+                curves.setdefault(key, []).append((step, value))
+    return curves
+
+
+def collect_training(client, run_id: "str | None", run_dir: "str | None" = None) -> "TrainingRun | None":
+    """The training run: curves from `run_dir`/metrics.jsonl when given, else from its MLflow run; its config
+    (params) from MLflow. None when neither is available."""
+    from mlflow.exceptions import MlflowException
+
+    run = None
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            run = None
+    jsonl = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
+    if jsonl and os.path.isfile(jsonl):
+        curves, source = curves_from_jsonl(jsonl), jsonl
+    elif run is not None:
+        curves = {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
+                  for k in TRAINING_KEYS if k in run.data.metrics}
+        source = "its MLflow run"
+    else:
+        return None
+    if run is None:
+        return TrainingRun(run_id, curves, source=source)
+    return TrainingRun(run_id, curves, dict(run.data.params), source, run.info.experiment_id,
+                       run.data.tags.get("mlflow.runName", ""), run.info.status)
+
+
+def _read_predictions(client, uri: str, row: EvalRow) -> list:
+    """The run's predictions.jsonl artifact (local files read in place, a moved SQLite store too)."""
+    local = artifact_dir(row.artifact_uri, uri) if row.artifact_uri else None
+    path = os.path.join(local, "predictions.jsonl") if local else None
+    with tempfile.TemporaryDirectory() as tmp:
+        if path is None:
+            try:
+                path = client.download_artifacts(row.run_id, "predictions.jsonl", tmp)
+            except Exception:  # not logged, or the artifact store is unreachable: the report goes on
+                return []
+        if not os.path.isfile(path):
+            return []
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def fill_gold(rows: list, shards: str, benchmark: str, cache: dict) -> None:
+    """Rows written before predictions had a `gold` field: take it from the benchmark data, if still there."""
+    missing = [r for r in rows if "gold" not in r]
+    if not missing or not shards:
+        return
+    if shards not in cache:
+        from ilvr.evaluation.data import load_records
+
+        try:
+            cache[shards] = load_records(shards).by_id()
+        except (OSError, ValueError):
+            cache[shards] = {}
+    from ilvr.evaluation.scorers import get_scorer
+
+    scorer, records = get_scorer(benchmark), cache[shards]
+    for r in missing:
+        if r.get("id") in records:
+            s = scorer(r.get("prediction", ""), records[r["id"]])
+            r["gold"] = s.gold if s.gold is not None else records[r["id"]].answer
+
+
+def collect_predictions(client, uri: str, rows: Sequence[EvalRow]) -> dict:
+    """A few predictions of the runs the samples section shows (the same ids in every mode)."""
+    out, cache = {}, {}
+    for picks in _sample_runs(rows).values():
+        ids = None
+        for r in picks:
+            preds = _read_predictions(client, uri, r)
+            ids = ids or [p.get("id") for p in preds[:SAMPLES_PER_MODE]]
+            chosen = [p for p in preds if p.get("id") in ids]
+            fill_gold(chosen, r.shards, r.benchmark, cache)
+            out[r.run_id] = chosen
+    return out
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+def wilson(k: float, n: float, z: float = Z95) -> "tuple[float, float]":
+    """Wilson score interval of k successes in n trials: sane at 0% and 100%, unlike the normal one."""
+    if not n:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _ci(acc, n) -> "tuple[float, float] | None":
+    return wilson(round(acc * n), n) if _ok(acc) and _ok(n) and n > 0 else None
 
 
 # ------------------------------------------------------------------------------------------ formatting
 
 def _ok(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def pct(v) -> str:
     return f"{100 * v:.1f}%" if _ok(v) else "-"
+
+
+def pct_ci(acc, n, with_n: bool = False) -> str:
+    """"12.5% [4.9-28.1]": the accuracy and its 95% Wilson interval in percent."""
+    ci = _ci(acc, n)
+    if ci is None:
+        return pct(acc)
+    text = f"{100 * acc:.1f}% [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
+    return text + (f" n={n:.0f}" if with_n else "")
 
 
 def delta_pp(a, b) -> str:
@@ -148,12 +317,41 @@ def _order(names, known: Sequence[str]) -> list:
     return [n for n in known if n in names] + sorted(names - set(known))
 
 
-def _grid(rows: Sequence[EvalRow]) -> list:
-    """Table rows [(label, {mode: row})]: by step, then step-less models by name.
+@dataclass
+class Link:
+    """A table cell that links to the MLflow UI."""
 
-    Rows are keyed (step, model) so two training runs at the same step are never mixed; the model is
-    added to the label only when a step has more than one.
-    """
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def run_link(meta: ReportMeta, experiment_id: str, run_id: str, text: "str | None" = None) -> Link:
+    return Link(text or run_id[:8], f"{meta.mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+
+
+# ------------------------------------------------------------------------------------------ selection
+
+def dedupe(rows: Sequence[EvalRow]) -> "tuple[list, int]":
+    """Keep the newest run per (benchmark, mode, step, model); returns (kept, number dropped)."""
+    best: dict = {}
+    for r in rows:
+        key = (r.benchmark, r.mode, r.step, r.model)
+        if key not in best or (r.start_time, r.run_id) > (best[key].start_time, best[key].run_id):
+            best[key] = r
+    return list(best.values()), len(rows) - len(best)
+
+
+def _split(rows: Sequence[EvalRow]) -> "tuple[list, list]":
+    """(checkpoint runs with a step: the curves over training, everything else: exported or step-less models)."""
+    stepped = [r for r in rows if r.model_kind != "exported" and r.step is not None]
+    return stepped, [r for r in rows if r not in stepped]
+
+
+def _grid(rows: Sequence[EvalRow]) -> list:
+    """Table rows [(label, {mode: row})] by step; the model is added to the label when a step has several."""
     cells: dict = {}
     for r in rows:
         cells.setdefault((r.step, r.model), {})[r.mode] = r
@@ -176,182 +374,382 @@ def _latest(rows: Sequence[EvalRow]) -> "tuple[dict, str]":
     return pick, caption
 
 
-# ------------------------------------------------------------------------------------------ SVG chart
-
-def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list:
-    """Round tick values covering [lo, hi] (1/2/2.5/5 x 10^k apart)."""
-    if hi <= lo:
-        pad = abs(lo) * 0.1 or 1.0
-        lo, hi = lo - pad, hi + pad
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    if integer:
-        step = max(1, round(step))
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [round(i * step, 10) for i in range(first, last + 1)]
+def _mode_key(mode: str) -> tuple:
+    return (MODES.index(mode) if mode in MODES else len(MODES), mode)
 
 
-def svg_line_chart(series: Mapping[str, Sequence[tuple]], title: str, x_label: str = "checkpoint step",
-                   y_label: str = "accuracy", y_range: "tuple | None" = None,
-                   y_format: Callable[[float], str] = "{:g}".format, width: int = 640, height: int = 320,
-                   chart_id: str = "chart", point_format: "Callable[[float], str] | None" = None) -> str:
-    """An inline SVG line chart: axes, ticks, legend, a <title>/<desc> for screen readers, and a
-    tooltip <title> on each point (hover text without JavaScript). `series`: name -> [(x, y)].
-    `chart_id` must be unique within a page (aria-labelledby refers to it); `point_format` (default
-    `y_format`) writes values in the description and tooltips, `y_format` the tick labels."""
-    pf = point_format or y_format
-    esc = html.escape
-    clean = {name: sorted((float(x), float(y)) for x, y in pts if _ok(x) and _ok(y)) for name, pts in series.items()}
-    xs = [x for pts in clean.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in clean.values() for _, y in pts] or [0.0, 1.0]
-    xt = _ticks(min(xs), max(xs), integer=all(x == int(x) for x in xs))
-    lo, hi = y_range or (min(ys), max(ys))
-    yt = _ticks(min(lo, min(ys)), max(hi, max(ys)))
-    x0, x1, y0, y1 = xt[0], xt[-1], yt[0], yt[-1]
-    left, right, top, bottom = 64, 170, 34, 48
-    pw, ph = width - left - right, height - top - bottom
+def _by_bench(rows: Sequence[EvalRow]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault(r.benchmark, []).append(r)
+    return {b: out[b] for b in _order(out, BENCHMARKS)}
 
-    def px(x: float) -> float:
-        return left + (x - x0) / ((x1 - x0) or 1.0) * pw
 
-    def py(y: float) -> float:
-        return top + ph - (y - y0) / ((y1 - y0) or 1.0) * ph
+def _sample_runs(rows: Sequence[EvalRow]) -> dict:
+    """benchmark -> the runs whose predictions are shown: the latest checkpoint's, one per mode."""
+    kept, _ = dedupe(rows)
+    stepped, other = _split(kept)
+    out = {}
+    for b, rs in _by_bench(stepped or other).items():
+        pick, _ = _latest(rs)
+        out[b] = [pick[m] for m in _order(pick, MODES)]
+    return out
 
-    desc = "; ".join(f"{name}: " + (", ".join(f"{x:g} -> {pf(y)}" for x, y in pts) or "no data")
-                     for name, pts in clean.items())
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" aria-labelledby="{esc(chart_id)}-title {esc(chart_id)}-desc" '
-           f'font-family="sans-serif" font-size="12">',
-           f'<title id="{esc(chart_id)}-title">{esc(title)}</title>',
-           f'<desc id="{esc(chart_id)}-desc">{esc(desc)}</desc>',
-           f'<rect width="{width}" height="{height}" fill="#fff"/>',
-           f'<text x="{left}" y="20" font-size="14" font-weight="bold">{esc(title)}</text>']
-    for t in yt:
-        y = py(t)
-        out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#e5e5e5"/>'
-                   f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{esc(y_format(t))}</text>')
-    for t in xt:
-        x = px(t)
-        out.append(f'<line x1="{x:.1f}" y1="{top + ph}" x2="{x:.1f}" y2="{top + ph + 5}" stroke="#333"/>'
-                   f'<text x="{x:.1f}" y="{top + ph + 18}" text-anchor="middle">{t:g}</text>')
-    out.append(f'<path d="M{left},{top} V{top + ph} H{left + pw}" fill="none" stroke="#333"/>')
-    out.append(f'<text x="{left + pw / 2:.1f}" y="{height - 8}" text-anchor="middle">{esc(x_label)}</text>')
-    out.append(f'<text transform="translate(16 {top + ph / 2:.1f}) rotate(-90)" text-anchor="middle">'
-               f'{esc(y_label)}</text>')
-    for i, (name, pts) in enumerate(clean.items()):
-        color, dash = COLORS[i % len(COLORS)], DASHES[i % len(DASHES)]
-        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        if len(pts) > 1:
-            coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-            out.append(f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2"{dash_attr}/>')
-        for x, y in pts:
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}">'
-                       f'<title>{esc(f"{name}, step {x:g}: {pf(y)}")}</title></circle>')
-        ly, short = top + 8 + 18 * i, name if len(name) <= 22 else name[:21] + "\u2026"
-        hover = f"<title>{esc(name)}</title>" if short != name else ""  # the full name of a cut legend entry
-        out.append(f'<line x1="{left + pw + 14}" y1="{ly}" x2="{left + pw + 38}" y2="{ly}" stroke="{color}" '
-                   f'stroke-width="2"{dash_attr}/><text x="{left + pw + 44}" y="{ly + 4}">{esc(short)}{hover}</text>')
-    out.append("</svg>")
-    return "\n".join(out)
+
+def _n_label(rows: Sequence[EvalRow]) -> str:
+    ns = sorted({r.n for r in rows if r.n})
+    return "/".join(str(n) for n in ns) or "?"
+
+
+def stage_switch(curves: dict, params: dict) -> "float | None":
+    """The x of the stage-1 -> stage-2 switch: where the `stage` metric first exceeds 1, else the recipe's
+    train.stage1_steps of a "1+2" schedule (between its last stage-1 step and the next)."""
+    stage = curves.get("stage") or []
+    for (s0, v0), (s1, v1) in zip(stage, stage[1:]):
+        if v0 < 2 <= v1:
+            return (s0 + s1) / 2
+    if params.get("train.stage") == "1+2" and str(params.get("train.stage1_steps", "")).isdigit():
+        return int(params["train.stage1_steps"]) + 0.5
+    return None
+
+
+# ------------------------------------------------------------------------------------------ figures
+
+def _png(fig) -> str:
+    """A matplotlib figure as a PNG data URI (embedded: the report stays one file)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(rows: int, cols: int, width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no display needed
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _percent_axis(ax) -> None:
+    from matplotlib.ticker import PercentFormatter
+
+    ax.set_ylim(-0.04, 1.04)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(alpha=0.3)
+
+
+MARKERS = ("o", "s", "^", "D", "v", "P")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def training_figure(training: TrainingRun, eval_steps: Sequence[int] = ()) -> "str | None":
+    """Loss terms, alignment vs its copy baseline, K*, lr, grad norm and throughput over steps, with the
+    stage switch and the evaluated checkpoints marked."""
+    panels = [(t, [(k, lab, ls) for k, lab, ls in lines if training.curves.get(k)]) for t, lines in TRAINING_PANELS]
+    panels = [(t, lines) for t, lines in panels if lines]
+    if not panels:
+        return None
+    cols = 3
+    fig, axes = _figure(math.ceil(len(panels) / cols), cols, 13, 3.3 * math.ceil(len(panels) / cols))
+    switch = stage_switch(training.curves, training.params)
+    trained = [s for pts in training.curves.values() for s, _ in pts]
+    eval_steps = [s for s in eval_steps if min(trained) <= s <= max(trained)]  # others belong to another run
+    for ax, (title, lines) in zip(axes.flat, panels):
+        for key, label, style in lines:
+            xs, ys = zip(*training.curves[key])
+            ax.plot(xs, ys, style, label=label, color="grey" if style == "--" else None, lw=1.5)
+        if title.startswith("K*") and str(training.params.get("model.latent_size", "")).isdigit():
+            ax.axhline(int(training.params["model.latent_size"]), color="grey", ls=":", label="K")
+        if switch is not None:
+            ax.axvline(switch, color="black", ls="--", lw=1, label="stage 1 -> 2")
+        for s in eval_steps if title == "loss terms" else ():
+            ax.axvline(s, color="tab:purple", ls=":", lw=1)
+        ax.set_title(title + (" (dotted: evaluated checkpoints)" if title == "loss terms" and eval_steps else ""),
+                     fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+def _dodge(modes: Sequence[str], steps: Sequence[int]) -> "tuple[dict, float]":
+    """A small x offset per mode (and the unit), so equal accuracies (0% in every mode) do not hide one another."""
+    unit = 0.015 * ((max(steps) - min(steps)) if len(steps) > 1 else 1.0)
+    return {m: (i - (len(modes) - 1) / 2) * 2 * unit for i, m in enumerate(modes)}, unit
+
+
+def accuracy_figure(benchmark: str, stepped: Sequence[EvalRow], other: Sequence[EvalRow]) -> "str | None":
+    """Accuracy vs checkpoint step, one line per mode with 95% Wilson intervals; exported models as stars."""
+    pts = [r for r in stepped if _ok(r.accuracy)]
+    stars = [r for r in other if _ok(r.accuracy) and r.step is not None]
+    if not pts and not stars:
+        return None
+    modes = _order({r.mode for r in pts + stars}, MODES)
+    steps = sorted({r.step for r in pts + stars})
+    dx, unit = _dodge(modes, steps)
+    fig, axes = _figure(1, 1, 9, 4.2)
+    ax = axes[0][0]
+    for i, m in enumerate(modes):
+        for rs, kind in (([r for r in pts if r.mode == m], "line"), ([r for r in stars if r.mode == m], "star")):
+            rs = sorted(rs, key=lambda r: r.step)
+            if not rs:
+                continue
+            shift = dx[m] if kind == "line" else max(dx.values()) + 2 * unit * (i + 1)  # stars right of the lines
+            xs = [r.step + shift for r in rs]
+            ys = [r.accuracy for r in rs]
+            cis = [_ci(r.accuracy, r.n) or (r.accuracy, r.accuracy) for r in rs]
+            err = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]
+            color = f"C{i}"
+            if kind == "line":
+                ax.errorbar(xs, ys, yerr=err, fmt=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)],
+                            color=color, capsize=4, lw=1.5, ms=6, label=m)
+            else:
+                ax.errorbar(xs, ys, yerr=err, fmt="*", color=color, ms=14, capsize=4, mec="black",
+                            label=f"{m} (exported model)")
+    _percent_axis(ax)
+    ax.set_xticks(steps)
+    ax.set_xlabel("checkpoint step")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{benchmark}: accuracy vs checkpoint step (95% Wilson CI, n = {_n_label(pts + stars)} per point; "
+                 "modes offset sideways)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def category_figure(benchmark: str, stepped: Sequence[EvalRow]) -> "str | None":
+    """Accuracy per category (VSP: level = grid size) x checkpoint step as heatmaps, one panel per mode; each
+    cell says its accuracy and n (a heatmap: equal values cannot hide one another as lines would)."""
+    modes = _order({r.mode for r in stepped if r.categories()}, MODES)
+    if not modes:
+        return None
+    cats = sorted({c for r in stepped for c in r.categories()})
+    steps = sorted({r.step for r in stepped})
+    fig, axes = _figure(1, len(modes), 1.2 + len(modes) * (1.2 + 0.55 * len(steps)), 1.2 + 0.42 * len(cats))
+    image = None
+    for ax, m in zip(axes[0], modes):
+        cells = {(c, r.step): r.categories()[c] for r in stepped if r.mode == m for c in r.categories()}
+        grid = [[cells[(c, s)][0] if _ok(cells.get((c, s), (None,))[0]) else math.nan for s in steps] for c in cats]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (i, c), (j, s) in ((ic, js) for ic in enumerate(cats) for js in enumerate(steps)):
+            acc, n = cells.get((c, s), (None, None))
+            if _ok(acc) and len(steps) <= 12:
+                ax.text(j, i, f"{100 * acc:.0f}%" + (f"\nn={n:.0f}" if _ok(n) else ""), ha="center", va="center",
+                        fontsize=7, color="white" if acc < 0.6 else "black")
+        ax.set_xticks(range(len(steps)), [str(s) for s in steps])
+        ax.set_yticks(range(len(cats)), cats)
+        ax.set_title(f"{benchmark} / {m}", fontsize=10)
+        ax.set_xlabel("checkpoint step")
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy", shrink=0.9)
+    return _png(fig)
 
 
 # ------------------------------------------------------------------------------------ report content
 
-def _blocks(rows: Sequence[EvalRow], meta: ReportMeta) -> list:
-    """The report as neutral blocks: (h1|h2|h3|p, text), (kv, pairs), (table, header, rows), (svg, text)."""
-    kept, dropped = dedupe(rows)
-    out: list = [("h1", "ILVR evaluation report"),
-                 ("kv", [("Store", redact_uri(meta.store)), ("Filter", meta.filter),
-                         ("Generated", meta.generated_at), ("Runs", str(len(kept)))])]
+def _blocks(data: ReportData, figures: bool = True) -> list:
+    """The report as neutral blocks: (h1|h2|h3|p, text), (kv, pairs), (table, header, rows), (img, uri, alt),
+    (code, text), (samples, [...]), (details, summary, block)."""
+    meta = data.meta
+    kept, dropped = dedupe(data.rows)
+    stepped, other = _split(kept)
+    out: list = [("h1", "ILVR report"), ("kv", _header(data, kept))]
     if dropped:
         out.append(("p", f"{dropped} duplicate run(s) dropped: for the same benchmark, mode, checkpoint step "
                          f"and model only the newest run counts."))
-    by_bench: dict = {}
-    for r in kept:
-        by_bench.setdefault(r.benchmark, []).append(r)
-    benches = _order(by_bench, BENCHMARKS)
+    out += _training_blocks(data, stepped, figures)
+    out += _accuracy_blocks(stepped, other, figures)
+    out += _exported_blocks(meta, other)
+    out += _category_blocks(stepped or other, figures)
+    out += _mode_blocks(stepped or other)
+    out += _sample_blocks(data)
+    out += _latency_blocks(kept)
+    out += _config_blocks(data)
+    out += _run_blocks(meta, data.training, kept)
+    return out
 
-    out.append(("h2", "Accuracy by checkpoint"))
-    for b in benches:
-        rs, modes = by_bench[b], _order({r.mode for r in by_bench[b]}, MODES)
+
+def _header(data: ReportData, kept: list) -> list:
+    meta, store = data.meta, redact_uri(data.meta.store)
+    pairs = [("Store", store), ("Filter", meta.filter), ("Generated", meta.generated_at),
+             ("Evaluation runs", str(len(kept)))]
+    t = data.training
+    if t and t.run_id:
+        pairs.append(("Training run", run_link(meta, t.experiment_id, t.run_id, t.run_id) if t.experiment_id
+                      else t.run_id))
+    pairs.append(("Browse", f"mlflow ui --backend-store-uri {store}" + (" (then the links below)" if kept else "")))
+    pairs.append(("Intervals", "95% Wilson score intervals in brackets; n = samples per run"))
+    return pairs
+
+
+def _training_blocks(data: ReportData, stepped: list, figures: bool) -> list:
+    t = data.training
+    out: list = [("h2", "Training")]
+    if t is None or not t.curves:
+        return out + [("p", "No training run found for these evaluations (runs tagged ilvr.train_run_id, or "
+                            "--run RUN_DIR).")]
+    switch = stage_switch(t.curves, t.params)
+    note = f"Curves read from {t.source}."
+    if switch is not None:
+        note += f" The dashed black line marks the switch from stage 1 to stage 2 (after step {math.floor(switch)})."
+    out.append(("p", note + " Alignment panel: cosine between the state before each latent pad and its target; "
+                     "the copy baseline is what a student that copies its input scores at later pads."))
+    uri = training_figure(t, sorted({r.step for r in stepped})) if figures else None
+    if uri:
+        out.append(("img", uri, "Training curves: loss terms, alignment, K*, learning rate, grad norm, throughput"))
+    last = [(label, t.curves[k][-1]) for _, lines in TRAINING_PANELS for k, label, _ in lines if t.curves.get(k)]
+    out.append(("table", ["metric", "last step", "value"], [[lab, str(s), num(v, ".4g")] for lab, (s, v) in last]))
+    return out
+
+
+def _accuracy_blocks(stepped: list, other: list, figures: bool) -> list:
+    out: list = [("h2", "Accuracy by checkpoint")]
+    benches = _by_bench(stepped)
+    if not benches:
+        return out + [("p", "No checkpoint evaluations (only exported or step-less models).")]
+    out.append(("p", "Accuracy with its 95% Wilson interval; in the figures the modes are offset sideways so "
+                     "equal values stay visible, exported models are stars."))
+    others = _by_bench(other)
+    for b, rs in benches.items():
+        modes = _order({r.mode for r in rs}, MODES)
         out.append(("h3", b))
-        series = _series(rs, modes)
-        if series:
-            out.append(("svg", svg_line_chart(series, f"{b}: accuracy vs checkpoint step", y_range=(0.0, 1.0),
-                                              y_format=lambda v: f"{100 * v:g}%", point_format=pct,
-                                              chart_id=f"chart-{_slug(b)}")))
-        out.append(("table", ["step"] + modes,
-                    [[label] + [pct(c[m].accuracy) if m in c else "-" for m in modes] for label, c in _grid(rs)]))
+        uri = accuracy_figure(b, rs, others.get(b, [])) if figures else None
+        if uri:
+            out.append(("img", uri, f"{b}: accuracy vs checkpoint step per mode with 95% intervals"))
+        out.append(("table", ["step", "n"] + modes,
+                    [[label, _n_label(list(c.values()))] + [pct_ci(c[m].accuracy, c[m].n) if m in c else "-"
+                                                           for m in modes] for label, c in _grid(rs)]))
+    return out
 
-    out.append(("h2", "Accuracy per category"))
-    for b in benches:
-        pick, caption = _latest(by_bench[b])
+
+def _exported_blocks(meta: ReportMeta, other: list) -> list:
+    if not other:
+        return []
+    table = []
+    for b, rs in _by_bench(other).items():
+        for r in sorted(rs, key=lambda r: (r.model, _mode_key(r.mode))):
+            table.append([b, r.mode, "-" if r.step is None else str(r.step), pct_ci(r.accuracy, r.n),
+                          num(r.n, ".0f"), pct(r.metrics.get("unparseable_rate")), r.model,
+                          run_link(meta, r.experiment_id, r.run_id)])
+    return [("h2", "Exported model"),
+            ("p", "Evaluations of exported (or step-less) models, e.g. `ilvr-export`'s output; the step is the "
+                  "training step it was exported at."),
+            ("table", ["benchmark", "mode", "step", "accuracy [95% CI]", "n", "unparseable", "model", "MLflow run"],
+             table)]
+
+
+def _category_blocks(rows: list, figures: bool) -> list:
+    out: list = [("h2", "Accuracy per category")]
+    for b, rs in _by_bench(rows).items():
+        pick, caption = _latest(rs)
         modes = _order(pick, MODES)
         cats = sorted({c for r in pick.values() for c in r.categories()})
-        out += [("h3", b), ("p", caption)]
+        out.append(("h3", b))
+        uri = category_figure(b, [r for r in rs if r.step is not None]) if figures else None
+        if uri:
+            out.append(("img", uri, f"{b}: accuracy per category (rows) and checkpoint step (columns), one panel per mode"))
+        out.append(("p", caption + " Each cell: accuracy [95% CI] and the category's n."))
         if not cats:
             out.append(("p", "No per-category metrics."))
             continue
         per_mode = {m: pick[m].categories() for m in modes}
-        table = [[c] + [pct(a) + (f" (n={n:.0f})" if _ok(n) and _ok(a) else "")
-                        for a, n in (per_mode[m].get(c, (None, None)) for m in modes)] for c in cats]
-        out.append(("table", ["category"] + modes, table))
+        out.append(("table", ["category"] + modes,
+                    [[c] + [pct_ci(a, n, with_n=True) for a, n in (per_mode[m].get(c, (None, None)) for m in modes)]
+                     for c in cats]))
+    return out
 
-    out.append(("h2", "Mode comparison"))
-    out.append(("p", "Accuracy per mode; deltas in percentage points (pp). \"-\": mode not evaluated."))
-    for b in benches:
+
+def _mode_blocks(rows: list) -> list:
+    out: list = [("h2", "Mode comparison"),
+                 ("p", "Accuracy per mode; deltas in percentage points (pp). \"-\": mode not evaluated. "
+                       "constant-latent and shuffled-latent replace the latent contents: if latent does not beat "
+                       "them, the latents carry no information the answer uses.")]
+    for b, rs in _by_bench(rows).items():
         table = []
-        for label, c in _grid(by_bench[b]):
+        for label, c in _grid(rs):
             acc = {m: c[m].accuracy if m in c else None for m in MODES}
-            table.append([label] + [pct(acc[m]) for m in MODES]
-                         + [delta_pp(acc["latent"], acc[m]) for m in MODES[1:]])
+            table.append([label] + [pct(acc[m]) for m in MODES] + [delta_pp(acc["latent"], acc[m]) for m in MODES[1:]])
         out += [("h3", b), ("table", ["step", *MODES, *(f"latent - {m}" for m in MODES[1:])], table)]
+    return out
 
-    out.append(("h2", "Latency and output health"))
-    out.append(("p", "Per benchmark and mode at its latest step; latency is the time each sample waited "
-                     "(its batch's decoding time: per sample at batch size 1)."))
+
+def _sample_blocks(data: ReportData) -> list:
+    out: list = [("h2", "Sample predictions"),
+                 ("p", f"The first {SAMPLES_PER_MODE} records of the latest checkpoint, in every mode; each latent "
+                       "segment of a prediction is marked [latent].")]
+    found = False
+    for b, picks in _sample_runs(data.rows).items():
+        preds = {r.mode: {p.get("id"): p for p in data.predictions.get(r.run_id, [])} for r in picks}
+        ids = list(next((p for p in preds.values() if p), {}).keys())
+        if not ids:
+            continue
+        found = True
+        step = picks[0].step
+        out.append(("h3", f"{b} (step {step if step is not None else '?'})"))
+        for i in ids:
+            first = next(p[i] for p in preds.values() if i in p)
+            out.append(("samples", {"id": i, "gold": first.get("gold"), "category": first.get("category"),
+                                    "prompt": first.get("prompt", ""),
+                                    "modes": [(m, p[i]) for m, p in preds.items() if i in p]}))
+    return out if found else out + [("p", "No predictions artifacts found (predictions.jsonl of the runs).")]
+
+
+def _latency_blocks(kept: list) -> list:
     table = []
-    for b in benches:
-        for m in _order({r.mode for r in by_bench[b]}, MODES):
-            r = _latest([r for r in by_bench[b] if r.mode == m])[0][m]
+    for b, rs in _by_bench(kept).items():
+        for m in _order({r.mode for r in rs}, MODES):
+            r = _latest([r for r in rs if r.mode == m])[0][m]
             g = r.metrics.get
             table.append([b, m, "-" if r.step is None else str(r.step), num(g("latency_ms_mean")),
                           num(g("latency_ms_p50")), num(g("latency_ms_p90")), num(g("tokens_per_s")),
                           num(g("latent_segments_mean"), ".2f"), pct(g("unparseable_rate")),
                           num(g("num_samples"), ".0f")])
-    out.append(("table", ["benchmark", "mode", "step", "latency mean ms", "p50 ms", "p90 ms", "tokens/s",
-                          "latent segments/answer", "unparseable", "samples"], table))
-    return out
+    return [("h2", "Latency and output health"),
+            ("p", "Per benchmark and mode at its latest step; latency is the time each sample waited "
+                  "(its batch's decoding time: per sample at batch size 1)."),
+            ("table", ["benchmark", "mode", "step", "latency mean ms", "p50 ms", "p90 ms", "tokens/s",
+                       "latent segments/answer", "unparseable", "samples"], table)]
 
 
-def _series(rows: Sequence[EvalRow], modes: Sequence[str]) -> dict:
-    """Chart lines: one per mode; per mode and model folder when runs of several trainings share a step."""
-    pts = [r for r in rows if r.step is not None and _ok(r.accuracy)]
-    clash = len({(r.mode, r.step) for r in pts}) < len(pts)
-    series: dict = {}
-    for m in modes:
-        for r in sorted((r for r in pts if r.mode == m), key=lambda r: (r.step, r.model)):
-            name = f"{m} ({os.path.dirname(r.model.rstrip('/')) or r.model})" if clash else m
-            series.setdefault(name, []).append((r.step, r.accuracy))
-    return series
+def _config_blocks(data: ReportData) -> list:
+    params = data.training.params if data.training else {}
+    if not params:
+        return []
+    key = [[k, params[k]] for k in KEY_PARAMS if k in params]
+    return [("h2", "Config"), ("table", ["parameter", "value"], key),
+            ("details", f"All {len(params)} parameters of the training run",
+             ("table", ["parameter", "value"], [[k, params[k]] for k in sorted(params)]))]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "-", text)
+def _run_blocks(meta: ReportMeta, training: "TrainingRun | None", kept: list) -> list:
+    table = []
+    if training and training.run_id and training.experiment_id:
+        table.append([run_link(meta, training.experiment_id, training.run_id), "training", training.name, "-", "-",
+                      training.status])
+    for r in sorted(kept, key=lambda r: (r.benchmark, r.step is None, r.step or 0, _mode_key(r.mode))):
+        table.append([run_link(meta, r.experiment_id, r.run_id), f"eval ({r.model_kind})", r.run_name, r.benchmark,
+                      "-" if r.step is None else str(r.step), r.mode])
+    return [("h2", "MLflow runs"),
+            ("p", f"Links open the MLflow UI at {meta.mlflow_ui} (start it with the command at the top)."),
+            ("table", ["run", "kind", "name", "benchmark", "step", "mode / status"], table)]
 
 
 # ------------------------------------------------------------------------------------------ rendering
 
-def _md(text: str) -> str:
+def _md(text) -> str:
     """Backslash-escape what would break a table row or be read as HTML."""
+    if isinstance(text, Link):
+        return f"[{_md(text.text)}]({text.href})"
     return re.sub(r"([\\|<>])", r"\\\1", str(text)).replace("\n", " ")
 
 
-def render_markdown(rows: Sequence[EvalRow], meta: ReportMeta) -> str:
-    """The report as GitHub-flavoured Markdown: same tables as the HTML, charts left out."""
+def _clip(text: str, limit: int = MAX_PREDICTION_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f" ... [{len(text) - limit} more characters]"
+
+
+def render_markdown(data: ReportData) -> str:
+    """The report as GitHub-flavoured Markdown: the same tables as the HTML, figures left out."""
     out = []
-    for block in _blocks(rows, meta):
+    for block in _blocks(data, figures=False):
         kind = block[0]
         if kind in ("h1", "h2", "h3"):
             out.append("#" * int(kind[1]) + " " + _md(block[1]) + "\n")
@@ -360,41 +758,89 @@ def render_markdown(rows: Sequence[EvalRow], meta: ReportMeta) -> str:
         elif kind == "kv":
             out.append("\n".join(f"- **{_md(k)}:** {_md(v)}" for k, v in block[1]) + "\n")
         elif kind == "table":
-            header, body = block[1], block[2]
-            lines = ["| " + " | ".join(_md(h) for h in header) + " |",
-                     "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
-            lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in body]
-            out.append("\n".join(lines) + "\n")
+            out.append(_md_table(block[1], block[2]))
+        elif kind == "details":
+            out.append(f"{_md(block[1])}:\n\n" + _md_table(block[2][1], block[2][2]))
+        elif kind == "samples":
+            s = block[1]
+            rows = [[m, _clip(p.get("prediction", ""), 300), str(p.get("parsed")), str(p.get("correct"))]
+                    for m, p in s["modes"]]
+            out.append(f"**{_md(s['id'])}** ({_md(s.get('category') or '-')}), gold: `{_md(s.get('gold'))}`\n\n"
+                       + _md_table(["mode", "prediction", "parsed", "correct"], rows))
     return "\n".join(out)
 
 
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1000px;
+def _md_table(header, body) -> str:
+    lines = ["| " + " | ".join(_md(h) for h in header) + " |",
+             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(_md(c) for c in row) + " |" for row in body]) + "\n"
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1200px;
 padding:0 1rem;color:#222;line-height:1.4}h1{margin-bottom:.3rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;
-margin-top:2rem}table{border-collapse:collapse;margin:.5rem 0 1rem;font-variant-numeric:tabular-nums}
-th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}th:first-child,td:first-child{text-align:left}
-thead th{background:#f3f3f3}dl{display:grid;grid-template-columns:max-content auto;gap:.1rem 1rem}dt{font-weight:600}
-dd{margin:0}figure{margin:.5rem 0}svg{max-width:100%;height:auto}"""
+margin-top:2.2rem}table{border-collapse:collapse;margin:.5rem 0 1rem;font-variant-numeric:tabular-nums}
+th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right;vertical-align:top}
+th:first-child,td:first-child{text-align:left}thead th{background:#f3f3f3}
+dl{display:grid;grid-template-columns:max-content auto;gap:.1rem 1rem}dt{font-weight:600}dd{margin:0}
+figure{margin:.5rem 0}img{max-width:100%;height:auto}code{background:#f5f5f5;padding:0 .2rem}
+.sample{border:1px solid #ddd;border-radius:4px;padding:.5rem .8rem;margin:.8rem 0}
+.sample td.pred{text-align:left;white-space:pre-wrap;overflow-wrap:anywhere;font-family:ui-monospace,monospace;
+font-size:.85rem;max-width:820px}.sample th:nth-child(2){text-align:left}pre{white-space:pre-wrap}
+.latent{background:#ffe08a;border:1px solid #d4a800;border-radius:3px;padding:0 .25rem;font-weight:600}
+.ok{color:#1a7f37;font-weight:600}.bad{color:#b42318;font-weight:600}details{margin:.5rem 0}"""
 
 
-def render_html(rows: Sequence[EvalRow], meta: ReportMeta) -> str:
-    """The report as one HTML page: inline CSS and SVG, every string escaped, no scripts."""
+def _cell(c) -> str:
+    if isinstance(c, Link):
+        return f'<a href="{html.escape(c.href)}">{html.escape(c.text)}</a>'
+    return html.escape(str(c))
+
+
+def _html_table(header, body) -> str:
+    head = "".join(f'<th scope="col">{html.escape(h)}</th>' for h in header)
+    rows = "".join("<tr>" + "".join(f'<th scope="row">{_cell(c)}</th>' if i == 0 else f"<td>{_cell(c)}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def mark_latents(prediction: str) -> str:
+    """Escaped prediction text with each `<latent>` segment shown as a highlighted [latent] chip."""
+    return html.escape(_clip(prediction)).replace("&lt;latent&gt;", '<span class="latent">[latent]</span>')
+
+
+def _html_sample(s: dict) -> str:
+    esc = html.escape
+    rows = "".join(f'<tr><th scope="row">{esc(m)}</th><td class="pred">{mark_latents(p.get("prediction", ""))}</td>'
+                   f'<td>{esc(str(p.get("parsed")))}</td><td class="{"ok" if p.get("correct") else "bad"}">'
+                   f'{"correct" if p.get("correct") else "wrong"}</td></tr>' for m, p in s["modes"])
+    return (f'<div class="sample"><p><strong>{esc(s["id"])}</strong> ({esc(str(s.get("category") or "-"))}) - '
+            f'gold answer: <code>{esc(str(s.get("gold")))}</code></p>'
+            f'<details><summary>prompt</summary><pre>{esc(_clip(s.get("prompt") or "", 3000))}</pre></details>'
+            f'<table><thead><tr><th scope="col">mode</th><th scope="col">prediction</th><th scope="col">parsed</th>'
+            f'<th scope="col">judged</th></tr></thead><tbody>{rows}</tbody></table></div>')
+
+
+def render_html(data: ReportData) -> str:
+    """The report as one HTML page: inline CSS, PNG figures as data URIs, every string escaped, no scripts."""
     esc = html.escape
     out = ['<!DOCTYPE html>', '<html lang="en">', '<head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           '<title>ILVR evaluation report</title>', f'<style>{CSS}</style></head>', '<body>']
-    for block in _blocks(rows, meta):
+           '<title>ILVR report</title>', f'<style>{CSS}</style></head>', '<body>']
+    for block in _blocks(data):
         kind = block[0]
         if kind in ("h1", "h2", "h3", "p"):
             out.append(f"<{kind}>{esc(block[1])}</{kind}>")
         elif kind == "kv":
-            out.append("<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in block[1]) + "</dl>")
+            out.append("<dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{_cell(v)}</dd>" for k, v in block[1]) + "</dl>")
         elif kind == "table":
-            head = "".join(f'<th scope="col">{esc(h)}</th>' for h in block[1])
-            body = "".join("<tr>" + "".join(f'<th scope="row">{esc(c)}</th>' if i == 0 else f"<td>{esc(c)}</td>"
-                                            for i, c in enumerate(row)) + "</tr>" for row in block[2])
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-        elif kind == "svg":
-            out.append(f"<figure>{block[1]}</figure>")  # built from escaped parts by svg_line_chart
+            out.append(_html_table(block[1], block[2]))
+        elif kind == "img":
+            out.append(f'<figure><img src="{block[1]}" alt="{esc(block[2])}"><figcaption>{esc(block[2])}'
+                       "</figcaption></figure>")
+        elif kind == "details":
+            out.append(f"<details><summary>{esc(block[1])}</summary>{_html_table(block[2][1], block[2][2])}</details>")
+        elif kind == "samples":
+            out.append(_html_sample(block[1]))
     out.append("</body></html>\n")
     return "\n".join(out)
 
@@ -404,15 +850,39 @@ def render_html(rows: Sequence[EvalRow], meta: ReportMeta) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ilvr-report", description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", metavar="URI",
-                   help="MLflow store (default: the sweep.json's, else MLFLOW_TRACKING_URI)")
+                   help="MLflow store (default: the run dir's or sweep.json's, else MLFLOW_TRACKING_URI)")
     p.add_argument("--experiment", action="append", metavar="NAME",
                    help="only this experiment (repeatable; default: all experiments)")
     src = p.add_mutually_exclusive_group()
+    src.add_argument("--run", metavar="RUN_DIR",
+                     help="a training run dir: every evaluation of it in its store, its curves from metrics.jsonl")
     src.add_argument("--parent-run-id", metavar="ID", help="only child runs of this eval-sweep run")
     src.add_argument("--sweep", metavar="SWEEP_DIR", help="a sweep directory: its sweep.json names the parent run")
+    p.add_argument("--mlflow-ui", default=MLFLOW_UI, metavar="URL",
+                   help=f"where the MLflow UI of the store runs, for the run links (default: {MLFLOW_UI})")
     p.add_argument("--out", required=True, metavar="PATH",
                    help="report path ending in .html or .md; both <stem>.html and <stem>.md are written")
     return p
+
+
+def _source(parser, args) -> "tuple[str | None, str | None, str | None]":
+    """(store URI, sweep parent run id, training run id) from --run / --sweep / --tracking-uri / the environment."""
+    parent = args.parent_run_id
+    uri = train_run_id = None
+    if args.sweep:
+        try:
+            sweep = json.loads(Path(args.sweep, "sweep.json").read_text(encoding="utf-8"))
+            parent, uri = sweep["parent_run_id"], sweep.get("tracking_uri")
+            if not (parent and isinstance(parent, str)):  # else every run of the store would be reported
+                raise ValueError(f"parent_run_id is {parent!r}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--sweep {args.sweep}: cannot read parent_run_id from sweep.json ({type(e).__name__}: {e})")
+    if args.run:
+        found = run_store(args.run)
+        if found is None:
+            parser.error(f"--run {args.run}: no mlflow_run.json there; give a training run's output dir")
+        uri, train_run_id = found
+    return args.tracking_uri or uri or os.environ.get("MLFLOW_TRACKING_URI"), parent, train_run_id
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:
@@ -422,18 +892,9 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".html", ".md"):
         parser.error(f"--out must end in .html or .md, got {args.out!r}")
-    parent, sweep_uri = args.parent_run_id, None
-    if args.sweep:
-        try:
-            sweep = json.loads(Path(args.sweep, "sweep.json").read_text(encoding="utf-8"))
-            parent, sweep_uri = sweep["parent_run_id"], sweep.get("tracking_uri")
-            if not (parent and isinstance(parent, str)):  # else every run of the store would be reported
-                raise ValueError(f"parent_run_id is {parent!r}")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            parser.error(f"--sweep {args.sweep}: cannot read parent_run_id from sweep.json ({type(e).__name__}: {e})")
-    uri = args.tracking_uri or sweep_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri, parent, train_run_id = _source(parser, args)
     if not uri:
-        parser.error("no MLflow store: pass --tracking-uri URI (or set MLFLOW_TRACKING_URI, or use --sweep)")
+        parser.error("no MLflow store: pass --tracking-uri URI (or set MLFLOW_TRACKING_URI, or use --run / --sweep)")
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"ilvr-report: no SQLite store at {uri}", file=sys.stderr)  # MLflow would create an empty one
         return 2
@@ -445,9 +906,15 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     parts = [f"experiment(s) {', '.join(args.experiment)}" if args.experiment else "all experiments"]
     if parent:
         parts.append(f"children of run {parent}" + (f" (sweep {args.sweep})" if args.sweep else ""))
-    meta = ReportMeta(store=uri, filter="; ".join(parts))
+    if train_run_id:
+        parts.append(f"evaluations of training run {train_run_id} ({args.run})")
+    meta = ReportMeta(store=uri, filter="; ".join(parts), mlflow_ui=args.mlflow_ui)
+    client = MlflowClient(tracking_uri=uri)
     try:
-        rows = collect_runs(MlflowClient(tracking_uri=uri), args.experiment, parent)
+        rows = collect_runs(client, args.experiment, parent, train_run_id)
+        train_id = train_run_id or _common_train_run(rows)
+        training = collect_training(client, train_id, args.run)
+        predictions = collect_predictions(client, uri, rows)
     except (LookupError, ValueError) as e:
         print(f"ilvr-report: {e}", file=sys.stderr)
         return 2
@@ -458,13 +925,20 @@ def main(argv: "Sequence[str] | None" = None) -> int:
         print(f"ilvr-report: no finished eval runs (tag ilvr.kind = eval) in {redact_uri(uri)} for "
               f"{meta.filter}", file=sys.stderr)
         return 2
+    data = ReportData(rows, meta, training, predictions)
     out.parent.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out.with_suffix(".html"), out.with_suffix(".md")
-    write_text_atomic(str(html_path), render_html(rows, meta))
-    write_text_atomic(str(md_path), render_markdown(rows, meta))
+    write_text_atomic(str(html_path), render_html(data))
+    write_text_atomic(str(md_path), render_markdown(data))
     print(html_path)
     print(md_path)
     return 0
+
+
+def _common_train_run(rows: Sequence[EvalRow]) -> "str | None":
+    """The training run most of the evaluations came from (tag ilvr.train_run_id), if any."""
+    counts = Counter(r.train_run_id for r in rows if r.train_run_id)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 if __name__ == "__main__":

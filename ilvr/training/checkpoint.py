@@ -504,7 +504,8 @@ def newest_verified(output_dir: str, collective: bool = False) -> str | None:
         return path
     if skipped:
         raise CheckpointError(f"no checkpoint of {output_dir} is safe to load (skipped {', '.join(skipped)}; "
-                              "reasons in the log): restore them, or pass --resume never to start over")
+                              "reasons in the log): restore them, or start a new run: --resume never with a new "
+                              "train.output_dir")
     return None
 
 
@@ -657,8 +658,9 @@ class CheckpointManager:
         saved rank_state, or {} when the checkpoint was saved on another world size (elastic resume:
         ilvr/training/elastic.py converts it once and re-partitions it; the caller re-plans per-rank
         state from elastic.saved_rank_states). RNG states are restored unless restore_rng=False (new
-        ranks of an elastic resume get derived ones). The checkpoint is verified first (verify_checkpoint; verify=False when resolve_resume just did) and DeepSpeed reads it
-        weights-only. Pass a freshly built engine: DeepSpeed cannot load ZeRO-3 state into one that has
+        ranks of an elastic resume get derived ones). The checkpoint is verified first (verify_checkpoint;
+        verify=False when resolve_resume just did) and DeepSpeed reads it weights-only. Pass a freshly
+        built engine: DeepSpeed cannot load ZeRO-3 state into one that has
         already run (its docs).
         """
         if not is_complete(path):

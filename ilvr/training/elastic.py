@@ -10,6 +10,8 @@ cached beside it:
                             common state (step, param groups, loss scaler) and the model_states files
                             (LR scheduler, global steps)
       latest_universal      written by the converter
+      frozen.safetensors    parameters outside the optimizer (the frozen vision tower) and persistent
+                            buffers, whole: DeepSpeed's universal loader restores only what its optimizer owns
       teacher/teacher.safetensors   the momentum teacher's fp32 EMA buffers, whole (consolidated from
                             teacher_rank<r>.safetensors); each rank cuts its new partition from it
       SOURCE.json           what was converted from what, and what does not carry over exactly
@@ -17,8 +19,9 @@ cached beside it:
 
 It is written into `universal.tmp-<job>/` and renamed into place; a damaged cache is converted
 again. The student is then loaded by DeepSpeed's own universal loader (ZeRO-1/2/3), which
-re-partitions every tensor for the new world size by name; the teacher is cut exactly like the
-student's new partitions (MomentumTeacher.load_consolidated). Every file is read weights-only.
+re-partitions every tensor for the new world size by name; frozen parameters are written through
+`deepspeed.zero.GatheredParameters(modifier_rank=0)`; the teacher is cut exactly like the student's
+new partitions (MomentumTeacher.load_consolidated). Every file is read weights-only.
 
 Also here, for the trainer: the data position re-planned for the new layout (every old worker's
 stream replayed, shared out over the new ranks), RNG of ranks that did not exist (derived from
@@ -42,15 +45,17 @@ from typing import Any, Callable
 
 import torch
 
-from ilvr.training.checkpoint import (COMPLETE, DS_TAG, MANIFEST_FORMAT, CheckpointError, _all_gather_json,
-                                      _distributed, _fsync_path, _fsync_tree, _job_tag, _payload_files,
-                                      _rank_world, _refusal, is_complete, set_rng_state, sha256_file,
-                                      verify_checkpoint, weights_only_loading, write_text_atomic)
+from ilvr.training.checkpoint import (COMPLETE, DS_TAG, MANIFEST_FORMAT, CheckpointError, _distributed,
+                                      _fsync_path, _fsync_tree, _job_tag, _payload_files, _rank_world, _refusal,
+                                      is_complete, set_rng_state, sha256_file, verify_checkpoint,
+                                      weights_only_loading, write_text_atomic)
+from ilvr.training.distributed import all_gather_json
 
 log = logging.getLogger(__name__)
 
 UNIVERSAL = "universal"  # the cache's name inside a checkpoint dir (excluded from that checkpoint's own files)
 SOURCE_FILE = "SOURCE.json"
+FROZEN_FILE = "frozen.safetensors"
 TEACHER_DIR = "teacher"
 CONVERT_TIMEOUT_S = int(os.environ.get("ILVR_CONVERT_TIMEOUT", 4 * 3600))  # other ranks wait this long for rank 0
 NOT_EXACT = [
@@ -103,6 +108,44 @@ def _convert_deepspeed(src: str, out: str) -> None:
         raise CheckpointError(f"converting {src} into a universal checkpoint failed: {type(e).__name__}: {e}") \
             from e
     log.debug("ds_to_universal output:\n%s", chatter.getvalue())
+
+
+def _rank_of(path: str) -> int:
+    return int(os.path.basename(path).split("_")[3])  # zero_pp_rank_<r>_mp_rank_00_model_states.pt
+
+
+def consolidate_frozen(ds_dir: str, out_file: str) -> int:
+    """Parameters outside the optimizer (frozen) and persistent buffers, whole, from the old ranks' model
+    states: ZeRO-3 keeps each rank's partition of a frozen parameter (`frozen_param_fragments`), ZeRO-1/2
+    the whole module. Returns the count."""
+    from safetensors.torch import save_file
+
+    zero3 = sorted(glob.glob(os.path.join(ds_dir, "zero_pp_rank_*_mp_rank_00_model_states.pt")), key=_rank_of)
+    with weights_only_loading():
+        if zero3:
+            states = [torch.load(f, map_location="cpu", weights_only=True) for f in zero3]
+            tensors = {name: _join_fragments(name, [st["frozen_param_fragments"][name] for st in states], shape,
+                                             zero3[0])
+                       for name, shape in (states[0].get("frozen_param_shapes") or {}).items()}
+            module = states[0]["module"]
+            tensors.update({b: module[b] for b in states[0].get("buffer_names") or [] if b in module})
+        else:
+            state = torch.load(os.path.join(ds_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                               weights_only=True)
+            trainable = {name for group in state.get("param_shapes") or [] for name in group}
+            tensors = {k: v for k, v in state["module"].items() if k not in trainable}
+    save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()}, out_file)  # no shared storage
+    return len(tensors)
+
+
+def _join_fragments(name: str, fragments: list[torch.Tensor], shape, where: str) -> torch.Tensor:
+    """A ZeRO-3 parameter from its ranks' (padded, equal) partitions."""
+    numel = int(torch.Size(shape).numel())
+    per = -(-numel // len(fragments))
+    if any(f.numel() != per for f in fragments):
+        raise CheckpointError(f"{where}: frozen parameter {name!r}: partitions of {[f.numel() for f in fragments]} "
+                              f"elements, expected {per} each for {numel}")
+    return torch.cat([f.reshape(-1) for f in fragments])[:numel].view(shape).clone()
 
 
 def consolidate_teacher(src_dir: str, saved_world: int, numels: dict[str, int], out_file: str) -> int:
@@ -174,6 +217,11 @@ def convert(checkpoint: str, numels: dict[str, int], tag: str) -> list[str]:
     """Rank 0: write `<checkpoint>/universal` (student + teacher), atomically; returns what was converted."""
     saved_world = saved_world_size(checkpoint)
     target = universal_path(checkpoint)
+    if not os.access(checkpoint, os.W_OK):
+        raise CheckpointError(f"{checkpoint} was saved by {saved_world} ranks and must be converted once for "
+                              f"another world size, into {target}, but the directory is not writable: copy the "
+                              "checkpoint into a writable run dir (with its parent's checkpoints/ layout) or resume "
+                              f"on {saved_world} ranks")
     tmp = f"{target}.tmp-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -181,6 +229,8 @@ def convert(checkpoint: str, numels: dict[str, int], tag: str) -> list[str]:
         _convert_deepspeed(os.path.join(checkpoint, DS_TAG), os.path.join(tmp, DS_TAG))
         parts = ["student: fp32 master weights, Adam moments and step, LR scheduler, loss scaler (DeepSpeed "
                  "universal checkpoint)"]
+        n = consolidate_frozen(os.path.join(checkpoint, DS_TAG), os.path.join(tmp, FROZEN_FILE))
+        parts.append(f"student: {n} frozen parameters and buffers (outside the optimizer)")
         teacher = os.path.join(checkpoint, TEACHER_DIR)
         if os.path.isdir(teacher):
             from ilvr.training.teacher import CONSOLIDATED_FILE
@@ -215,7 +265,7 @@ def _on_rank0(fn: Callable[[], Any]) -> None:
     if group is not None:
         torch.distributed.barrier(group=group)
         torch.distributed.destroy_process_group(group)
-    error = _all_gather_json(error)[0]
+    error = all_gather_json(error)[0]
     if error:
         raise CheckpointError(error)
 
@@ -248,7 +298,7 @@ def ensure_universal(checkpoint: str, numels: dict[str, int]) -> str:
                 trash = f"{target}.trash-{tag}"
                 os.replace(target, trash)
                 shutil.rmtree(trash, ignore_errors=True)
-            _all_gather_json(None)  # everyone waits for the removal
+            all_gather_json(None)  # everyone waits for the removal
     raise AssertionError("unreachable")
 
 
@@ -298,13 +348,33 @@ def load_resharded(engine, checkpoint: str, load_teacher: "Callable[[str], None]
                               "never unpickled") from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {source}/{DS_TAG}")
-    if load_teacher is not None:
+    restore_frozen(engine, os.path.join(source, FROZEN_FILE))
+    if load_teacher is not None:  # after the frozen parameters: the teacher copies those from the student
         load_teacher(source)
     if _rank_world()[0] == 0:
         log.warning("elastic resume from %d to %d ranks; carried over exactly: student weights, optimizer state "
                     "(fp32 master weights, Adam moments, step), LR schedule, momentum teacher (fp32 EMA buffers), "
                     "step, MLflow run. Not exactly:\n  - %s", saved_world, world, "\n  - ".join(NOT_EXACT))
     return source
+
+
+def restore_frozen(engine, path: str) -> None:
+    """Write the whole tensors of `path` into the engine's parameters and buffers of those names (collective:
+    every rank loads them; under ZeRO-3 rank 0's write is broadcast and re-partitioned, one at a time)."""
+    import deepspeed
+    from safetensors import safe_open
+
+    params, buffers = dict(engine.module.named_parameters()), dict(engine.module.named_buffers())
+    with safe_open(path, framework="pt", device="cpu") as f:
+        unknown = sorted(set(f.keys()) - params.keys() - buffers.keys())
+        if unknown:
+            raise CheckpointError(f"{path}: {unknown[:5]} are not in this model (another model?)")
+        for name in sorted(f.keys()):
+            target = params.get(name, buffers.get(name))
+            value = f.get_tensor(name)
+            with deepspeed.zero.GatheredParameters([target], modifier_rank=0, enabled=hasattr(target, "ds_id")), \
+                    torch.no_grad():
+                target.data.copy_(value.view(target.data.shape))
 
 
 def derived_seed(step: int, rank: int) -> int:
@@ -349,7 +419,7 @@ def replan_loader(loader, states: list[dict]) -> None:
     fp = states[0]["fingerprint"]
     workers = [(r, w) for r in range(int(fp["world_size"])) for w in range(int(fp["num_workers"]))]
     mine = [list(rg) for r, w in workers[rank::world] for rg in loader.replay_consumed(states[r], r, w)]
-    done = [tuple(rg) for part in _all_gather_json(mine) for rg in part]
+    done = [tuple(rg) for part in all_gather_json(mine) for rg in part]
     loader.load_replanned(states, done)
 
 

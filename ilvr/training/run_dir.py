@@ -40,7 +40,7 @@ ALLOWED_ON_RESUME = (
     "train.stop_after", "train.collective_timeout", "train.max_bad_steps", "train.comm_stats",
     "train.gather_once", "train.output_dir", "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
     "model.gradient_checkpointing", "eval.*",
-)
+)  # and train.stage1_steps while the run is still in stage 1 (_same_stage)
 _PATH_FIELDS = ("data.train_shards", "data.processor", "model.name_or_path")
 
 
@@ -103,22 +103,30 @@ def config_changes(recorded: dict, given: dict) -> dict[str, list]:
     return changes
 
 
+MAX_TRAINER_JSON = 64 << 20  # read before the checkpoint is verified: a planted giant file is not loaded
+
+
 def read_trainer_state(checkpoint: str) -> dict:
-    """<checkpoint>/trainer.json ({} when unreadable: the config then comes from config.resolved.yaml)."""
+    """<checkpoint>/trainer.json ({} when unreadable or implausibly large: the config then comes from
+    config.resolved.yaml; the checkpoint itself is verified later, when it is loaded)."""
+    path = os.path.join(checkpoint, "trainer.json")
     try:
-        with open(os.path.join(checkpoint, "trainer.json"), encoding="utf-8") as f:
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_TRAINER_JSON:
+            return {}
+        with open(path, encoding="utf-8") as f:
             state = json.load(f)
         return state if isinstance(state, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
-def recorded_config(checkpoint: str, output_dir: str) -> "dict | None":
-    """The config a checkpoint was trained with: its trainer.json, else the run's config.resolved.yaml."""
-    config = read_trainer_state(checkpoint).get("config")
+def recorded_config(checkpoint: "str | None", output_dir: str) -> "dict | None":
+    """The config a checkpoint was trained with: its trainer.json, else its run's config.resolved.yaml
+    (checkpoint None: the output dir's config.resolved.yaml, left by an attempt that never saved)."""
+    config = read_trainer_state(checkpoint).get("config") if checkpoint else None
     if isinstance(config, dict):
         return config
-    for directory in (os.path.dirname(os.path.dirname(checkpoint)), output_dir):
+    for directory in ([os.path.dirname(os.path.dirname(checkpoint))] if checkpoint else []) + [output_dir]:
         path = os.path.join(directory, RESOLVED_FILE)
         try:
             with open(path, encoding="utf-8") as f:
@@ -158,13 +166,13 @@ def plan_run(cfg: Config, resume: "str | None", allow_config_change: bool = Fals
     explicit = resume != "auto"
     checkpoint = _explicit_checkpoint(resume) if explicit else latest(out)
     if checkpoint is None:  # nothing trained here yet (a fresh dir, or an attempt that never saved)
-        previous = recorded_config("", out) if os.path.isfile(os.path.join(out, RESOLVED_FILE)) else None
+        previous = recorded_config(None, out)
         return RunPlan("new", changes=config_changes(previous, given) if previous else {})
     state = read_trainer_state(checkpoint)
     step = int(state.get("step", 0)) if isinstance(state.get("step", 0), int) else 0
     recorded = recorded_config(checkpoint, out)
     changes = config_changes(recorded, given) if recorded is not None else {}
-    blocked = {k: v for k, v in changes.items() if not is_allowed(k)}
+    blocked = {k: v for k, v in changes.items() if not is_allowed(k) and not _same_stage(k, v, step)}
     if blocked and not (explicit or allow_config_change):
         raise RunDirRefused(_incompatible(out, checkpoint, step, cfg, blocked))
     if step >= cfg.train.max_steps:
@@ -175,6 +183,27 @@ def plan_run(cfg: Config, resume: "str | None", allow_config_change: bool = Fals
     own_record = os.path.isfile(os.path.join(out, RESOLVED_FILE))
     return RunPlan("resume", checkpoint, step, changes, accepted_by,
                    record_config=(not blocked and bool(changes)) or not own_record)
+
+
+def _same_stage(name: str, values: list, step: int) -> bool:
+    """train.stage1_steps may move while the run is before both boundaries (still in stage 1, like a longer
+    max_steps) or past both (no effect): never so that a stage-2 checkpoint goes back to stage 1."""
+    if name != "train.stage1_steps" or not all(isinstance(v, int) for v in values):
+        return False
+    return step < min(values) or step >= max(values)
+
+
+def resume_point(cfg: Config, resume: "str | None") -> "tuple[int, int] | None":
+    """(step, world size) of the checkpoint this start would continue from (None: a new run), read before
+    anything is verified or loaded, for train.epochs on another world size."""
+    from ilvr.training.checkpoint import latest
+
+    if resume in (None, "", "never"):
+        return None
+    checkpoint = _explicit_checkpoint(resume) if resume != "auto" else latest(cfg.train.output_dir)
+    state = read_trainer_state(checkpoint) if checkpoint else {}
+    step, world = state.get("step"), state.get("world_size")
+    return (step, world) if isinstance(step, int) and isinstance(world, int) else None
 
 
 def _incompatible(out: str, checkpoint: str, step: int, cfg: Config, blocked: dict) -> str:

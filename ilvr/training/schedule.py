@@ -37,21 +37,41 @@ def steps_for(epochs: float, batches: int, grad_accum: int) -> int:
     return max(1, math.ceil(epochs * batches / grad_accum - 1e-9))
 
 
-def resolve_epochs(cfg: Config, world_size: int) -> "str | None":
+def steps_after(epochs: float, resumed: "tuple[int, int]", cfg: Config, batches: int) -> int:
+    """The step at which `epochs` are done for a run resumed at step s of a run on another world size w:
+    s steps of w ranks covered s / (steps per epoch on w) epochs; the rest is counted on this world size."""
+    step, old_world = resumed
+    old_batches, _ = batches_per_epoch(cfg, old_world)
+    done = step * cfg.train.grad_accum / old_batches
+    if epochs <= done:
+        return steps_for(epochs, old_batches, cfg.train.grad_accum)  # reached on the old world size
+    return step + steps_for(epochs - done, batches, cfg.train.grad_accum)
+
+
+def resolve_epochs(cfg: Config, world_size: int, resumed: "tuple[int, int] | None" = None) -> "str | None":
     """Set train.max_steps / train.stage1_steps from train.epochs / train.stage1_epochs (in place; the epochs
-    fields become 0) and return the line that says how; None when the config counts in steps already."""
+    fields become 0) and return the line that says how; None when the config counts in steps already.
+    `resumed`: (step, world size) of the checkpoint a resumed run continues from; on another world size the
+    epochs still to go are counted in this world size's steps."""
     t = cfg.train
     if t.epochs <= 0 and t.stage1_epochs <= 0:
         return None
     batches, total = batches_per_epoch(cfg, world_size)
     per_step = world_size * cfg.data.batch_size * t.grad_accum
+    elastic = resumed is not None and resumed[1] != world_size and resumed[1] >= 1
+
+    def steps(epochs: float) -> int:
+        return steps_after(epochs, resumed, cfg, batches) if elastic else steps_for(epochs, batches, t.grad_accum)
+
     parts = []
     if t.epochs > 0:
-        t.max_steps = steps_for(t.epochs, batches, t.grad_accum)
+        t.max_steps = steps(t.epochs)
         parts.append(f"train.epochs={t.epochs:g} -> train.max_steps={t.max_steps}")
     if t.stage1_epochs > 0:
-        t.stage1_steps = min(steps_for(t.stage1_epochs, batches, t.grad_accum), t.max_steps)
+        t.stage1_steps = min(steps(t.stage1_epochs), t.max_steps)
         parts.append(f"train.stage1_epochs={t.stage1_epochs:g} -> train.stage1_steps={t.stage1_steps}")
+    if elastic:
+        parts.append(f"resumed at step {resumed[0]} of a run on {resumed[1]} ranks")
     if not 0 <= t.stage1_steps <= t.max_steps:
         raise ConfigError(f"train.stage1_steps={t.stage1_steps} must be between 0 and train.max_steps={t.max_steps} "
                           "(resolved from train.epochs)")

@@ -137,12 +137,17 @@ class MomentumTeacher:
         self.module.eval()
         self._slots = self._pair(student_engine.module, self.module)
         self._ema = [s for s in self._slots if s.student.requires_grad]
-        with torch.no_grad(), self._student_full_values(self._slots):
+        with torch.no_grad(), self._student_full_values(self._ema):
             self._buffers = {s.name: s.student_value().float().clone() for s in self._ema}
-            # frozen student parameters never change: copy them once and keep no EMA state for them
-            frozen = [s for s in self._slots if not s.student.requires_grad]
-            self._write(frozen, {s.name: s.student_value() for s in frozen})
+        self._copy_frozen()
         self._write(self._ema)
+
+    def _copy_frozen(self) -> None:
+        """Frozen student parameters never change: copied (at build and after a load, which may have
+        restored them), with no EMA state. Collective when some are persistent and not materialised."""
+        frozen = [s for s in self._slots if not s.student.requires_grad]
+        with torch.no_grad(), self._student_full_values(frozen):
+            self._write(frozen, {s.name: s.student_value() for s in frozen})
 
     @property
     def module(self) -> torch.nn.Module:
@@ -263,15 +268,17 @@ class MomentumTeacher:
 
         consolidated = os.path.join(directory, CONSOLIDATED_FILE)
         if os.path.isfile(consolidated):
-            return self.load_consolidated(consolidated)
-        path = os.path.join(directory, FILE_PATTERN.format(rank=rank))
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no teacher state for rank {rank}: {path}")
-        with _readable(path, CheckpointError):
-            from safetensors.torch import load_file
+            self.load_consolidated(consolidated)
+        else:
+            path = os.path.join(directory, FILE_PATTERN.format(rank=rank))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"no teacher state for rank {rank}: {path}")
+            with _readable(path, CheckpointError):
+                from safetensors.torch import load_file
 
-            state = load_file(path, device=str(self._device()))
-        self.load_state_dict(state)
+                state = load_file(path, device=str(self._device()))
+            self.load_state_dict(state)
+        self._copy_frozen()
 
     def load_consolidated(self, path: str):
         """Restore from whole fp32 buffers ({name: flat tensor}): each rank reads only its partition of each

@@ -176,15 +176,116 @@ def local_artifact_location(uri: str) -> "str | None":
     return Path(os.path.dirname(os.path.abspath(db)), "mlartifacts").as_uri()
 
 
+# ---------------------------------------------------------------------- the store of a run
+# MLflow keeps absolute artifact URIs (per experiment and per run) in its database, so a SQLite store whose
+# directory was moved or copied would point at the old place. Our SQLite stores keep their artifacts in
+# `<db dir>/mlartifacts`; readers map a stale `.../mlartifacts/<rest>` there (artifact_dir), writers
+# rewrite the stale URIs once (relocate_artifacts, also `python -m ilvr.training.tracking RUN_DIR --relocate`).
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def sqlite_path(uri: "str | None") -> "str | None":
+    """The database file of a sqlite:/// URI (absolute), else None."""
+    if not (uri and uri.startswith("sqlite:///")):
+        return None
+    return os.path.abspath(uri[len("sqlite:///"):])
+
+
+def connectable_uri(recorded: "str | None", db_relative: "str | None" = None, base: "str | None" = None) \
+        -> "str | None":
+    """A URI to connect with from what a run recorded: its SQLite file relative to `base` (the store moved or
+    was copied with the run), else the recorded URI if its file exists; a URI recorded without its credentials
+    (`//***@`) only as MLFLOW_TRACKING_URI, when that names the same server. None: no usable store."""
+    if db_relative and base and os.path.isfile(os.path.join(base, db_relative)):
+        return "sqlite:///" + os.path.abspath(os.path.join(base, db_relative))
+    if not recorded:
+        return None
+    if "//***@" in recorded:
+        env = os.environ.get("MLFLOW_TRACKING_URI", "")
+        return env if env and redact_uri(env) == recorded else None
+    db = sqlite_path(recorded)
+    return recorded if db is None or os.path.isfile(db) else None
+
+
+def store_record(uri: "str | None", run_id: "str | None", base: str) -> "dict | None":
+    """What a run dir or an export records about its MLflow run: the id, the URI without credentials and,
+    for SQLite, the database path relative to `base` (so a moved directory still finds its store)."""
+    if not run_id:
+        return None
+    record = {"run_id": run_id, "tracking_uri": redact_uri(uri or "")}
+    db = sqlite_path(uri)
+    if db:
+        record["tracking_db"] = os.path.relpath(db, os.path.abspath(base))
+    return record
+
+
+def run_store(run_dir: str) -> "tuple[str | None, str] | None":
+    """(URI to connect with or None, run id) of the MLflow run a training run dir logged to (mlflow_run.json);
+    None when the dir has no record."""
+    state = read_state(run_dir)
+    if state is None:
+        return None
+    return connectable_uri(state.get("tracking_uri"), state.get("tracking_db"), run_dir), state["run_id"]
+
+
+def artifact_dir(artifact_uri: str, tracking_uri: "str | None") -> "str | None":
+    """The local directory of a run's artifacts, or None when they are not local files. A SQLite store that
+    moved: the recorded `.../mlartifacts/<rest>` is looked up beside the database instead."""
+    if not artifact_uri.startswith("file:"):
+        return None
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    path = local_file_uri_to_path(artifact_uri)
+    db = sqlite_path(tracking_uri)
+    marker = f"/{ARTIFACTS_DIR}/"
+    if os.path.isdir(path) or db is None or marker not in path:
+        return path
+    return os.path.join(os.path.dirname(db), ARTIFACTS_DIR, path.rpartition(marker)[2])
+
+
+def relocate_artifacts(uri: "str | None") -> int:
+    """Point a moved or copied SQLite store's artifact URIs at `<db dir>/mlartifacts` (where ours keep them);
+    returns the number of experiments rewritten. Only `.../mlartifacts` roots that are not this one and either
+    no longer exist or are shadowed by a local `mlartifacts` are touched; other stores are left alone."""
+    import sqlite3
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    db = sqlite_path(uri)
+    if db is None or not os.path.isfile(db):
+        return 0
+    here = os.path.join(os.path.dirname(db), ARTIFACTS_DIR)
+    root = Path(here).as_uri()
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if not {"experiments", "runs"} <= tables:
+                return 0
+            olds = {r[0] for r in con.execute("SELECT artifact_location FROM experiments WHERE artifact_location "
+                                              "LIKE 'file:%/" + ARTIFACTS_DIR + "'")}
+            olds = {o for o in olds if o != root and (os.path.isdir(here) or
+                                                      not os.path.isdir(local_file_uri_to_path(o)))}
+            for old in olds:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (root, old))
+                for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
+                    if table in tables:
+                        con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                                    f"WHERE substr({column}, 1, ?) = ?", (root, len(old) + 1, len(old) + 1,
+                                                                          old + "/"))
+    finally:
+        con.close()
+    if olds:
+        logger.info("MLflow: %s moved; its artifact locations now point at %s", db, here)
+    return len(olds)
+
+
 # ---------------------------------------------------------------------- metrics.jsonl and the state file
 def _write_atomic(path: str, text: str) -> None:
     """Readers (and a crash) see the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from ilvr.training.checkpoint import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _parse_line(line: str) -> "dict | None":
@@ -304,7 +405,7 @@ class Tracker:
     """An MLflow run on rank 0; on other ranks (or with enabled=False) every method does nothing."""
 
     def __init__(self, rank: "int | None" = None, world_size: "int | None" = None, output_dir: "str | None" = None,
-                 enabled: bool = True, retry_after_s: float = 60.0, tracking_uri: "str | None" = None,
+                 enabled: bool = True, retry_after_s: float = 60.0, tracking_uri: "str | None" = None,  # max backoff
                  experiment: "str | None" = None, attach_env_run: bool = True,
                  end_timeout_s: "float | None" = None, max_pending: int = MAX_PENDING,
                  end_on_exit: "str | None" = None):
@@ -396,6 +497,7 @@ class Tracker:
         uri = self.tracking_uri = (self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                                    or f"sqlite:///{output_dir}/mlflow.db")
         artifact_location = local_artifact_location(uri)
+        relocate_artifacts(uri)  # a moved store: new runs must write beside the db, not at the old place
         prepare_server(uri)
         self.client = client = MlflowClient(tracking_uri=uri)
 
@@ -517,7 +619,7 @@ class Tracker:
     def _save_state(self, status: str, delivered: bool, undelivered: int, first: "int | None" = None) -> None:
         if not (self.output_dir and self.run_id):
             return
-        state = {"run_id": self.run_id, "tracking_uri": redact_uri(self.tracking_uri or ""), "status": status,
+        state = {**store_record(self.tracking_uri, self.run_id, self.output_dir), "status": status,
                  "status_delivered": delivered, "undelivered_steps": undelivered, "undelivered_from": first,
                  "pid": os.getpid(), "host": socket.gethostname(),
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -738,7 +840,8 @@ def backfill_run(run_dir: str, tracking_uri: "str | None" = None, status: "str |
     state = read_state(run_dir)
     if state is None:
         raise FileNotFoundError(f"no {STATE_FILE} in {run_dir}: not a run directory written by this tracker")
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or state["tracking_uri"]
+    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+           or connectable_uri(state["tracking_uri"], state.get("tracking_db"), run_dir) or state["tracking_uri"])
     if "//***@" in uri:
         raise ValueError("the recorded tracking URI had credentials (not stored): pass --tracking-uri or set "
                          "MLFLOW_TRACKING_URI, with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
@@ -789,7 +892,14 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, else the recorded one")
     p.add_argument("--status", choices=["FINISHED", "FAILED", "KILLED"], default=None,
                    help="final status to set (default: the recorded one)")
+    p.add_argument("--relocate", action="store_true",
+                   help="after moving or copying the run dir: point its SQLite store's artifact locations at "
+                        "<run dir>/mlartifacts, so `mlflow ui` opens the artifacts (ilvr's own tools need not)")
     args = p.parse_args(argv)
+    if args.relocate:
+        uri = args.tracking_uri or f"sqlite:///{os.path.abspath(args.run_dir)}/mlflow.db"
+        print(f"{relocate_artifacts(uri)} experiment(s) of {redact_uri(uri)} relocated")
+        return 0
     if not args.backfill:
         print(summarize(args.run_dir))
         return 0

@@ -32,19 +32,6 @@ log = logging.getLogger(__name__)
 FINISHED_FILE = "finished.json"  # written when a run reaches train.max_steps (slurm/train.sh reads it)
 
 
-def scalar_metrics(metrics: dict) -> dict[str, float]:
-    """What a tracker can plot: numbers as they are, a histogram (list) as one fraction per bucket."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, (list, tuple)):
-            total = sum(value) or 1
-            stem = key[:-len("_hist")] if key.endswith("_hist") else key
-            out.update({f"{stem}_k{j + 1}": v / total for j, v in enumerate(value)})
-        elif isinstance(value, (int, float)):
-            out[key] = float(value)
-    return out
-
-
 def stage_at(cfg: Config, step: int) -> int:
     """Which stage optimizer step `step` (0-based) trains."""
     if cfg.train.stage == "1+2":
@@ -135,11 +122,11 @@ class Trainer:
         from dataclasses import asdict
 
         from ilvr.config import ConfigError
-        from ilvr.training.run_dir import RunDirRefused, plan_run
+        from ilvr.training.run_dir import RunDirRefused, plan_run, resume_point
         from ilvr.training.schedule import resolve_epochs
 
         try:
-            note = resolve_epochs(self.cfg, self.info.world_size)
+            note = resolve_epochs(self.cfg, self.info.world_size, resume_point(self.cfg, self.resume_arg))
             plan = plan_run(self.cfg, self.resume_arg, self.allow_config_change)
         except ConfigError as e:
             return {"error": str(e), "kind": "config"}
@@ -301,6 +288,17 @@ class Trainer:
         return stage2_loss(module, batch, always_run_vision=True, min_segments=s_max, min_steps=k,
                            latent_norm=self.latent_norm, checkpoint_calls=self.stage2_checkpoint)
 
+    def _recorded_latent_norm(self) -> "float | None":
+        """latent_norm recorded in the exported model this run starts from (ilvr_settings.json), if any."""
+        from ilvr.export import SETTINGS_FILE
+
+        path = os.path.join(self.cfg.model.name_or_path or "", SETTINGS_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get("latent_norm")
+        return float(value) if value else None
+
     def _gather_once(self) -> bool:
         return self._zero3() and self.cfg.train.gather_once
 
@@ -319,10 +317,10 @@ class Trainer:
         value = self.target_norm.value()
         return None if value is None else float(value)
 
-    def _start_stage2(self, batch: "dict | None" = None) -> None:
-        """At the first stage-2 step: release the teacher, turn gradient checkpointing off (stage 2 feeds
-        states through the KV cache, which transformers drops under checkpointing), and fix the
-        latent_rescale norm (the stage-1 targets' mean norm over all ranks)."""
+    def _start_stage2(self) -> None:
+        """At each stage-2 step (acts once): release the teacher, swap transformers' per-layer gradient
+        checkpointing (which drops the KV cache stage 2 feeds latents through) for per-call checkpointing,
+        and fix the latent_rescale norm (the stage-1 targets' mean norm over all ranks, or the export's)."""
         if self.teacher is not None:
             log.info("stage 2 from step %d on: the momentum teacher is released", self.step + 1)
             self.teacher = None
@@ -333,6 +331,11 @@ class Trainer:
             log.info("stage 2 from step %d on: activation checkpointing per decoder call (the KV cache is "
                      "rebuilt inside each checkpointed call) instead of transformers' per-layer form", self.step + 1)
         if self.cfg.model.latent_rescale and self.latent_norm is None:
+            recorded = self._recorded_latent_norm()
+            if recorded is not None:  # stage 2 from an export that measured it in its stage 1
+                self.latent_norm = recorded
+                log.info("model.latent_rescale: norm %.4g from %s", recorded, self.cfg.model.name_or_path)
+                return
             value = self.target_norm.value()
             total, count = all_reduce([float(value) if value is not None else 0.0,
                                        1.0 if value is not None else 0.0], "sum")
@@ -479,6 +482,8 @@ class Trainer:
             log.info("step %d/%d %s %s", self.step, self.cfg.train.max_steps, self._progress(metrics), shown)
             with open(os.path.join(self.cfg.train.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+        from ilvr.training.tracking import scalar_metrics
+
         self.tracker.log_metrics(scalar_metrics(metrics), step=self.step)
 
     def _progress(self, metrics: dict) -> str:
