@@ -137,6 +137,20 @@ def test_resolve_resume(tmp_path):
         resolve_resume(str(tmp_path / "missing"), out)
 
 
+def test_the_elastic_cache_beside_a_checkpoint_is_not_one_of_its_files(tmp_path):
+    from ilvr.training.checkpoint import CheckpointError, verify_checkpoint
+
+    path = CheckpointManager(str(tmp_path)).save(FakeEngine(), 4)
+    for derived in ("universal", "universal.tmp-host-1", "universal.trash-host-1"):  # elastic.py's, own COMPLETE
+        os.makedirs(os.path.join(path, derived, "ds"))
+        open(os.path.join(path, derived, "ds", "x.pt"), "w").close()
+    verify_checkpoint(path)
+    os.makedirs(os.path.join(path, "ds", "universal"))  # only the top-level cache dir is set aside
+    open(os.path.join(path, "ds", "universal", "x.json"), "w").close()
+    with pytest.raises(CheckpointError, match="not recorded"):
+        verify_checkpoint(path)
+
+
 def test_state_that_is_not_json_is_refused_before_writing(tmp_path):
     with pytest.raises(TypeError):
         CheckpointManager(str(tmp_path)).save(FakeEngine(), 1, {"config": object()})
