@@ -446,7 +446,13 @@ class Tracker:
     # ------------------------------------------------------------------ warnings
     def _warn(self, what: str, err: BaseException, tail: str) -> None:
         msg = redact_uri(f"{type(err).__name__}: {err}")[:500]
-        logger.warning("MLflow tracking failed (%s): %s. %s", what, msg, tail)
+        # logged from inside a handler whose context is the redacted message alone: should logging itself
+        # fail (a closed stream), its error report prints the context, and MLflow's exception text holds
+        # the URL with its credentials
+        try:
+            raise RuntimeError(msg) from None
+        except RuntimeError:
+            logger.warning("MLflow tracking failed (%s): %s. %s", what, msg, tail)
 
     def _fail_start(self, what: str, err: BaseException) -> None:
         self.lost += 1
@@ -702,10 +708,15 @@ class Tracker:
                 else:
                     batch, gap, self._gap = [], self._gap, None
                 self._inflight, self._inflight_gap = batch, gap
+            error = None
             try:
                 self._backfill(gap) if gap else self._send(batch)
-            except Exception as e:
-                self._failed(batch, gap, e)
+            except Exception as e:  # noqa: BLE001 -- any failure is retried or counted
+                error = e
+            # handled outside the except block: if logging itself fails, its error report would print the
+            # MLflow exception as context, URL with credentials included
+            if error is not None:
+                self._failed(batch, gap, error)
             else:
                 self._up()
             with self._cond:
