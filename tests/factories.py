@@ -134,3 +134,14 @@ def logit_bias(model, token_id: int, value: float, row: int | None = None):
         yield
     finally:
         handle.remove()
+
+
+def synthetic_vsp_shards(out_dir: str, num_samples: int, seed: int, samples_per_shard: int = 8) -> str:
+    """Synthetic VSP records (maps 3x3-4x4) written as training shards into `out_dir`."""
+    from data_pipeline.sources.synthetic_vsp import read as synthetic
+
+    writer = ShardWriter(out_dir, prefix="train", samples_per_shard=samples_per_shard)
+    for i, rec in enumerate(synthetic(num_samples=num_samples, seed=seed, min_size=3, max_size=4)):
+        writer.write(record_to_sample(rec, i))
+    writer.close()
+    return out_dir

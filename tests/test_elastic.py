@@ -243,16 +243,9 @@ def test_a_zero2_checkpoint_resumes_on_three_ranks_with_the_exact_state(tmp_path
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
     """48 synthetic VSP samples in 6 shards (as tests/test_train.py): 12 steps of 2 ranks x 2 per epoch."""
-    from data_pipeline.records import record_to_sample
-    from data_pipeline.shards import ShardWriter
-    from data_pipeline.sources.synthetic_vsp import read as synthetic
+    from tests.factories import synthetic_vsp_shards
 
-    out = str(tmp_path_factory.mktemp("elastic_shards"))
-    writer = ShardWriter(out, prefix="train", samples_per_shard=8)
-    for i, rec in enumerate(synthetic(num_samples=48, seed=7, min_size=3, max_size=4)):
-        writer.write(record_to_sample(rec, i))
-    writer.close()
-    return out
+    return synthetic_vsp_shards(str(tmp_path_factory.mktemp("elastic_shards")), 48, seed=7)
 
 
 # stage 1 throughout (the teacher carries over); 13 steps = the elastic run's first epoch: 2 ranks x 4 steps

@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-from data_pipeline.records import record_to_sample
-from data_pipeline.shards import ShardWriter
-from data_pipeline.sources.synthetic_vsp import read as synthetic
 from tests.conftest import REPO
+from tests.factories import synthetic_vsp_shards
 from ilvr.training.spawn import free_port
 
 pytestmark = pytest.mark.slow
@@ -21,12 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("train_shards"))
-    writer = ShardWriter(out, prefix="train", samples_per_shard=8)
-    for i, rec in enumerate(synthetic(num_samples=48, seed=7, min_size=3, max_size=4)):
-        writer.write(record_to_sample(rec, i))
-    writer.close()
-    return out
+    return synthetic_vsp_shards(str(tmp_path_factory.mktemp("train_shards")), 48, seed=7)
 
 
 def command(out_dir: str, shards: str, processor: str, *overrides: str, ds: str = "zero3", nproc: int = 2):

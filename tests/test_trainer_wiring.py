@@ -11,11 +11,9 @@ import os
 
 import pytest
 
-from data_pipeline.records import record_to_sample
-from data_pipeline.shards import ShardWriter
-from data_pipeline.sources.synthetic_vsp import read as synthetic
 from ilvr.training.spawn import run_on_ranks
 from tests.conftest import REPO
+from tests.factories import synthetic_vsp_shards
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +55,7 @@ def _train_with_spies(rank: int, world_size: int, out_dir: str, shards: str, pro
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("wiring_shards"))
-    writer = ShardWriter(out, prefix="train", samples_per_shard=8)
-    for i, rec in enumerate(synthetic(num_samples=32, seed=3, min_size=3, max_size=4)):
-        writer.write(record_to_sample(rec, i))
-    writer.close()
-    return out
+    return synthetic_vsp_shards(str(tmp_path_factory.mktemp("wiring_shards")), 32, seed=3)
 
 
 def test_teacher_targets_and_one_ema_update_per_optimizer_step(tmp_path, shards, tiny_processor_dir):
