@@ -708,15 +708,10 @@ class Tracker:
                 else:
                     batch, gap, self._gap = [], self._gap, None
                 self._inflight, self._inflight_gap = batch, gap
-            error = None
             try:
                 self._backfill(gap) if gap else self._send(batch)
-            except Exception as e:  # noqa: BLE001 -- any failure is retried or counted
-                error = e
-            # handled outside the except block: if logging itself fails, its error report would print the
-            # MLflow exception as context, URL with credentials included
-            if error is not None:
-                self._failed(batch, gap, error)
+            except Exception as e:
+                self._failed(batch, gap, e)  # _warn keeps MLflow's exception (credentials) out of log errors
             else:
                 self._up()
             with self._cond:

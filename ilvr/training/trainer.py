@@ -502,8 +502,10 @@ class Trainer:
 
     def _fed_mean_all_ranks(self) -> "list[float] | None":
         """The mean fed-back latent state over all ranks (what the constant-latent ablation feeds)."""
+        from ilvr.model.inputs import hidden_size
+
         value = self.fed_mean.value()
-        width = self._hidden_size()
+        width = hidden_size(self.engine.module)  # the built model's, not its config re-read from disk
         local = value.tolist() if value is not None else [0.0] * width
         summed = all_reduce(local + [1.0 if value is not None else 0.0], "sum")
         return None if summed[-1] == 0 else [v / summed[-1] for v in summed[:-1]]
