@@ -22,6 +22,7 @@ from data_pipeline.records import RecordError, record_to_sample
 from data_pipeline.shards import MANIFEST, Manifest, ShardWriter, previous_output
 from data_pipeline.skips import SkipCounter, TooManySkips
 from data_pipeline.sources import SOURCE_NAMES, get_converter
+from data_pipeline.sources.synthetic_vsp import STYLES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--min-size", type=int, default=3)
     g.add_argument("--max-size", type=int, default=8)
+    g.add_argument("--style", default="latent-coords", choices=STYLES,
+                   help="the reasoning trace (data_pipeline/sources/synthetic_vsp.py): latent or text steps, with "
+                        "or without coordinates, a direct answer, or the map-reading (perceive) pre-training task")
+    v = p.add_argument_group("vsp source")
+    v.add_argument("--vsp-prompt", default="row", choices=("row", "synthetic"),
+                   help="row: each row's own text_input; synthetic: the synthetic data's question about the row's "
+                        "map (for models trained only on synthetic maps)")
     z = p.add_argument_group("zebra source")
     z.add_argument("--category", default=None, help="category stored when rows carry none")
     return p
@@ -61,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def converter_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.source == "synthetic":
-        return {"num_samples": args.num_samples, "seed": args.seed, "min_size": args.min_size, "max_size": args.max_size}
+        return {"num_samples": args.num_samples, "seed": args.seed, "min_size": args.min_size, "max_size": args.max_size,
+                "style": args.style}
+    if args.source == "vsp":
+        return {"prompt": args.vsp_prompt}
     if args.source == "zebra" and args.category:
         return {"category": args.category}
     return {}

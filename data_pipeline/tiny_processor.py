@@ -264,8 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, help="shards whose text trains the tokenizer")
     parser.add_argument("--out", required=True)
     parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--patch-size", type=int, default=TINY_PATCH_SIZE,
+                        help="vision patch side in px; a merged token covers (patch x merge)^2 px, e.g. 32 -> one "
+                             "64 px VSP square per token")
+    parser.add_argument("--min-pixels", type=int, default=TINY_MIN_PIXELS)
+    parser.add_argument("--max-pixels", type=int, default=TINY_MAX_PIXELS)
     args = parser.parse_args(argv)
-    out = build_tiny_processor(args.out, shard_texts(expand_shards(args.shards, must_exist=True)), args.vocab_size)
+    if not 0 < args.min_pixels <= args.max_pixels:
+        parser.error(f"need 0 < --min-pixels <= --max-pixels, got {args.min_pixels} and {args.max_pixels}")
+    out = build_tiny_processor(args.out, shard_texts(expand_shards(args.shards, must_exist=True)), args.vocab_size,
+                               patch_size=args.patch_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     print(f"tiny processor written to {out}")
     return 0
 

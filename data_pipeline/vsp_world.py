@@ -136,6 +136,29 @@ def simulate(map_desc: MapDesc, moves: Iterable[str]) -> Outcome:
     return Outcome(status, pos, path)
 
 
+def random_plan_success(map_desc: MapDesc, length: "int | None" = None) -> float:
+    """The chance that a random valid plan wins on this map, computed exactly: `length` moves (default:
+    the shortest plan's length), each drawn uniformly from the moves that keep the player on the map.
+    The baseline a model must beat to show it reads the map (it needs no picture, only the rules)."""
+    validate_map(map_desc)
+    if length is None:
+        plan = shortest_plan(map_desc)
+        if plan is None:
+            return 0.0
+        length = len(plan)
+    n_rows, n_cols = len(map_desc), len(map_desc[0])
+    alive = {find(map_desc, START): 1.0}  # position -> probability, the player not yet in a hole
+    for _ in range(length):
+        nxt: dict[Position, float] = {}
+        for (r, c), p in alive.items():
+            targets = [(r + dr, c + dc) for dr, dc in MOVES.values() if 0 <= r + dr < n_rows and 0 <= c + dc < n_cols]
+            for t in targets:
+                if map_desc[t[0]][t[1]] != HOLE:
+                    nxt[t] = nxt.get(t, 0.0) + p / len(targets)
+        alive = nxt
+    return sum(p for (r, c), p in alive.items() if map_desc[r][c] == GOAL)
+
+
 def shortest_plan(map_desc: MapDesc) -> list[str] | None:
     """A fewest-moves plan from start to goal over non-hole squares (BFS); None if unreachable."""
     validate_map(map_desc)

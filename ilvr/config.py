@@ -57,12 +57,26 @@ class ModelConfig:
     # fed-back latent states rescaled to the stage-1 targets' mean norm, in stage 1's alignment
     # inputs at inference, in stage 2 and in generation alike (docs/model.md, "Scale")
     latent_rescale: bool = False
+    # name_or_path "tiny" only: the random-init model's size (MLP 2x hidden, KV heads = heads / 2)
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_vision_hidden: int = 32
+    tiny_vision_depth: int = 1
+    # rotary base of the tiny LM. mrope gives an image's columns the lowest frequencies of the head: at
+    # head size 32 and base 1e4 one column turns them by <= 0.003 rad, so attention cannot tell columns
+    # apart; a from-scratch model that must read a map needs a small base (e.g. 10: >= 0.1 rad per column)
+    tiny_rope_theta: float = 10000.0
 
 
 @dataclass
 class LossConfig:
     """Stage-1 selective perceptual supervision and the loss weights."""
 
+    # where stage-1 targets come from: the momentum teacher's selection (the method), or "pooled":
+    # the helper image's own features from the student, pooled to K (the Mirage-style ablation; no
+    # teacher is built, so also the cheap choice for data without latent steps)
+    targets: Literal["teacher", "pooled"] = "teacher"
     w_ce: float = 1.0
     w_align: float = 1.0
     coverage_p: float = 0.9  # keep candidates until this probability mass, capped at K
@@ -285,6 +299,18 @@ def _length_from_epochs(merged: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+def _validate_tiny(m: ModelConfig) -> None:
+    _require(min(m.tiny_hidden, m.tiny_layers, m.tiny_heads, m.tiny_vision_hidden, m.tiny_vision_depth) >= 1,
+             "model.tiny_*: sizes must be >= 1")
+    _require(m.tiny_heads % 2 == 0 and m.tiny_hidden % m.tiny_heads == 0
+             and (m.tiny_hidden // m.tiny_heads) % 2 == 0 and m.tiny_hidden // m.tiny_heads >= 8,
+             f"model.tiny_hidden={m.tiny_hidden} / model.tiny_heads={m.tiny_heads} must give an even head size "
+             ">= 8 with an even head count (e.g. 128 / 4)")
+    _require(m.tiny_rope_theta > 1, f"model.tiny_rope_theta={m.tiny_rope_theta} must be > 1")
+    _require(m.tiny_vision_hidden % 16 == 0,
+             f"model.tiny_vision_hidden={m.tiny_vision_hidden} must be a multiple of 16 (2 heads, 2-D rotary halves)")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -307,6 +333,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              f"train.output_dir={t.output_dir!r} (-> {out}) is /, the home directory, a parent of the current "
              "directory, or the project (or a parent of it): a run writes and prunes files there; give a "
              "directory of its own, e.g. runs/my_run")
+    _validate_tiny(m)
     _require(m.latent_size >= 1, f"model.latent_size={m.latent_size}: K must be >= 1 (the reference uses 8)")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")

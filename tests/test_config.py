@@ -44,6 +44,9 @@ def test_later_files_win(tmp_path):
     ("train.stage1_epochs=1", "train.stage1_epochs=1 and train.stage1_steps=20 both set stage 1's length"),
     ("train.max_steps=0", "train.max_steps=0 must be >= 1 (or 0 with train.epochs > 0"),
     ("train.epochs=-1", "train.epochs=-1.0 and train.stage1_epochs=0.0 must be >= 0"),
+    ("model.tiny_heads=3", "model.tiny_hidden=64 / model.tiny_heads=3 must give an even head size"),
+    ("model.tiny_vision_hidden=40", "model.tiny_vision_hidden=40 must be a multiple of 16"),
+    ("loss.targets=mean", "loss.targets='mean' is not allowed; choose one of ['teacher', 'pooled']"),
 ])
 def test_each_mistake_names_the_field(override, message):
     with pytest.raises(ConfigError) as e:
@@ -149,3 +152,10 @@ def test_processor_must_be_a_processor_directory(tmp_path, tiny_processor_dir):
     assert "checkpoints/step-N/processor" in message  # the fix
     cfg = load_config(TINY, ["data.train_shards=", "data.eval_shards=", f"data.processor={tiny_processor_dir}"])
     assert cfg.data.processor == tiny_processor_dir
+
+
+def test_the_quickstart_recipe_loads_with_what_makes_a_tiny_model_learn():
+    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), check_paths=False)
+    m = cfg.model
+    assert (m.name_or_path, m.freeze_vision, m.tiny_rope_theta) == ("tiny", False, 10.0)
+    assert cfg.train.lr <= 3e-4 and cfg.train.stage == "1+2" and 0 < cfg.train.stage1_steps < cfg.train.max_steps

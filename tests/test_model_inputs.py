@@ -87,3 +87,33 @@ def test_latent_rows_start_at_the_mean_once(tiny, tiny_model_factory):
         emb[latent_ids.pad] += 1.0  # "trained"
     assert init_latent_embeddings(model, processor.tokenizer, latent_ids) is False
     assert not torch.allclose(emb[latent_ids.pad], mean)
+
+
+def test_tiny_size_from_the_model_config():
+    from ilvr.config import ModelConfig
+
+    size = TinySize.from_config(ModelConfig(name_or_path="tiny", tiny_hidden=128, tiny_layers=3, tiny_heads=4,
+                                            tiny_vision_hidden=64, tiny_vision_depth=2, tiny_rope_theta=10.0))
+    assert (size.hidden, size.intermediate, size.layers, size.heads, size.kv_heads) == (128, 256, 3, 4, 2)
+    assert (size.vision_hidden, size.vision_intermediate, size.vision_depth, size.rope_theta) == (64, 128, 2, 10.0)
+    assert TinySize.from_config(ModelConfig(name_or_path="tiny")) == TinySize()  # the defaults are the old tiny
+
+
+def test_tiny_rope_base_reaches_the_model_and_separates_columns(tiny):
+    """model.tiny_rope_theta is the LM's rotary base; at the default base the columns of an image (mrope's
+    last section, the lowest frequencies) turn by < 0.01 rad per column, at base 10 by > 0.1."""
+    from ilvr.config import ModelConfig
+    from ilvr.model.build import build_model
+
+    processor, _ = tiny
+    model = build_model(ModelConfig(name_or_path="tiny", tiny_rope_theta=10.0, attn_implementation="sdpa"),
+                        processor.tokenizer, processor.image_processor)
+    text = model.config.text_config
+    assert text.rope_parameters["rope_theta"] == 10.0
+    head_dim = text.hidden_size // text.num_attention_heads
+    t, h, w = text.rope_parameters["mrope_section"]
+
+    def slowest_column_freq(theta):
+        return theta ** (-2 * (t + h + w - 1) / head_dim)
+
+    assert slowest_column_freq(1e4) < 0.01 < 0.1 < slowest_column_freq(10.0)

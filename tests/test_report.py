@@ -194,9 +194,9 @@ def test_report_from_sweep(store, capsys):
     assert ["20.0%", "25.0%", "10.0%", "-", "-5.0 pp", "+10.0 pp", "-"] in comt_100
     # the exported model: its own table, escaped, a star in the figure, a link to its run
     exported = _table_row(page, "comt")[0]
-    assert exported[:5] == ["latent", "200", "87.5% [73.9-94.5]", "40", "5.0%"]
-    assert exported[5] == "exports/&lt;final&gt;&amp;co" and ODD_MODEL not in page
-    assert exported[6].startswith(f'<a href="{report.MLFLOW_UI}/#/experiments/{store["exp"]}/runs/')
+    assert exported[:6] == ["latent", "200", "87.5% [73.9-94.5]", "-", "40", "5.0%"]  # "-": no chance metric logged
+    assert exported[6] == "exports/&lt;final&gt;&amp;co" and ODD_MODEL not in page
+    assert exported[7].startswith(f'<a href="{report.MLFLOW_UI}/#/experiments/{store["exp"]}/runs/')
     # categories at the latest step: accuracy, interval and n per cell
     assert _table_row(page, "spatial_relations")[0] == ["37.5% [27.7-48.5] n=80", "35.0% [25.5-45.9] n=80",
                                                          "6.2% [2.7-13.8] n=80"]

@@ -191,3 +191,20 @@ def test_scores_carry_the_gold_reference():
     assert vsp.score("\\boxed{R,D}", v).gold == ",".join(shortest_plan(grid)) == "R,D"
     v.answer = "R,D"
     assert vsp.score("nothing", v).gold == "R,D"
+
+
+def test_vsp_metrics_carry_the_random_valid_plan_baseline():
+    from data_pipeline.sources import synthetic_vsp
+    from data_pipeline.vsp_world import random_plan_success
+
+    records = list(synthetic_vsp.read(num_samples=12, min_size=3, max_size=4, seed=3, style="direct"))
+    scores = [vsp.score("no box" if i % 3 == 0 else boxed(r.answer.split(",")), r) for i, r in enumerate(records)]
+    chances = [random_plan_success(r.meta["map_desc"]) for r in records]
+    assert [s.baseline for s in scores] == chances  # unparseable answers keep their map's chance too
+    metrics = aggregate(scores, "vsp")
+    assert metrics["baseline"] == pytest.approx(sum(chances) / len(chances))
+    for level in (3, 4):
+        mine = [c for c, r in zip(chances, records) if r.meta["level"] == level]
+        assert metrics[f"baseline/level{level}"] == pytest.approx(sum(mine) / len(mine))
+    comt_record = Record(id="c", task="comt", question="q", images=[], steps=[], answer="A")
+    assert "baseline" not in aggregate([comt.score("A", comt_record)], "comt")

@@ -262,3 +262,32 @@ def test_part_c_of_the_query_counts(tiny, tiny_model_factory, samples):
     torch.testing.assert_close(a.queries[~later], b.queries[~later], atol=0, rtol=0)
     cos = torch.nn.functional.cosine_similarity(a.queries[later], b.queries[later], dim=-1)
     assert float(cos.max()) < 0.99, cos
+
+
+def test_pooled_targets_are_the_models_own_helper_features_pooled_to_k(tiny, tiny_model_factory, samples):
+    """loss.targets=pooled (the Mirage-style ablation): segment s is taught helper image s's features from the
+    model itself, mean-pooled over contiguous raster chunks to K rows; all K pads are targets; no gradients."""
+    from ilvr.model.inputs import image_features
+    from ilvr.model.selection import pooled_targets
+
+    model = tiny_model_factory(seed=3)
+    batch = collate_padded(samples, tiny[0].tokenizer.pad_token_id)
+    sel = pooled_targets(model, batch, K)
+    seg = batch["latent_segments"]
+    assert sel.targets.shape == (seg.shape[0], K, model.config.text_config.hidden_size)
+    assert sel.counts.tolist() == [K] * seg.shape[0] and not sel.targets.requires_grad
+    merge = model.config.vision_config.spatial_merge_size
+    grids = batch["helper_image_grid_thw"]
+    sizes = (grids.prod(-1) // merge**2).tolist()
+    feats = image_features(model, batch["helper_pixel_values"], grids).detach()
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    for s in range(seg.shape[0]):
+        h = int(seg[s, 3])
+        own = feats[offsets[h]:offsets[h] + sizes[h]]
+        n = own.shape[0]
+        for row in range(K):  # chunk c holds rows floor(c*n/K) .. floor((c+1)*n/K)
+            a, b = row * n // K, (row + 1) * n // K
+            torch.testing.assert_close(sel.targets[s, row], own[a:b].mean(0), atol=1e-5, rtol=1e-5)
+    # the features depend on the model: another model gives other targets
+    other = pooled_targets(tiny_model_factory(seed=4), batch, K)
+    assert not torch.allclose(other.targets, sel.targets)

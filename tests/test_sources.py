@@ -216,3 +216,16 @@ def test_bad_json_line_is_yielded_as_error(tmp_path, read):
     assert len(results) == 3 and all(isinstance(r, RecordError) for r in results)
     assert all(r.reason == "malformed_record" for r in results)
     assert "broken.jsonl:1:" in str(results[0]) and "broken.jsonl:4:" in str(results[2])
+
+
+def test_vsp_real_maps_in_the_synthetic_wording(shared_data):
+    from data_pipeline.sources import synthetic_vsp
+
+    path = str(shared_data / "vsp_test/test_direct.jsonl")
+    records, errors = split(vsp.read(path, str(shared_data / "vsp_test"), prompt="synthetic"))
+    rows, _ = split(vsp.read(path, str(shared_data / "vsp_test")))
+    assert errors == [] and len(records) == 400
+    assert all(r.question == synthetic_vsp.QUESTION for r in records)
+    assert [(r.id, r.images[0].path, r.meta) for r in records] == [(r.id, r.images[0].path, r.meta) for r in rows]
+    with pytest.raises(ValueError, match="prompt='mine'"):
+        list(vsp.read(path, None, prompt="mine"))

@@ -123,3 +123,43 @@ def test_records_survive_the_shard_round_trip(records):
 def test_bad_arguments_raise(options):
     with pytest.raises(ValueError):
         list(synthetic_vsp.read(**options))
+
+
+def test_styles_change_only_the_trace():
+    """Every style is the same map and plan (same seed); only the steps, and for perceive the question, differ."""
+    by_style = {st: _generate(num_samples=8, seed=5, min_size=3, max_size=5, style=st) for st in synthetic_vsp.STYLES}
+    for i in range(8):
+        recs = {st: by_style[st][i] for st in synthetic_vsp.STYLES}
+        maps = {st: str(r.meta["map_desc"]) for st, r in recs.items()}
+        assert len(set(maps.values())) == 1
+        plan = recs["latent-coords"].answer.split(",")
+        for st, r in recs.items():
+            kinds = [s.kind for s in r.steps]
+            assert r.meta["style"] == st and len(r.images) == 1
+            if st == "perceive":
+                assert r.question == synthetic_vsp.PERCEIVE_QUESTION and kinds == ["text"]
+                continue
+            assert r.question == synthetic_vsp.QUESTION and r.answer == ",".join(plan)
+            assert kinds.count("latent") == (len(plan) if st.startswith("latent-") else 0)
+            texts = [s.text for s in r.steps if s.kind == "text"]
+            assert texts[-1].endswith(f"\\boxed{{{r.answer}}}.")
+            if st == "direct":
+                assert len(texts) == 1
+            else:
+                assert [t.split(":")[0].rstrip(".") for t in texts[:-1]] == [f"Move {m}" for m in plan]
+                assert all(("from (" in t) == st.endswith("-coords") for t in texts[:-1])
+
+
+def test_perceive_transcript_reads_the_map():
+    rec = _generate(num_samples=1, seed=2, min_size=4, max_size=4, style="perceive")[0]
+    map_desc = rec.meta["map_desc"]
+    rows = re.search(r"\[(.*)\]", rec.answer).group(1).split(" / ")
+    symbol = {0: ".", -1: "H", 1: "P", 2: "G"}
+    assert [row.split(" ") for row in rows] == [[symbol[v] for v in r] for r in map_desc]
+    (pr, pc), = [(r, c) for r, row in enumerate(map_desc) for c, v in enumerate(row) if v == 1]
+    assert f"The player is at ({pr},{pc})." in rec.answer
+
+
+def test_unknown_style_is_refused():
+    with pytest.raises(ValueError, match="style='cot': choose one of latent-coords"):
+        _generate(num_samples=1, style="cot")

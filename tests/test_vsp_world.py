@@ -342,3 +342,32 @@ def test_render_states_draws_the_real_step_images(shared_data):
     # Wrong drawings fail: the elf facing down after moving right, standing beside the hole it fell in.
     assert mean_abs_diff(render(MIRAGE_116, outcome.path[1]), steps[1]) > MAX_DIFF
     assert mean_abs_diff(render(MIRAGE_116, outcome.path[5], facing="U"), steps[6]) > MAX_DIFF
+
+
+def _enumerated_random_plan_success(map_desc, length):
+    """The random-valid-plan baseline by brute force: every plan weighted by its probability."""
+    n = len(map_desc)
+    start = find(map_desc, 1)
+
+    def walk(pos, moves, prob):
+        if len(moves) == length:
+            return prob * simulate(map_desc, moves).success
+        moves_ = vsp_world.MOVES
+        legal = [m for m, (dr, dc) in moves_.items() if 0 <= pos[0] + dr < n and 0 <= pos[1] + dc < n]
+        return sum(walk((pos[0] + moves_[m][0], pos[1] + moves_[m][1]), moves + [m], prob / len(legal)) for m in legal)
+
+    return walk(start, [], 1.0)
+
+
+def test_random_plan_success_equals_brute_force():
+    rng = random.Random(3)
+    for size in (3, 3, 4, 4):
+        map_desc = random_map(rng, size)
+        length = len(shortest_plan(map_desc))
+        want = _enumerated_random_plan_success(map_desc, length)
+        assert vsp_world.random_plan_success(map_desc) == pytest.approx(want, abs=1e-12)
+        assert vsp_world.random_plan_success(map_desc, length + 2) == pytest.approx(
+            _enumerated_random_plan_success(map_desc, length + 2), abs=1e-12)
+    # by hand: a corner start has 2 legal moves (R, D) and R reaches the goal; a hole below changes nothing
+    assert vsp_world.random_plan_success([[1, 2, 0], [0, 0, 0], [0, 0, 0]]) == pytest.approx(0.5)
+    assert vsp_world.random_plan_success([[1, 2, 0], [-1, 0, 0], [0, 0, 0]]) == pytest.approx(0.5)

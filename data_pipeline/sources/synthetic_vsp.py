@@ -13,6 +13,10 @@ from typing import Any, Iterator
 from data_pipeline.records import IMAGE_PLACEHOLDER, ImageRef, Record, RecordError, Step
 from data_pipeline.vsp_world import (
     CELL_NAMES,
+    GOAL,
+    HOLE,
+    ICE,
+    START,
     DEFAULT_CELL_PX,
     random_map,
     render_states,
@@ -42,27 +46,86 @@ QUESTION = (
 )
 
 
+PERCEIVE_QUESTION = (
+    "Read the frozen lake map drawn as a grid: {image}\n"
+    "Write the map row by row from the top, one character per square from the left: P for the "
+    "player (an elf), G for the goal (a gift box), H for a hole, . for solid ice, separated by spaces; rows "
+    "separated by /. "
+    "Then name the player's and the goal's squares as (row,column), counting from (0,0) at the top-left."
+).replace("{image}", IMAGE_PLACEHOLDER)
+
+# What a reasoning trace looks like (the method table trains one model per style):
+#   latent-coords  "Move R: from (0,1) to (0,2), safe ice." + a latent step (helper: the map after the move)
+#   latent-moves   "Move R." + a latent step: the text names no square, the latent must carry the state
+#   text-coords    "Move R: from (0,1) to (0,2), safe ice." only
+#   text-moves     "Move R." only: the state is never written down
+#   direct         no trace: the answer sentence alone
+#   perceive       another question: transcribe the map (perception pre-training, no plan)
+#   locate         another question: the player's and the goal's squares only (perception pre-training)
+STYLES = ("latent-coords", "latent-moves", "text-coords", "text-moves", "direct", "perceive", "locate")
+SYMBOLS = {ICE: ".", HOLE: "H", START: "P", GOAL: "G"}
+
+
 def _move_text(move: str, before: tuple[int, int], after: tuple[int, int], landed_on: int) -> str:
     return f"Move {move}: from ({before[0]},{before[1]}) to ({after[0]},{after[1]}), {CELL_NAMES[landed_on]}."
 
 
-def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: int) -> Record:
-    """The training record for one solvable map: question, per-move text + latent steps, answer."""
+LOCATE_QUESTION = (
+    "Look at the frozen lake map drawn as a grid: {image}\n"
+    "Name the player's square (an elf) and the goal's square (a gift box) as (row,column), counting from (0,0) "
+    "at the top-left."
+).replace("{image}", IMAGE_PLACEHOLDER)
+
+
+def locations(map_desc: list[list[int]]) -> str:
+    """The locate answer: the player's and the goal's squares."""
+    where = {v: (r, c) for r, row in enumerate(map_desc) for c, v in enumerate(row) if v in (START, GOAL)}
+    (pr, pc), (gr, gc) = where[START], where[GOAL]
+    return f"The player is at ({pr},{pc}). The goal is at ({gr},{gc})."
+
+
+def transcript(map_desc: list[list[int]]) -> str:
+    """The perception answer: rows of P/G/H/. joined by ' / ', then the player's and the goal's squares."""
+    rows = " / ".join(" ".join(SYMBOLS[v] for v in row) for row in map_desc)  # spaces: one token per square
+    where = {v: (r, c) for r, row in enumerate(map_desc) for c, v in enumerate(row) if v in (START, GOAL)}
+    (pr, pc), (gr, gc) = where[START], where[GOAL]
+    return f"The map is [{rows}]. The player is at ({pr},{pc}). The goal is at ({gr},{gc})."
+
+
+def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: int,
+                style: str = "latent-coords") -> Record:
+    """The training record for one solvable map: question, a trace in `style` (see STYLES), answer."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}")
     plan = shortest_plan(map_desc)
     if not plan:
         raise RecordError("unsolvable_map", f"{record_id}: goal not reachable from start")
     outcome = simulate(map_desc, plan)
     if not outcome.success:  # would mean the world rules and the solver disagree
         raise RecordError("unsolvable_map", f"{record_id}: shortest plan ends {outcome.status}")
-    images = render_states(map_desc, outcome.path, cell_px)
+    latent = style.startswith("latent-")
+    images = render_states(map_desc, outcome.path if latent else outcome.path[:1], cell_px)
+    meta = {"map_desc": map_desc, "level": len(map_desc), "style": style}
+    if style in ("perceive", "locate"):
+        text = transcript(map_desc) if style == "perceive" else locations(map_desc)
+        question = PERCEIVE_QUESTION if style == "perceive" else LOCATE_QUESTION
+        return Record(id=record_id, task=task, question=question, images=[ImageRef(data=images[0])],
+                      steps=[Step.of_text(text)], answer=text, meta=meta)
     steps = []
-    for i, move in enumerate(plan):
+    for i, move in enumerate(plan if style != "direct" else []):
         before, after = outcome.path[i], outcome.path[i + 1]
-        steps.append(Step.of_text(_move_text(move, before, after, map_desc[after[0]][after[1]])))
-        steps.append(Step.of_latent(ImageRef(data=images[i + 1])))
+        coords = style.endswith("-coords")
+        steps.append(Step.of_text(_move_text(move, before, after, map_desc[after[0]][after[1]]) if coords
+                                  else f"Move {move}."))
+        if latent:
+            steps.append(Step.of_latent(ImageRef(data=images[i + 1])))
     answer = ",".join(plan)
-    moves = "move" if len(plan) == 1 else "moves"
-    steps.append(Step.of_text(f"The player reached the goal in {len(plan)} {moves}. The plan is \\boxed{{{answer}}}."))
+    if style == "direct":
+        steps.append(Step.of_text(f"The plan is \\boxed{{{answer}}}."))
+    else:
+        moves = "move" if len(plan) == 1 else "moves"
+        steps.append(Step.of_text(f"The player reached the goal in {len(plan)} {moves}. "
+                                  f"The plan is \\boxed{{{answer}}}."))
     return Record(
         id=record_id,
         task=task,
@@ -70,7 +133,7 @@ def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: i
         images=[ImageRef(data=images[0])],
         steps=steps,
         answer=answer,
-        meta={"map_desc": map_desc, "level": len(map_desc)},
+        meta=meta,
     )
 
 
@@ -84,6 +147,7 @@ def read(
     seed: int = 0,
     hole_prob: float = 0.25,
     cell_px: int = DEFAULT_CELL_PX,
+    style: str = "latent-coords",
     **options: Any,
 ) -> Iterator[Record | RecordError]:
     """Yield `num_samples` synthetic VSP records with ids f"synvsp-s{seed}-{i:06d}".
@@ -98,6 +162,8 @@ def read(
         raise ValueError(f"need 2 <= min_size <= max_size, got {min_size}..{max_size}")
     if not 0.0 <= hole_prob < 1.0:
         raise ValueError(f"hole_prob must be in [0, 1), got {hole_prob}")
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}")
     task = task or "vsp"
     for i in range(num_samples):
         rng = random.Random(f"synthetic-vsp/{seed}/{i}")  # str seeds hash stably across runs
@@ -105,6 +171,6 @@ def read(
         map_desc = random_map(rng, size, hole_prob)
         record_id = f"synvsp-s{seed}-{i:06d}"
         try:
-            yield make_record(record_id, map_desc, task, cell_px)
+            yield make_record(record_id, map_desc, task, cell_px, style)
         except RecordError as e:
             yield e

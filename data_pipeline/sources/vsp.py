@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from data_pipeline.records import Record, RecordError, with_image_placeholders
-from data_pipeline.sources import record_id
+from data_pipeline.sources import record_id, synthetic_vsp
 from data_pipeline.vsp_world import validate_map
 from data_pipeline.sources.ilvr_jsonl import convert_rows, image_refs, path_list, required_text
 
@@ -39,15 +39,24 @@ def vsp_record_id(row: dict[str, Any], level: int, input_path: str, line_no: int
     return record_id(row, input_path, line_no)
 
 
-def row_to_record(row: dict[str, Any], line_no: int, input_path: str, image_root: str | None, task: str | None) -> Record:
-    """One VSP test row as an evaluation Record; raises RecordError for a row that cannot be used."""
+PROMPTS = ("row", "synthetic")
+
+
+def row_to_record(row: dict[str, Any], line_no: int, input_path: str, image_root: str | None, task: str | None,
+                  prompt: str = "row") -> Record:
+    """One VSP test row as an evaluation Record; raises RecordError for a row that cannot be used.
+
+    `prompt="synthetic"` asks the synthetic training data's question (synthetic_vsp.QUESTION) about
+    the row's own image and map instead of the row's `text_input`: a model trained from scratch on
+    synthetic maps knows only that wording, and the test is then of reading the real images."""
     level = check_map_desc(row.get("map_desc"))
     images = image_refs(path_list(row.get("image_input"), "image_input"), image_root)
     meta: dict[str, Any] = {"map_desc": row["map_desc"], "map_id": row.get("map_id"), "level": level}
     return Record(
         id=vsp_record_id(row, level, input_path, line_no),
         task=task or "vsp",
-        question=with_image_placeholders(required_text(row, "text_input"), len(images)),
+        question=(synthetic_vsp.QUESTION if prompt == "synthetic"
+                  else with_image_placeholders(required_text(row, "text_input"), len(images))),
         images=images,
         steps=[],
         answer="",
@@ -55,6 +64,10 @@ def row_to_record(row: dict[str, Any], line_no: int, input_path: str, image_root
     )
 
 
-def read(input_path: str, image_root: str | None = None, task: str | None = None, **options) -> Iterator[Record | RecordError]:
+def read(input_path: str, image_root: str | None = None, task: str | None = None, prompt: str = "row",
+         **options) -> Iterator[Record | RecordError]:
     """Evaluation Records from a VSP test JSONL file; unusable rows come out as RecordErrors."""
-    yield from convert_rows(input_path, lambda row, line_no: row_to_record(row, line_no, input_path, image_root, task))
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt={prompt!r}: choose one of {', '.join(PROMPTS)}")
+    yield from convert_rows(input_path,
+                            lambda row, line_no: row_to_record(row, line_no, input_path, image_root, task, prompt))

@@ -507,6 +507,9 @@ def accuracy_figure(benchmark: str, stepped: Sequence[EvalRow], other: Sequence[
             else:
                 ax.errorbar(xs, ys, yerr=err, fmt="*", color=color, ms=14, capsize=4, mec="black",
                             label=f"{m} (exported model)")
+    chance = [r.metrics["baseline"] for r in pts + stars if _ok(r.metrics.get("baseline"))]
+    if chance:
+        ax.axhline(sum(chance) / len(chance), color="gray", ls="--", lw=1, label="chance (random valid plan)")
     _percent_axis(ax)
     ax.set_xticks(steps)
     ax.set_xlabel("checkpoint step")
@@ -615,10 +618,18 @@ def _accuracy_blocks(stepped: list, other: list, figures: bool) -> list:
         uri = accuracy_figure(b, rs, others.get(b, [])) if figures else None
         if uri:
             out.append(("img", uri, f"{b}: accuracy vs checkpoint step per mode with 95% intervals"))
-        out.append(("table", ["step", "n"] + modes,
+        chance = any(_ok(r.metrics.get("baseline")) for r in rs)
+        out.append(("table", ["step", "n"] + modes + (["chance: random valid plan"] if chance else []),
                     [[label, _n_label(list(c.values()))] + [pct_ci(c[m].accuracy, c[m].n) if m in c else "-"
-                                                           for m in modes] for label, c in _grid(rs)]))
+                                                           for m in modes] + ([_chance(c.values())] if chance else [])
+                     for label, c in _grid(rs)]))
     return out
+
+
+def _chance(rows) -> str:
+    """The no-skill reference of the rows' maps (VSP: a random valid plan's success), as a percentage."""
+    values = [r.metrics["baseline"] for r in rows if _ok(r.metrics.get("baseline"))]
+    return pct(sum(values) / len(values)) if values else "-"
 
 
 def _exported_blocks(meta: ReportMeta, other: list) -> list:
@@ -628,13 +639,14 @@ def _exported_blocks(meta: ReportMeta, other: list) -> list:
     for b, rs in _by_bench(other).items():
         for r in sorted(rs, key=lambda r: (r.model, _mode_key(r.mode))):
             table.append([b, r.mode, "-" if r.step is None else str(r.step), pct_ci(r.accuracy, r.n),
-                          num(r.n, ".0f"), pct(r.metrics.get("unparseable_rate")), r.model,
+                          _chance([r]), num(r.n, ".0f"), pct(r.metrics.get("unparseable_rate")), r.model,
                           run_link(meta, r.experiment_id, r.run_id)])
     return [("h2", "Exported model"),
             ("p", "Evaluations of exported (or step-less) models, e.g. `ilvr-export`'s output; the step is the "
-                  "training step it was exported at."),
-            ("table", ["benchmark", "mode", "step", "accuracy [95% CI]", "n", "unparseable", "model", "MLflow run"],
-             table)]
+                  "training step it was exported at. Chance: the success of a random valid plan (moves that stay on "
+                  "the map, as many as the shortest plan) on the same maps, when the benchmark defines one."),
+            ("table", ["benchmark", "mode", "step", "accuracy [95% CI]", "chance", "n", "unparseable", "model",
+                       "MLflow run"], table)]
 
 
 def _category_blocks(rows: list, figures: bool) -> list:

@@ -33,6 +33,15 @@ class TinySize:
     vision_hidden: int = 32
     vision_intermediate: int = 64
     vision_heads: int = 2
+    rope_theta: float = 1e4
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "TinySize":
+        """The size `model.tiny_*` asks for (MLPs at 2x width, KV heads at half the heads, 2 vision heads)."""
+        return cls(hidden=cfg.tiny_hidden, intermediate=2 * cfg.tiny_hidden, layers=cfg.tiny_layers,
+                   heads=cfg.tiny_heads, kv_heads=cfg.tiny_heads // 2, vision_depth=cfg.tiny_vision_depth,
+                   vision_hidden=cfg.tiny_vision_hidden, vision_intermediate=2 * cfg.tiny_vision_hidden,
+                   vision_heads=2, rope_theta=cfg.tiny_rope_theta)
 
     def __post_init__(self):
         head_dim = self.hidden // self.heads
@@ -88,7 +97,8 @@ def tiny_config(tokenizer, image_processor, size: TinySize = TinySize(), attn_im
             num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, vocab_size=len(tokenizer),
             max_position_embeddings=32768, bos_token_id=None, eos_token_id=tid("<|im_end|>"),
             pad_token_id=None,  # no padding row: its init indexes the weight, which fails under zero.Init
-            rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": mrope_section(head_dim)},
+            rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta,
+                             "mrope_section": mrope_section(head_dim)},
         ),
         vision_config=dict(
             depth=size.vision_depth, hidden_size=size.vision_hidden, intermediate_size=size.vision_intermediate,
@@ -172,12 +182,13 @@ def freeze_vision(model) -> int:
     return frozen
 
 
-def build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: TinySize = TinySize(), seed: int = 0):
-    """The model described by `cfg`, with latent-token embeddings initialised and vision frozen if configured."""
+def build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: "TinySize | None" = None, seed: int = 0):
+    """The model described by `cfg`, with latent-token embeddings initialised and vision frozen if configured.
+    `tiny_size` overrides `model.tiny_*` (benchmarks)."""
     attn = choose_attention(cfg.attn_implementation)
     dtype = resolve_dtype(cfg.dtype)
     if cfg.name_or_path == "tiny":
-        model = build_tiny_model(tokenizer, image_processor, tiny_size, seed, dtype, attn)
+        model = build_tiny_model(tokenizer, image_processor, tiny_size or TinySize.from_config(cfg), seed, dtype, attn)
     elif cfg.name_or_path:
         model = load_pretrained(cfg.name_or_path, dtype, attn)
     else:

@@ -222,6 +222,30 @@ def _segment_order(owner, first_pad, size):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def pooled_targets(model, batch: dict[str, Any], latent_size: int) -> Selection:
+    """The Mirage-style ablation (`loss.targets: pooled`): no teacher and no selection. Each segment is
+    taught its helper image's features from `model` itself (the student, no gradients), mean-pooled
+    over contiguous raster chunks to K rows; all K pads are targets (K* = K, or the candidates when an
+    image has fewer than K merged tokens)."""
+    device = batch["input_ids"].device
+    seg = batch["latent_segments"].to(device)
+    cands, cmask = helper_candidates(model, batch, latent_size)
+    n_seg = seg.shape[0]
+    if n_seg and int(seg[:, 2].max()) > latent_size:
+        raise ValueError(f"a latent segment has {int(seg[:, 2].max())} pads > latent_size {latent_size}")
+    width = cands.shape[-1]
+    targets = cands.new_zeros(n_seg, latent_size, width)
+    if n_seg:
+        helper = seg[:, 3]
+        picked, mask = cands[helper], cmask.to(device)[helper]
+        targets[:, :picked.shape[1]] = picked * mask[..., None]
+        counts = torch.minimum(mask.sum(1), seg[:, 2])
+    else:
+        counts = torch.zeros(0, dtype=torch.long, device=device)
+    return Selection(targets, counts, torch.ones(n_seg, device=device), counts.clone())
+
+
 def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -> Selection:
     """Stage-1 targets for every latent segment of `batch` from one teacher pass (no gradients)."""
     device = batch["input_ids"].device

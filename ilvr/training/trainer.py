@@ -76,7 +76,8 @@ class Trainer:
         self.processor, self.latent_ids = load_processor(cfg.data.processor)
         self.ds_config = self._resolve_ds_config()
         self.engine = self._build_student()
-        self.teacher = self._build_teacher() if cfg.train.stage in ("1", "1+2") else None
+        self.teacher = (self._build_teacher() if cfg.train.stage in ("1", "1+2") and cfg.loss.targets == "teacher"
+                        else None)
         self.loader = self._build_loader()
         from ilvr.training.comm_stats import CommStats
 
@@ -161,7 +162,7 @@ class Trainer:
         if self.cfg.model.name_or_path == "tiny":
             from ilvr.model.build import TinySize
 
-            return TinySize().hidden
+            return TinySize.from_config(self.cfg.model).hidden
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(self.cfg.model.name_or_path, local_files_only=True)
@@ -273,10 +274,13 @@ class Trainer:
         from ilvr.model.stage1 import stage1_loss
         from ilvr.model.stage2 import stage2_loss
 
-        from ilvr.model.selection import select_targets
+        from ilvr.model.selection import pooled_targets, select_targets
         from ilvr.training.gather import held
 
         module, k = self.engine.module, self.cfg.model.latent_size
+        if stage == 1 and self.cfg.loss.targets == "pooled":  # the ablation: the student's own pooled features
+            return stage1_loss(module, None, batch, self.cfg.loss, k, generator=generator,
+                               latent_norm=self._latent_norm_so_far(), selection=pooled_targets(module, batch, k))
         if stage == 1:  # targets come from the momentum teacher, never from the student
             teacher = self.teacher.module
             with held(teacher.model, self._gather_once()):  # one gather of the teacher per step

@@ -27,6 +27,7 @@ class Score:
     category: str
     detail: str = ""
     gold: str | None = None
+    baseline: "float | None" = None  # the chance a no-skill answer is right here (VSP: a random valid plan)
 
     @property
     def parseable(self) -> bool:
@@ -63,7 +64,9 @@ def category_key(category: str) -> str:
 def aggregate(scores: list[Score], benchmark: str) -> dict[str, float]:
     """Accuracy overall and per category, and how many answers were unparseable.
 
-    VSP also reports `success_rate` (the paper's name for the same number).
+    VSP also reports `success_rate` (the paper's name for the same number). Where the scorer gives
+    each answer a chance baseline, `baseline` (and `baseline/<category>`) is its mean: the accuracy
+    of a no-skill answerer on the same records (VSP: a random valid plan of the shortest plan's length).
     """
     n = len(scores)
     correct = sum(s.correct for s in scores)
@@ -84,4 +87,8 @@ def aggregate(scores: list[Score], benchmark: str) -> dict[str, float]:
         group = by_category[key]
         metrics[f"accuracy/{key}"] = sum(s.correct for s in group) / len(group)
         metrics[f"count/{key}"] = float(len(group))
+        if all(s.baseline is not None for s in group):
+            metrics[f"baseline/{key}"] = sum(s.baseline for s in group) / len(group)
+    if n and all(s.baseline is not None for s in scores):
+        metrics["baseline"] = sum(s.baseline for s in scores) / n
     return metrics

@@ -4,7 +4,8 @@ Success means the player stands on the goal after the last move (off-edge moves 
 a hole ends the game: data_pipeline.vsp_world.simulate). Accepted plans: move letters or
 words separated by commas, spaces, arrows or nothing ("R,D,D", "R D D", "RDD",
 "Right, Down"). Anything else in the box (digits, other words, an empty box) is
-unparseable. The category is the grid size, e.g. "level4".
+unparseable. The category is the grid size, e.g. "level4". Each score carries the chance
+that a random valid plan wins on the same map (`baseline`: vsp_world.random_plan_success).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 
 from data_pipeline.records import Record
 from data_pipeline.sources.ilvr_jsonl import last_boxed
-from data_pipeline.vsp_world import shortest_plan, simulate
+from data_pipeline.vsp_world import random_plan_success, shortest_plan, simulate
 from ilvr.evaluation.scorers import Score
 
 _WORDS = {"left": "L", "right": "R", "up": "U", "down": "D"}
@@ -55,8 +56,9 @@ def score(prediction: str, record: Record) -> Score:
     category = f"level{record.meta.get('level', len(map_desc))}"
     moves = parse_plan(prediction)
     gold = gold_plan(record)
+    chance = random_plan_success(map_desc)
     if moves is None:
-        return Score(parsed=None, correct=False, category=category, detail="unparseable", gold=gold)
+        return Score(parsed=None, correct=False, category=category, detail="unparseable", gold=gold, baseline=chance)
     outcome = simulate(map_desc, moves)
     return Score(parsed=",".join(moves), correct=outcome.success, category=category, detail=outcome.status,
-                 gold=gold)
+                 gold=gold, baseline=chance)

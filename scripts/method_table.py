@@ -1,0 +1,379 @@
+"""The method table: what each part of ILVR contributes, on VSP, at a size this CPU machine can train.
+
+    bash scripts/method_table.sh [--quick] [--out runs/method]
+
+Every variant is trained from the same starting point with the project's own `ilvr-train`
+(DeepSpeed, 2 ranks, ZeRO-2: faster than ZeRO-3 at this size), on the same synthetic maps
+(seed 0), for the same steps with the same seeds; each is exported and evaluated with
+`ilvr-eval` on held-out synthetic maps (seed 1) and on the real 400-map VSP test set
+(`../shared/data/vsp_test`, asked in the synthetic data's wording: see
+data_pipeline/sources/vsp.py), all logged to one MLflow store (`<out>/mlflow.db`).
+
+Variants (the data style is data_pipeline/sources/synthetic_vsp.STYLES):
+  direct       question -> \\boxed{plan}
+  cot-coords   text steps "Move R: from (0,1) to (0,2), safe ice."
+  cot-moves    text steps "Move R." (the state is never written down)
+  ilvr-stage1  "Move R." + a latent step, stage 1 only (teacher-forced latents)
+  ilvr         "Move R." + a latent step, stage 1 then stage 2 (the method); evaluated also with
+               constant-latent and shuffled-latent inputs
+  ilvr-pooled  as ilvr, but stage-1 targets are the helper image's own features pooled to K
+               (no momentum teacher, no selection: Mirage-style)
+
+A tiny model from scratch cannot read a map (VERIFIED_FACTS.md, learning probe), so by default
+all variants start from one shared base: the same random-init model first trained to transcribe
+maps (style "perceive", `--base-steps`). Outputs: `<out>/results.json`, `<out>/<variant>/export`,
+`<out>/method.md` with the table and plots (`--docs DIR` also writes them to DIR/method.md and
+DIR/method/*.png). `--quick` is the CI size: minutes, not a result.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TEXT_STYLES = ("direct", "text-coords", "text-moves")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    style: str  # synthetic_vsp style of its training data
+    stage: str  # train.stage
+    targets: str  # loss.targets
+    modes: tuple[str, ...]  # decoding modes evaluated
+    about: str
+
+
+VARIANTS = (
+    Variant("direct", "direct", "1", "pooled", ("text",), "question -> \\boxed{plan}"),
+    Variant("cot-coords", "text-coords", "1", "pooled", ("text",), "text CoT with coordinates"),
+    Variant("cot-moves", "text-moves", "1", "pooled", ("text",), "text CoT, moves only"),
+    Variant("ilvr-stage1", "latent-moves", "1", "teacher", ("latent",), "ILVR stage 1 only"),
+    Variant("ilvr", "latent-moves", "1+2", "teacher", ("latent", "constant-latent", "shuffled-latent"),
+            "ILVR stage 1 + 2 (the method)"),
+    Variant("ilvr-pooled", "latent-moves", "1+2", "pooled", ("latent",),
+            "ILVR 1 + 2, fixed pooled targets (no teacher)"),
+)
+
+
+@dataclass
+class Settings:
+    """Everything that sizes the experiment; the same for every variant."""
+
+    out: str = "runs/method"
+    min_size: int = 3
+    max_size: int = 5
+    train_maps: int = 6000
+    test_maps: int = 300
+    real_limit: int = 0  # 0 = all 400 real maps
+    base_steps: int = 0  # perception pre-training of the shared base (0 = variants start from random init)
+    steps: int = 600
+    stage1_fraction: float = 0.6  # of `steps`, for the 1+2 variants
+    latent_size: int = 4
+    batch_size: int = 8  # per rank; 2 ranks
+    lr: float = 3e-4  # 1e-3 and above: the models stall at the chance loss (docs/method.md)
+    warmup_steps: int = 50
+    tiny_hidden: int = 128
+    tiny_layers: int = 4
+    tiny_heads: int = 4
+    tiny_vision_hidden: int = 64
+    tiny_vision_depth: int = 2
+    tiny_rope_theta: float = 10.0  # mrope at base 1e4 cannot tell an image's columns apart (docs/method.md)
+    patch_size: int = 32  # x merge 2 = 64 px = one square of the benchmark's images: one merged token per square
+    real_ablations: bool = True  # also evaluate the ablation modes on the real maps
+    max_new_tokens: int = 200
+    eval_batch_size: int = 50
+    seed: int = 42
+    variants: list = field(default_factory=lambda: [v.name for v in VARIANTS])
+
+    @classmethod
+    def quick(cls, out: str) -> "Settings":
+        return cls(out=out, min_size=3, max_size=3, train_maps=128, test_maps=16, real_limit=4, base_steps=0,
+                   steps=30, warmup_steps=5, lr=2e-3, tiny_hidden=64, tiny_layers=2, tiny_vision_hidden=32,
+                   tiny_vision_depth=1, max_new_tokens=64, eval_batch_size=16, real_ablations=False)
+
+
+# ----------------------------------------------------------------------------- running things
+
+
+class StepFailed(RuntimeError):
+    pass
+
+
+def venv_bin(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def run(cmd: list[str], log_path: Path, env: "dict | None" = None) -> None:
+    """Run `cmd` with its output in `log_path`; on failure raise with the log's tail."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", encoding="utf-8") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}).returncode
+    if rc != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        raise StepFailed(f"{' '.join(cmd[:4])} ... exited {rc}; the end of {log_path}:\n" + "\n".join(tail))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def say(text: str) -> None:
+    print(f"[method-table {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class Experiment:
+    def __init__(self, s: Settings, real_root: "Path | None"):
+        self.s = s
+        self.out = Path(s.out).resolve()
+        self.real_root = real_root
+        self.env = {"MLFLOW_TRACKING_URI": f"sqlite:///{self.out / 'mlflow.db'}",
+                    "MLFLOW_EXPERIMENT_NAME": "method-table", "DS_ACCELERATOR": "cpu",
+                    "TOKENIZERS_PARALLELISM": "false"}
+        self.py = sys.executable
+
+    def prepare(self, style: str, seed: int, n: int, name: str) -> str:
+        dest = self.out / "data" / name
+        if not (dest / "manifest.json").is_file():
+            run([self.py, "-m", "data_pipeline.prepare", "--source", "synthetic", "--style", style,
+                 "--num-samples", str(n), "--seed", str(seed), "--min-size", str(self.s.min_size),
+                 "--max-size", str(self.s.max_size), "--out", str(dest), "--prefix", name,
+                 "--samples-per-shard", str(max(64, n // 8)), "--no-progress", "--overwrite"],
+                self.out / "logs" / f"prepare-{name}.log")
+        return str(dest)
+
+    def data(self) -> dict:
+        s, shards = self.s, {}
+        styles = sorted({v.style for v in VARIANTS if v.name in s.variants})
+        for style in styles:
+            shards[style] = self.prepare(style, 0, s.train_maps, f"train-{style}")
+        shards["test"] = self.prepare("direct", 1, s.test_maps, "test")  # prompts + maps; the answer is unused
+        if s.base_steps:
+            shards["perceive"] = self.prepare("perceive", 2, s.train_maps, "train-perceive")
+        if self.real_root is not None:
+            dest = self.out / "data" / "vsp-real"
+            if not (dest / "manifest.json").is_file():
+                cmd = [self.py, "-m", "data_pipeline.prepare", "--source", "vsp", "--vsp-prompt", "synthetic",
+                       "--input", str(self.real_root / "test_direct.jsonl"), "--image-root", str(self.real_root),
+                       "--out", str(dest), "--prefix", "vsp", "--samples-per-shard", "100", "--no-progress",
+                       "--overwrite"]
+                run(cmd, self.out / "logs" / "prepare-vsp-real.log")
+            shards["real"] = str(dest)
+        processor = self.out / "processor"
+        if not (processor / "tokenizer_config.json").is_file():
+            run([self.py, "-m", "data_pipeline.tiny_processor", "--shards", ",".join(shards[k] for k in shards
+                 if k not in ("test", "real")), "--out", str(processor), "--patch-size", str(s.patch_size),
+                 "--min-pixels", str((s.patch_size * 2 * 3) ** 2), "--max-pixels", str((s.patch_size * 2 * 8) ** 2)],
+                self.out / "logs" / "processor.log")
+        shards["processor"] = str(processor)
+        return shards
+
+    def config(self, name: str, train_shards: str, processor: str, init: str, stage: str, targets: str,
+               steps: int, stage1_steps: int) -> Path:
+        s = self.s
+        cfg = {
+            "data": {"train_shards": train_shards, "processor": processor, "batch_size": s.batch_size,
+                     "num_workers": 1, "shuffle_buffer": 256, "mode": "resampled", "max_length": 1024,
+                     "seed": 0},
+            "model": {"name_or_path": init, "latent_size": s.latent_size, "freeze_vision": False, "dtype": "fp32",
+                      "tiny_hidden": s.tiny_hidden, "tiny_layers": s.tiny_layers, "tiny_heads": s.tiny_heads,
+                      "tiny_vision_hidden": s.tiny_vision_hidden, "tiny_vision_depth": s.tiny_vision_depth,
+                      "tiny_rope_theta": s.tiny_rope_theta},
+            "loss": {"targets": targets},
+            "train": {"output_dir": str(self.out / name / "train"), "stage": stage, "max_steps": steps,
+                      "stage1_steps": stage1_steps, "lr": s.lr, "warmup_steps": s.warmup_steps,
+                      "lr_schedule": "cosine", "ema_decay": 0.99, "seed": s.seed, "save_every": 0,
+                      "keep_last": 1},
+        }
+        path = self.out / name / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+    def train_and_export(self, name: str, config: Path) -> tuple[str, float]:
+        """ilvr-train on 2 ranks, then ilvr-export; returns (export dir, seconds)."""
+        export = self.out / name / "export"
+        if (export / "ilvr_settings.json").is_file():
+            say(f"{name}: exported model found, not retrained")
+            return str(export), 0.0
+        t0 = time.time()
+        shutil.rmtree(self.out / name / "train", ignore_errors=True)  # this script's own run dir
+        run([venv_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "ilvr/train.py",
+             "--deepspeed", "ds_configs/zero2.json", "--config", str(config), "--resume", "never"],
+            self.out / "logs" / f"train-{name}.log", self.env)
+        run([self.py, "-m", "ilvr.export", "--checkpoint", str(self.out / name / "train"), "--out", str(export),
+             "--overwrite"], self.out / "logs" / f"export-{name}.log", self.env)
+        return str(export), time.time() - t0
+
+    def evaluate(self, name: str, export: str, shards: str, bench: str, mode: str) -> dict:
+        dest = self.out / name / "eval" / f"{bench}-{mode}"
+        if not (dest / "metrics.json").is_file():
+            limit = ["--limit", str(self.s.real_limit)] if bench == "real" and self.s.real_limit else []
+            run([self.py, "-m", "ilvr.evaluate", "run", "--model", export, "--shards", shards, "--benchmark", "vsp",
+                 "--mode", mode, "--max-new-tokens", str(self.s.max_new_tokens), "--batch-size",
+                 str(self.s.eval_batch_size), "--out", str(dest), "--run-name", f"{name}-{bench}-{mode}",
+                 "--no-progress", *limit], self.out / "logs" / f"eval-{name}-{bench}-{mode}.log", self.env)
+        return json.loads((dest / "metrics.json").read_text())["metrics"]
+
+
+    def latent_probe(self, name: str, export: str, shards: str) -> dict:
+        """ilvr.evaluation.latent_probe: can the player's square be read linearly from the latents?"""
+        dest = self.out / name / "latent_probe.json"
+        if not dest.is_file():
+            try:
+                run([self.py, "-m", "ilvr.evaluation.latent_probe", "--model", export, "--shards", shards,
+                     "--limit", str(self.s.test_maps), "--max-new-tokens", str(self.s.max_new_tokens),
+                     "--out", str(dest)], self.out / "logs" / f"probe-{name}.log", self.env)
+            except StepFailed as e:  # e.g. no latent segment generated: a finding, not a crash
+                return {"error": str(e).splitlines()[0]}
+        return json.loads(dest.read_text())
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def wilson(k: float, n: float) -> list:
+    from ilvr.evaluation.report import wilson as w
+
+    lo, hi = w(k, n)
+    return [round(lo, 4), round(hi, 4)]
+
+
+def summarize_eval(m: dict) -> dict:
+    n = m["num_samples"]
+    levels = sorted(k.split("/")[1] for k in m if k.startswith("accuracy/"))
+    return {
+        "success": m["accuracy"], "ci95": wilson(m["num_correct"], n), "n": int(n),
+        "unparseable_rate": m["unparseable_rate"], "random_plan_baseline": m.get("baseline"),
+        "per_level": {lv: {"success": m[f"accuracy/{lv}"], "n": int(m[f"count/{lv}"]),
+                           "ci95": wilson(m[f"accuracy/{lv}"] * m[f"count/{lv}"], m[f"count/{lv}"]),
+                           "random_plan_baseline": m.get(f"baseline/{lv}")} for lv in levels},
+    }
+
+
+def training_summary(run_dir: Path) -> dict:
+    """From the trainer's metrics.jsonl: loss at the start and end, K*, alignment and latent norms."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return {}
+
+    def mean(key, stage=None, last=None):
+        vals = [r[key] for r in rows if key in r and (stage is None or r.get("stage") == stage)]
+        vals = vals[-last:] if last else vals
+        return sum(vals) / len(vals) if vals else None
+
+    head = rows[: max(1, len(rows) // 20)]
+    out = {
+        "steps": rows[-1].get("step"), "loss_first": sum(r["loss"] for r in head) / len(head),
+        "loss_last": mean("loss", last=max(1, len(rows) // 20)), "ce_last": mean("ce", last=max(1, len(rows) // 20)),
+    }
+    for key in ("latent/selected_mean", "latent/align_first", "latent/align_later", "latent/align_copy",
+                "latent/target_norm", "latent/fed_norm"):
+        value = mean(key, stage=1)
+        if value is not None:
+            out[f"stage1/{key.split('/')[1]}"] = value
+    value = mean("latent/fed_norm", stage=2)
+    if value is not None:
+        out["stage2/fed_norm"] = value
+    return out
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the CI size: a few minutes, checks only that it all runs")
+    p.add_argument("--out", default=None, help="output dir (default runs/method, runs/method-quick with --quick)")
+    p.add_argument("--real", default=str(ROOT.parent / "shared" / "data" / "vsp_test"),
+                   help="the real VSP test set (test_direct.jsonl + imgs_test/); skipped when absent")
+    p.add_argument("--variants", nargs="+", default=None, choices=[v.name for v in VARIANTS])
+    p.add_argument("--docs", default=None, help="also write method.md and its plots into this dir (e.g. docs)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="override a Settings field")
+    args = p.parse_args(argv)
+    out = args.out or ("runs/method-quick" if args.quick else "runs/method")
+    s = Settings.quick(out) if args.quick else Settings(out=out)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(Settings)} or key in ("out", "variants"):
+            p.error(f"--set {item}: unknown field {key!r} (--out and --variants have options of their own)")
+        kind = type(getattr(s, key))
+        try:
+            setattr(s, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
+        except ValueError:
+            p.error(f"--set {item}: {key} must be a {kind.__name__}")
+    if args.variants:
+        s.variants = args.variants
+    real = Path(args.real)
+    if not (real / "test_direct.jsonl").is_file():
+        say(f"the real VSP test set is not at {real} (../shared absent): the real-map columns are skipped")
+        real = None
+    exp = Experiment(s, real)
+    exp.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from method_report import write_report  # scripts/method_report.py
+
+    say(f"settings: {json.dumps(dataclasses.asdict(s))}")
+    shards = exp.data()
+    say(f"data ready: {', '.join(sorted(shards))}")
+    init, base = "tiny", {}
+    if s.base_steps:
+        cfg = exp.config("base", shards["perceive"], shards["processor"], "tiny", "1", "pooled", s.base_steps, 0)
+        init, secs = exp.train_and_export("base", cfg)
+        base = {"steps": s.base_steps, "train_s": secs, "training": training_summary(exp.out / "base" / "train")}
+        say(f"base (map reading, {s.base_steps} steps) exported in {secs:.0f} s")
+    results = {"settings": dataclasses.asdict(s), "base": base, "variants": {}}
+    for v in VARIANTS:
+        if v.name not in s.variants:
+            continue
+        stage1 = round(s.steps * s.stage1_fraction) if v.stage == "1+2" else 0
+        cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1)
+        export, secs = exp.train_and_export(v.name, cfg)
+        entry = {"about": v.about, "style": v.style, "stage": v.stage, "targets": v.targets, "train_s": secs,
+                 "export": export, "training": training_summary(exp.out / v.name / "train"), "modes": {}}
+        for mode in v.modes:
+            row = {"synthetic": summarize_eval(exp.evaluate(v.name, export, shards["test"], "synthetic", mode))}
+            if "real" in shards and (mode == v.modes[0] or s.real_ablations):
+                real_m = summarize_eval(exp.evaluate(v.name, export, shards["real"], "real", mode))
+                row["vsp_real"] = {lv: d["success"] for lv, d in real_m["per_level"].items()}
+                row["vsp_real_detail"] = real_m
+            entry["modes"][mode] = row
+        if v.style.startswith("latent-"):
+            entry["latent_probe"] = exp.latent_probe(v.name, export, shards["test"])
+        first = entry["modes"][v.modes[0]]
+        entry.update({"synthetic": first["synthetic"], "vsp_real": first.get("vsp_real"),
+                      "unparseable_rate": first["synthetic"]["unparseable_rate"]})
+        results["variants"][v.name] = entry
+        say(f"{v.name}: synthetic success {first['synthetic']['success']:.3f} "
+            f"(random plan {first['synthetic']['random_plan_baseline']:.3f}), unparseable "
+            f"{first['synthetic']['unparseable_rate']:.3f}, trained in {secs:.0f} s")
+        (exp.out / "results.json").write_text(json.dumps(results, indent=2))
+    results["elapsed_s"] = time.time() - t_start
+    results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+    results["date"] = time.strftime("%Y-%m-%d")
+    (exp.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(results, exp.out, Path(args.docs) if args.docs else None)
+    say(f"done in {results['elapsed_s'] / 60:.1f} min: {exp.out / 'results.json'}, {exp.out / 'method.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
