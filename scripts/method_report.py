@@ -27,7 +27,7 @@ def table(results: dict) -> list[str]:
     levels = sorted({lv for e in variants.values() for m in e["modes"].values()
                      for lv in (m.get("vsp_real_detail") or {}).get("per_level", {})})
     head = ["variant", "mode", "synthetic success % [95% CI]", "unparseable %"] + [f"real {lv} %" for lv in levels] \
-        + ["K* (stage 1)", "fed-back norm"]
+        + ["K* (end of stage 1)", "cos of consecutive targets, stage 1 start -> end", "fed-back norm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in variants.items():
         t = e.get("training", {})
@@ -36,6 +36,8 @@ def table(results: dict) -> list[str]:
             cells += [_real(m, lv) for lv in levels]
             latent = e["style"].startswith("latent-")
             cells += [f"{t['stage1/selected_mean']:.2f}" if latent and "stage1/selected_mean" in t else "-",
+                      f"{t['stage1/align_copy_start']:.3f} -> {t['stage1/align_copy']:.5f}"
+                      if latent and "stage1/align_copy_start" in t else "-",
                       f"{t.get('stage2/fed_norm', t.get('stage1/fed_norm', 0)):.1f}"
                       if latent and "stage1/fed_norm" in t else "-"]
             lines.append("| " + " | ".join(cells) + " |")
@@ -44,7 +46,7 @@ def table(results: dict) -> list[str]:
         m = next(iter(first["modes"].values()))
         cells = ["random valid plan", "-", pct(m["synthetic"]["random_plan_baseline"]), "0.0"]
         real = (m.get("vsp_real_detail") or {}).get("per_level", {})
-        cells += [pct(real.get(lv, {}).get("random_plan_baseline")) for lv in levels] + ["-", "-"]
+        cells += [pct(real.get(lv, {}).get("random_plan_baseline")) for lv in levels] + ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
