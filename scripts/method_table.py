@@ -19,11 +19,12 @@ Variants (the data style is data_pipeline/sources/synthetic_vsp.STYLES):
   ilvr-pooled  as ilvr, but stage-1 targets are the helper image's own features pooled to K
                (no momentum teacher, no selection: Mirage-style)
 
-A tiny model from scratch cannot read a map (VERIFIED_FACTS.md, learning probe), so by default
-all variants start from one shared base: the same random-init model first trained to transcribe
-maps (style "perceive", `--base-steps`). Outputs: `<out>/results.json`, `<out>/<variant>/export`,
-`<out>/method.md` with the table and plots (`--docs DIR` also writes them to DIR/method.md and
-DIR/method/*.png). `--quick` is the CI size: minutes, not a result.
+Variants start from the same random-init model (model.tiny_*; the settings and the reasons for
+them: docs/method.md). `--set base_steps=N` first trains one shared base on map reading (style
+"perceive") that every variant starts from; it did not help in the probes, so it is off.
+Outputs: `<out>/results.json`, `<out>/<variant>/export`,
+`<out>/method.md` with the table and plots (`--docs DIR` also writes them to DIR/method/table.md and
+DIR/method/*.png). `--quick` is the CI size (under 5 minutes, no latent probe): a smoke run, not a result.
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class Settings:
     tiny_rope_theta: float = 10.0  # mrope at base 1e4 cannot tell an image's columns apart (docs/method.md)
     patch_size: int = 32  # x merge 2 = 64 px = one square of the benchmark's images: one merged token per square
     real_ablations: bool = True  # also evaluate the ablation modes on the real maps
+    latent_probe: bool = True  # the linear probe of the latents (ilvr.evaluation.latent_probe)
     max_new_tokens: int = 200
     eval_batch_size: int = 50
     seed: int = 42
@@ -104,7 +106,8 @@ class Settings:
     def quick(cls, out: str) -> "Settings":
         return cls(out=out, min_size=3, max_size=3, train_maps=128, test_maps=16, real_limit=4, base_steps=0,
                    steps=30, warmup_steps=5, lr=2e-3, tiny_hidden=64, tiny_layers=2, tiny_vision_hidden=32,
-                   tiny_vision_depth=1, max_new_tokens=64, eval_batch_size=16, real_ablations=False)
+                   tiny_vision_depth=1, max_new_tokens=64, eval_batch_size=16, real_ablations=False,
+                   latent_probe=False)
 
 
 # ----------------------------------------------------------------------------- running things
@@ -363,7 +366,7 @@ def main(argv: "list[str] | None" = None) -> int:
                 row["vsp_real"] = {lv: d["success"] for lv, d in real_m["per_level"].items()}
                 row["vsp_real_detail"] = real_m
             entry["modes"][mode] = row
-        if v.style.startswith("latent-"):
+        if v.style.startswith("latent-") and s.latent_probe:
             entry["latent_probe"] = exp.latent_probe(v.name, export, shards["test"])
         first = entry["modes"][v.modes[0]]
         entry.update({"synthetic": first["synthetic"], "vsp_real": first.get("vsp_real"),
