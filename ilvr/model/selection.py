@@ -222,7 +222,6 @@ def _segment_order(owner, first_pad, size):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def pooled_targets(model, batch: dict[str, Any], latent_size: int) -> Selection:
     """The Mirage-style ablation (`loss.targets: pooled`): no teacher and no selection. Each segment is
     taught its helper image's features from `model` itself (the student, no gradients), mean-pooled
@@ -246,6 +245,7 @@ def pooled_targets(model, batch: dict[str, Any], latent_size: int) -> Selection:
     return Selection(targets, counts, torch.ones(n_seg, device=device), counts.clone())
 
 
+@torch.no_grad()
 def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -> Selection:
     """Stage-1 targets for every latent segment of `batch` from one teacher pass (no gradients)."""
     device = batch["input_ids"].device
