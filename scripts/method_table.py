@@ -237,7 +237,6 @@ class Experiment:
                  "--no-progress", *limit], self.out / "logs" / f"eval-{name}-{bench}-{mode}.log", self.env)
         return json.loads((dest / "metrics.json").read_text())["metrics"]
 
-
     def latent_probe(self, name: str, export: str, shards: str) -> dict:
         """ilvr.evaluation.latent_probe: can the player's square be read linearly from the latents?"""
         dest = self.out / name / "latent_probe.json"
@@ -330,6 +329,17 @@ def main(argv: "list[str] | None" = None) -> int:
         real = None
     exp = Experiment(s, real)
     exp.out.mkdir(parents=True, exist_ok=True)
+    recorded = exp.out / "settings.json"  # outputs found in --out are reused: only under the same settings
+    mine = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("variants", "out")}
+    earlier = exp.out / "results.json"
+    if recorded.is_file() or earlier.is_file():
+        theirs = json.loads(recorded.read_text()) if recorded.is_file() else json.loads(earlier.read_text())["settings"]
+        theirs = {k: v for k, v in theirs.items() if k not in ("variants", "out")}
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if changed:
+            p.error(f"{exp.out} holds a run made with other settings ({', '.join(changed)}): its data and models "
+                    "would be reused; give a new --out")
+    recorded.write_text(json.dumps(mine, indent=2))
     t_start = time.time()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from method_report import write_report  # scripts/method_report.py
