@@ -105,7 +105,7 @@ class Settings:
     @classmethod
     def quick(cls, out: str) -> "Settings":
         return cls(out=out, min_size=3, max_size=3, train_maps=128, test_maps=16, real_limit=4, base_steps=0,
-                   steps=30, warmup_steps=5, lr=2e-3, tiny_hidden=64, tiny_layers=2, tiny_vision_hidden=32,
+                   steps=40, warmup_steps=5, lr=2e-3, tiny_hidden=64, tiny_layers=2, tiny_vision_hidden=32,
                    tiny_vision_depth=1, max_new_tokens=64, eval_batch_size=16, real_ablations=False,
                    latent_probe=False)
 
