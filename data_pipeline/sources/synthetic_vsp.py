@@ -87,9 +87,7 @@ def locations(map_desc: list[list[int]]) -> str:
 def transcript(map_desc: list[list[int]]) -> str:
     """The perception answer: rows of P/G/H/. joined by ' / ', then the player's and the goal's squares."""
     rows = " / ".join(" ".join(SYMBOLS[v] for v in row) for row in map_desc)  # spaces: one token per square
-    where = {v: (r, c) for r, row in enumerate(map_desc) for c, v in enumerate(row) if v in (START, GOAL)}
-    (pr, pc), (gr, gc) = where[START], where[GOAL]
-    return f"The map is [{rows}]. The player is at ({pr},{pc}). The goal is at ({gr},{gc})."
+    return f"The map is [{rows}]. {locations(map_desc)}"
 
 
 def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: int,
