@@ -136,8 +136,10 @@ def test_styles_change_only_the_trace():
         for st, r in recs.items():
             kinds = [s.kind for s in r.steps]
             assert r.meta["style"] == st and len(r.images) == 1
-            if st == "perceive":
-                assert r.question == synthetic_vsp.PERCEIVE_QUESTION and kinds == ["text"]
+            if st in ("perceive", "locate"):
+                question = synthetic_vsp.PERCEIVE_QUESTION if st == "perceive" else synthetic_vsp.LOCATE_QUESTION
+                assert r.question == question and kinds == ["text"] and r.answer == r.steps[0].text
+                assert r.answer.endswith(synthetic_vsp.locations(r.meta["map_desc"]))
                 continue
             assert r.question == synthetic_vsp.QUESTION and r.answer == ",".join(plan)
             assert kinds.count("latent") == (len(plan) if st.startswith("latent-") else 0)
