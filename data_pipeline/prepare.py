@@ -58,10 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style", default="latent-coords", choices=STYLES,
                    help="the reasoning trace (data_pipeline/sources/synthetic_vsp.py): latent or text steps, with "
                         "or without coordinates, a direct answer, or the map-reading (perceive) pre-training task")
+    g.add_argument("--question", default="full", choices=("full", "short"),
+                   help="full: the rules spelled out (~200 tokens); short: the task in ~30 tokens (a model trained "
+                        "from scratch reads no rules)")
     v = p.add_argument_group("vsp source")
-    v.add_argument("--vsp-prompt", default="row", choices=("row", "synthetic"),
-                   help="row: each row's own text_input; synthetic: the synthetic data's question about the row's "
-                        "map (for models trained only on synthetic maps)")
+    v.add_argument("--vsp-prompt", default="row", choices=("row", "synthetic", "synthetic-short"),
+                   help="row: each row's own text_input; synthetic / synthetic-short: the synthetic data's full / "
+                        "short question about the row's map (for models trained only on synthetic maps)")
     z = p.add_argument_group("zebra source")
     z.add_argument("--category", default=None, help="category stored when rows carry none")
     return p
@@ -70,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def converter_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.source == "synthetic":
         return {"num_samples": args.num_samples, "seed": args.seed, "min_size": args.min_size, "max_size": args.max_size,
-                "style": args.style}
+                "style": args.style, "question": args.question}
     if args.source == "vsp":
         return {"prompt": args.vsp_prompt}
     if args.source == "zebra" and args.category:

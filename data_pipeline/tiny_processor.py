@@ -39,13 +39,25 @@ QWEN_PLAIN_ADDED_TOKENS = (
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
 
-# Written for this project; renders the same text as Qwen2.5-VL's own template for
-# text/image/video content (no tools). One line on purpose: no stray whitespace.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
-    "{% endif %}"
+
+def qwen_vl_chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """A Qwen2.5-VL-style chat template; "" leaves out the default system message.
+
+    Written for this project; with the default it renders the same text as Qwen2.5-VL's
+    own template for text/image/video content (no tools). Why "" exists: a model trained
+    from scratch has no use for the system message, and its ~20 tiny-BPE tokens push the
+    image away from the sequence start, where a from-scratch model can tell image tokens
+    apart by their causal prefix (docs/method.md, "What a from-scratch model needs").
+    """
+    if "{" in system_prompt or "}" in system_prompt:
+        raise ValueError(f"system_prompt={system_prompt!r}: braces would be read as template syntax")
+    default = ("{% if loop.first and message['role'] != 'system' %}"
+               "<|im_start|>system\n" + system_prompt + "<|im_end|>\n{% endif %}") if system_prompt else ""
+    return "{% for message in messages %}" + default + _MESSAGES_TEMPLATE
+
+
+# One line on purpose: no stray whitespace.
+_MESSAGES_TEMPLATE = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
@@ -59,6 +71,7 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+QWEN_VL_CHAT_TEMPLATE = qwen_vl_chat_template()
 
 TINY_PATCH_SIZE = 14
 TINY_MIN_PIXELS = 112 * 112
@@ -187,6 +200,7 @@ def build_tiny_processor(
     temporal_patch_size: int = 2,
     min_pixels: int = TINY_MIN_PIXELS,
     max_pixels: int = TINY_MAX_PIXELS,
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT,
 ) -> str:
     """Train and save a small Qwen2.5-VL-style processor (with latent tokens) in `out_dir`.
 
@@ -207,7 +221,8 @@ def build_tiny_processor(
     tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS], True)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_PLAIN_ADDED_TOKENS])
     add_latent_tokens(tokenizer)
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    template = qwen_vl_chat_template(system_prompt)
+    tokenizer.chat_template = template
     pixels = dict(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
                   min_pixels=min_pixels, max_pixels=max_pixels)  # fmt: skip
     image_processor = Qwen2VLImageProcessorPil(**pixels)
@@ -216,10 +231,10 @@ def build_tiny_processor(
 
         processor = Qwen2_5_VLProcessor(
             image_processor=image_processor, tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_VL_CHAT_TEMPLATE,
+            video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=template,
         )  # fmt: skip
     else:
-        processor = ImageTextProcessor(tokenizer, image_processor, QWEN_VL_CHAT_TEMPLATE)
+        processor = ImageTextProcessor(tokenizer, image_processor, template)
     processor.save_pretrained(out_dir)
     return str(out_dir)
 
@@ -269,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
                              "64 px VSP square per token")
     parser.add_argument("--min-pixels", type=int, default=TINY_MIN_PIXELS)
     parser.add_argument("--max-pixels", type=int, default=TINY_MAX_PIXELS)
+    parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT,
+                        help='the default system message; "" leaves it out (what a model trained from scratch wants)')
     args = parser.parse_args(argv)
     if not 0 < args.min_pixels <= args.max_pixels:
         parser.error(f"need 0 < --min-pixels <= --max-pixels, got {args.min_pixels} and {args.max_pixels}")
     out = build_tiny_processor(args.out, shard_texts(expand_shards(args.shards, must_exist=True)), args.vocab_size,
-                               patch_size=args.patch_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                               patch_size=args.patch_size, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                               system_prompt=args.system_prompt)
     print(f"tiny processor written to {out}")
     return 0
 

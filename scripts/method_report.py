@@ -162,8 +162,10 @@ def markdown(results: dict, figure_dir: str) -> str:
         "",
         f"{results.get('date', '?')} on {results.get('machine', '?')}; the whole run took "
         f"{results.get('elapsed_s', 0) / 60:.0f} min. Model: random-init Qwen2.5-VL, LM hidden {s['tiny_hidden']} x "
-        f"{s['tiny_layers']} layers, vision hidden {s['tiny_vision_hidden']} x {s['tiny_vision_depth']} (trainable), "
-        f"patch {s['patch_size']} px (one merged token per 64 px square). Data: {s['train_maps']} synthetic maps "
+        f"{s['tiny_layers']} layers, vision hidden {s['tiny_vision_hidden']} x {s['tiny_vision_depth']} "
+        f"({'frozen at init' if s.get('freeze_vision') else 'trainable'}), patch {s['patch_size']} px (one merged "
+        f"token per 64 px square), {'no system message' if s.get('system_prompt') == '' else 'a system message'}, "
+        f"the {s.get('question', 'full')} question with the map first. Data: {s['train_maps']} synthetic maps "
         f"{s['min_size']}x{s['min_size']}-{s['max_size']}x{s['max_size']} (seed 0) per variant, {s['test_maps']} "
         f"held-out (seed 1). Base: {s['base_steps']} steps of map reading; then {s['steps']} steps per variant "
         f"(batch {s['batch_size']} x 2 ranks, ZeRO-2, lr {s['lr']}, K = {s['latent_size']}; the 1+2 variants switch "

@@ -46,6 +46,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from data_pipeline.sources import synthetic_vsp  # noqa: E402
+
 TEXT_STYLES = ("direct", "text-coords", "text-moves")
 
 
@@ -76,13 +78,13 @@ class Settings:
     """Everything that sizes the experiment; the same for every variant."""
 
     out: str = "runs/method"
-    min_size: int = 3
-    max_size: int = 5
-    train_maps: int = 6000
+    min_size: int = 3  # 3x3 only: reading and planning on 3x3 take ~900 steps of 16 maps (docs/method.md);
+    max_size: int = 3  # larger maps need more steps than six variants can have in the time budget
+    train_maps: int = 4000
     test_maps: int = 300
     real_limit: int = 0  # 0 = all 400 real maps
     base_steps: int = 0  # perception pre-training of the shared base (0 = variants start from random init)
-    steps: int = 600
+    steps: int = 900
     stage1_fraction: float = 0.6  # of `steps`, for the 1+2 variants
     latent_size: int = 4
     batch_size: int = 8  # per rank; 2 ranks
@@ -95,6 +97,9 @@ class Settings:
     tiny_vision_depth: int = 2
     tiny_rope_theta: float = 10.0  # mrope at base 1e4 cannot tell an image's columns apart (docs/method.md)
     patch_size: int = 32  # x merge 2 = 64 px = one square of the benchmark's images: one merged token per square
+    question: str = "short"  # synthetic_vsp.QUESTIONS: the task in ~30 tokens, not ~200 of rules nobody reads
+    system_prompt: str = ""  # none: it would push the map away from the sequence start (docs/method.md)
+    freeze_vision: bool = True  # a trainable tower trained from scratch collapses to one direction (docs/method.md)
     real_ablations: bool = True  # also evaluate the ablation modes on the real maps
     latent_probe: bool = True  # the linear probe of the latents (ilvr.evaluation.latent_probe)
     max_new_tokens: int = 200
@@ -159,7 +164,7 @@ class Experiment:
         if not (dest / "manifest.json").is_file():
             run([self.py, "-m", "data_pipeline.prepare", "--source", "synthetic", "--style", style,
                  "--num-samples", str(n), "--seed", str(seed), "--min-size", str(self.s.min_size),
-                 "--max-size", str(self.s.max_size), "--out", str(dest), "--prefix", name,
+                 "--max-size", str(self.s.max_size), "--question", self.s.question, "--out", str(dest), "--prefix", name,
                  "--samples-per-shard", str(max(64, n // 8)), "--no-progress", "--overwrite"],
                 self.out / "logs" / f"prepare-{name}.log")
         return str(dest)
@@ -175,7 +180,8 @@ class Experiment:
         if self.real_root is not None:
             dest = self.out / "data" / "vsp-real"
             if not (dest / "manifest.json").is_file():
-                cmd = [self.py, "-m", "data_pipeline.prepare", "--source", "vsp", "--vsp-prompt", "synthetic",
+                cmd = [self.py, "-m", "data_pipeline.prepare", "--source", "vsp", "--vsp-prompt",
+                       "synthetic" if s.question == "full" else f"synthetic-{s.question}",
                        "--input", str(self.real_root / "test_direct.jsonl"), "--image-root", str(self.real_root),
                        "--out", str(dest), "--prefix", "vsp", "--samples-per-shard", "100", "--no-progress",
                        "--overwrite"]
@@ -185,7 +191,8 @@ class Experiment:
         if not (processor / "tokenizer_config.json").is_file():
             run([self.py, "-m", "data_pipeline.tiny_processor", "--shards", ",".join(shards[k] for k in shards
                  if k not in ("test", "real")), "--out", str(processor), "--patch-size", str(s.patch_size),
-                 "--min-pixels", str((s.patch_size * 2 * 3) ** 2), "--max-pixels", str((s.patch_size * 2 * 8) ** 2)],
+                 "--min-pixels", str((s.patch_size * 2 * 3) ** 2), "--max-pixels", str((s.patch_size * 2 * 8) ** 2),
+                 "--system-prompt", s.system_prompt],
                 self.out / "logs" / "processor.log")
         shards["processor"] = str(processor)
         return shards
@@ -197,7 +204,7 @@ class Experiment:
             "data": {"train_shards": train_shards, "processor": processor, "batch_size": s.batch_size,
                      "num_workers": 1, "shuffle_buffer": 256, "mode": "resampled", "max_length": 1024,
                      "seed": 0},
-            "model": {"name_or_path": init, "latent_size": s.latent_size, "freeze_vision": False, "dtype": "fp32",
+            "model": {"name_or_path": init, "latent_size": s.latent_size, "freeze_vision": s.freeze_vision, "dtype": "fp32",
                       "tiny_hidden": s.tiny_hidden, "tiny_layers": s.tiny_layers, "tiny_heads": s.tiny_heads,
                       "tiny_vision_hidden": s.tiny_vision_hidden, "tiny_vision_depth": s.tiny_vision_depth,
                       "tiny_rope_theta": s.tiny_rope_theta},
@@ -321,6 +328,8 @@ def main(argv: "list[str] | None" = None) -> int:
             setattr(s, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
         except ValueError:
             p.error(f"--set {item}: {key} must be a {kind.__name__}")
+    if s.question not in synthetic_vsp.QUESTIONS:
+        p.error(f"--set question={s.question}: choose one of {', '.join(synthetic_vsp.QUESTIONS)}")
     if args.variants:
         s.variants = args.variants
     real = Path(args.real)

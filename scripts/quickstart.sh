@@ -13,13 +13,16 @@ CONFIG=configs/quickstart.yaml   # why these settings: the comments in it, and d
 
 echo "== 1. synthetic VSP data (3x3 maps; 'Move R.' + a latent step per move) -> WebDataset shards"
 "$PY" -m data_pipeline.prepare --source synthetic --style latent-moves --num-samples 2000 --seed 0 --min-size 3 \
-  --max-size 3 --out "$OUT/shards/train" --prefix train --samples-per-shard 250 --no-progress --overwrite
+  --max-size 3 --question short --out "$OUT/shards/train" --prefix train --samples-per-shard 250 --no-progress \
+  --overwrite
 "$PY" -m data_pipeline.prepare --source synthetic --style latent-moves --num-samples 64 --seed 1 --min-size 3 \
-  --max-size 3 --out "$OUT/shards/eval" --prefix eval --samples-per-shard 32 --no-progress --overwrite
+  --max-size 3 --question short --out "$OUT/shards/eval" --prefix eval --samples-per-shard 32 --no-progress \
+  --overwrite
 
-echo "== 2. tiny Qwen2.5-VL processor trained on the shards' text (patch 32: one merged token per 64 px square)"
+echo "== 2. tiny Qwen2.5-VL processor trained on the shards' text (patch 32: one merged token per 64 px square;"
+echo "   no default system message: docs/method.md says why)"
 "$PY" -m data_pipeline.tiny_processor --shards "$OUT/shards/train" --out "$OUT/processor" \
-  --patch-size 32 --min-pixels 36864 --max-pixels 262144
+  --patch-size 32 --min-pixels 36864 --max-pixels 262144 --system-prompt ""
 
 echo "== 3. the batches each of 2 ranks will stream"
 "$PY" -m data_pipeline.preview --config "$CONFIG" --world-size 2 --batches 2

@@ -227,5 +227,7 @@ def test_vsp_real_maps_in_the_synthetic_wording(shared_data):
     assert errors == [] and len(records) == 400
     assert all(r.question == synthetic_vsp.QUESTION for r in records)
     assert [(r.id, r.images[0].path, r.meta) for r in records] == [(r.id, r.images[0].path, r.meta) for r in rows]
+    short, _ = split(vsp.read(path, str(shared_data / "vsp_test"), prompt="synthetic-short"))
+    assert all(r.question == synthetic_vsp.SHORT_QUESTION for r in short) and len(short) == 400
     with pytest.raises(ValueError, match="prompt='mine'"):
         list(vsp.read(path, None, prompt="mine"))

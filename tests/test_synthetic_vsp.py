@@ -165,3 +165,16 @@ def test_perceive_transcript_reads_the_map():
 def test_unknown_style_is_refused():
     with pytest.raises(ValueError, match="style='cot': choose one of latent-coords"):
         _generate(num_samples=1, style="cot")
+
+
+def test_the_short_question_changes_only_the_question():
+    """question="short" asks the same maps in ~30 tokens, the map first (what the method table trains on)."""
+    full = _generate(num_samples=4, seed=3, min_size=3, max_size=4, style="latent-moves")
+    short = _generate(num_samples=4, seed=3, min_size=3, max_size=4, style="latent-moves", question="short")
+    for a, b in zip(full, short):
+        assert b.question == synthetic_vsp.SHORT_QUESTION and a.question == synthetic_vsp.QUESTION
+        assert (a.steps, a.answer, a.meta, a.images) == (b.steps, b.answer, b.meta, b.images)
+    for question in synthetic_vsp.QUESTIONS.values():  # the map comes first: see the comment on QUESTION
+        assert question.startswith(IMAGE_PLACEHOLDER)
+    with pytest.raises(ValueError, match="question='long': choose one of full, short"):
+        _generate(num_samples=1, question="long")

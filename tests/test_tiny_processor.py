@@ -8,10 +8,13 @@ import pytest
 
 from data_pipeline.tiny_processor import (
     QWEN_SPECIAL_TOKENS,
+    QWEN_VL_CHAT_TEMPLATE,
     TINY_MAX_PIXELS,
     TINY_MIN_PIXELS,
     ImageTextProcessor,
     build_tiny_processor,
+    load_processor,
+    qwen_vl_chat_template,
     torchvision_available,
 )
 from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
@@ -116,3 +119,18 @@ def test_latent_tokens_are_added_when_missing():
 def test_vocab_size_too_small_is_refused(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         build_tiny_processor(str(tmp_path), ["x"], vocab_size=100)
+
+
+def test_an_empty_system_prompt_leaves_the_default_system_message_out(tmp_path):
+    """A from-scratch model wants the image near the sequence start: --system-prompt "" drops the default."""
+    out = build_tiny_processor(str(tmp_path / "p"), ["some text", "more text"], system_prompt="")
+    processor, _ = load_processor(out)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "text"}]}]
+    assert processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>text<|im_end|>\n<|im_start|>assistant\n"
+    )
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]  # an explicit one is kept
+    assert processor.apply_chat_template(messages, tokenize=False).startswith("<|im_start|>system\nS<|im_end|>\n")
+    assert qwen_vl_chat_template() == QWEN_VL_CHAT_TEMPLATE
+    with pytest.raises(ValueError, match="braces"):
+        qwen_vl_chat_template("{{ oops }}")

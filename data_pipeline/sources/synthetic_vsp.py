@@ -24,8 +24,11 @@ from data_pipeline.vsp_world import (
     simulate,
 )
 
+# The map comes first in every question: a model trained from scratch can tell image tokens apart
+# only near the start of the sequence (docs/method.md, "What a from-scratch model needs").
 QUESTION = (
-    "You are solving a spatial planning puzzle on a frozen lake drawn as a grid.\n"
+    f"{IMAGE_PLACEHOLDER}\n"
+    "You are solving a spatial planning puzzle on the frozen lake drawn above as a grid.\n"
     "\n"
     "## The map\n"
     "- Every square is either solid ice or a hole in the ice.\n"
@@ -39,15 +42,22 @@ QUESTION = (
     "- The plan wins only if the player stands on the goal after its last move.\n"
     "- Squares are named (row,column), counting from (0,0) at the top-left corner.\n"
     "\n"
-    f"The map: {IMAGE_PLACEHOLDER}\n"
-    "\n"
     "Find the shortest plan that brings the player safely to the goal. Put the final "
     "plan in \\boxed{}, as move letters separated by commas, for example \\boxed{R,D,D}."
 )
 
+# The same task in ~30 tokens instead of ~200: a model trained from scratch reads no rules, and every
+# question token costs compute at every step (the method table and the quick start ask this one).
+SHORT_QUESTION = (
+    f"{IMAGE_PLACEHOLDER}\n"
+    "Frozen lake: the shortest safe plan from the elf to the gift box. Moves L, R, U, D; "
+    "answer like \\boxed{R,D,D}."
+)
+QUESTIONS = {"full": QUESTION, "short": SHORT_QUESTION}
+
 
 PERCEIVE_QUESTION = (
-    "Read the frozen lake map drawn as a grid: {image}\n"
+    "{image}\nRead the frozen lake map drawn above as a grid.\n"
     "Write the map row by row from the top, one character per square from the left: P for the "
     "player (an elf), G for the goal (a gift box), H for a hole, . for solid ice, separated by spaces; rows "
     "separated by /. "
@@ -71,7 +81,7 @@ def _move_text(move: str, before: tuple[int, int], after: tuple[int, int], lande
 
 
 LOCATE_QUESTION = (
-    "Look at the frozen lake map drawn as a grid: {image}\n"
+    "{image}\nLook at the frozen lake map drawn above as a grid.\n"
     "Name the player's square (an elf) and the goal's square (a gift box) as (row,column), counting from (0,0) "
     "at the top-left."
 ).replace("{image}", IMAGE_PLACEHOLDER)
@@ -91,10 +101,12 @@ def transcript(map_desc: list[list[int]]) -> str:
 
 
 def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: int,
-                style: str = "latent-coords") -> Record:
-    """The training record for one solvable map: question, a trace in `style` (see STYLES), answer."""
+                style: str = "latent-coords", question: str = "full") -> Record:
+    """The training record for one solvable map: the question (QUESTIONS), a trace in `style` (see STYLES), answer."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}")
+    if question not in QUESTIONS:
+        raise ValueError(f"question={question!r}: choose one of {', '.join(QUESTIONS)}")
     plan = shortest_plan(map_desc)
     if not plan:
         raise RecordError("unsolvable_map", f"{record_id}: goal not reachable from start")
@@ -127,7 +139,7 @@ def make_record(record_id: str, map_desc: list[list[int]], task: str, cell_px: i
     return Record(
         id=record_id,
         task=task,
-        question=QUESTION,
+        question=QUESTIONS[question],
         images=[ImageRef(data=images[0])],
         steps=steps,
         answer=answer,
@@ -146,6 +158,7 @@ def read(
     hole_prob: float = 0.25,
     cell_px: int = DEFAULT_CELL_PX,
     style: str = "latent-coords",
+    question: str = "full",
     **options: Any,
 ) -> Iterator[Record | RecordError]:
     """Yield `num_samples` synthetic VSP records with ids f"synvsp-s{seed}-{i:06d}".
@@ -162,6 +175,8 @@ def read(
         raise ValueError(f"hole_prob must be in [0, 1), got {hole_prob}")
     if style not in STYLES:
         raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}")
+    if question not in QUESTIONS:
+        raise ValueError(f"question={question!r}: choose one of {', '.join(QUESTIONS)}")
     task = task or "vsp"
     for i in range(num_samples):
         rng = random.Random(f"synthetic-vsp/{seed}/{i}")  # str seeds hash stably across runs
@@ -169,6 +184,6 @@ def read(
         map_desc = random_map(rng, size, hole_prob)
         record_id = f"synvsp-s{seed}-{i:06d}"
         try:
-            yield make_record(record_id, map_desc, task, cell_px, style)
+            yield make_record(record_id, map_desc, task, cell_px, style, question)
         except RecordError as e:
             yield e

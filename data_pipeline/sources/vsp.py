@@ -39,24 +39,26 @@ def vsp_record_id(row: dict[str, Any], level: int, input_path: str, line_no: int
     return record_id(row, input_path, line_no)
 
 
-PROMPTS = ("row", "synthetic")
+SYNTHETIC_QUESTION = {"synthetic": "full", "synthetic-short": "short"}  # prompt -> synthetic_vsp.QUESTIONS key
+PROMPTS = ("row", *SYNTHETIC_QUESTION)
 
 
 def row_to_record(row: dict[str, Any], line_no: int, input_path: str, image_root: str | None, task: str | None,
                   prompt: str = "row") -> Record:
     """One VSP test row as an evaluation Record; raises RecordError for a row that cannot be used.
 
-    `prompt="synthetic"` asks the synthetic training data's question (synthetic_vsp.QUESTION) about
-    the row's own image and map instead of the row's `text_input`: a model trained from scratch on
-    synthetic maps knows only that wording, and the test is then of reading the real images."""
+    `prompt="synthetic"` ("synthetic-short") asks the synthetic training data's question
+    (synthetic_vsp.QUESTIONS["full"] / ["short"]) about the row's own image and map instead of the
+    row's `text_input`: a model trained from scratch on synthetic maps knows only that wording, and
+    the test is then of reading the real images."""
     level = check_map_desc(row.get("map_desc"))
     images = image_refs(path_list(row.get("image_input"), "image_input"), image_root)
     meta: dict[str, Any] = {"map_desc": row["map_desc"], "map_id": row.get("map_id"), "level": level}
     return Record(
         id=vsp_record_id(row, level, input_path, line_no),
         task=task or "vsp",
-        question=(synthetic_vsp.QUESTION if prompt == "synthetic"
-                  else with_image_placeholders(required_text(row, "text_input"), len(images))),
+        question=(with_image_placeholders(required_text(row, "text_input"), len(images)) if prompt == "row"
+                  else synthetic_vsp.QUESTIONS[SYNTHETIC_QUESTION[prompt]]),
         images=images,
         steps=[],
         answer="",
