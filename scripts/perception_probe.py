@@ -33,7 +33,7 @@ from data_pipeline.encode import encode_record  # noqa: E402
 from data_pipeline.records import ImageRef, Record, Step  # noqa: E402
 from data_pipeline.sources import synthetic_vsp  # noqa: E402
 from data_pipeline.tiny_processor import DEFAULT_SYSTEM_PROMPT, build_tiny_processor, load_processor  # noqa: E402
-from data_pipeline.vsp_world import HOLE, START, random_map, render_states  # noqa: E402
+from data_pipeline.vsp_world import HOLE, START, find, random_map, render_states  # noqa: E402
 from ilvr.model.build import TinySize, build_tiny_model, freeze_vision  # noqa: E402
 
 FILLER = "The lake is cold and the wind is strong today. "  # words placed before the map by --text-before-image
@@ -41,7 +41,7 @@ FILLER = "The lake is cold and the wind is strong today. "  # words placed befor
 
 def answer(task: str, map_desc: list[list[int]]) -> str:
     if task == "row":
-        return f"The player is in row {next(r for r, row in enumerate(map_desc) if START in row)}."
+        return f"The player is in row {find(map_desc, START)[0]}."
     if task == "count":
         return f"There are {sum(v == HOLE for row in map_desc for v in row)} holes."
     return synthetic_vsp.locations(map_desc)
@@ -54,8 +54,7 @@ def records(task: str, n: int, seed: int, size: int, text_before_image: int) -> 
     out = []
     for i in range(n):
         map_desc = random_map(random.Random(f"perception-probe/{seed}/{i}"), size)
-        image = render_states(map_desc, [next((r, c) for r, row in enumerate(map_desc)
-                                               for c, v in enumerate(row) if v == START)])[0]
+        image = render_states(map_desc, [find(map_desc, START)])[0]
         text = answer(task, map_desc)
         out.append(Record(id=f"probe-{seed}-{i}", task="vsp", question=question, images=[ImageRef(data=image)],
                           steps=[Step.of_text(text)], answer=text, meta={"map_desc": map_desc}))
