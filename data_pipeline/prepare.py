@@ -22,7 +22,8 @@ from data_pipeline.records import RecordError, record_to_sample
 from data_pipeline.shards import MANIFEST, Manifest, ShardWriter, previous_output
 from data_pipeline.skips import SkipCounter, TooManySkips
 from data_pipeline.sources import SOURCE_NAMES, get_converter
-from data_pipeline.sources.synthetic_vsp import STYLES
+from data_pipeline.sources.synthetic_vsp import QUESTIONS, STYLES
+from data_pipeline.sources.vsp import PROMPTS as VSP_PROMPTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--style", default="latent-coords", choices=STYLES,
                    help="the reasoning trace (data_pipeline/sources/synthetic_vsp.py): latent or text steps, with "
                         "or without coordinates, a direct answer, or the map-reading (perceive) pre-training task")
-    g.add_argument("--question", default="full", choices=("full", "short"),
+    g.add_argument("--question", default="full", choices=tuple(QUESTIONS),
                    help="full: the rules spelled out (~200 tokens); short: the task in ~30 tokens (a model trained "
                         "from scratch reads no rules)")
     v = p.add_argument_group("vsp source")
-    v.add_argument("--vsp-prompt", default="row", choices=("row", "synthetic", "synthetic-short"),
+    v.add_argument("--vsp-prompt", default="row", choices=VSP_PROMPTS,
                    help="row: each row's own text_input; synthetic / synthetic-short: the synthetic data's full / "
                         "short question about the row's map (for models trained only on synthetic maps)")
     z = p.add_argument_group("zebra source")
