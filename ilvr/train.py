@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 
 if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make `ilvr` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,21 +61,25 @@ def main(argv: "list[str] | None" = None) -> int:
     import torch.distributed as dist
 
     from ilvr.training.checkpoint import CheckpointError, OutputDirBusy
+    from ilvr.training.distributed import end_process
     from ilvr.training.run_dir import RunDirRefused
     from ilvr.training.trainer import Trainer
 
     try:
         Trainer(cfg, ds_path, resume=args.resume, allow_config_change=args.allow_config_change).run()
+        code = 0
     except ConfigError as e:  # found at start-up (train.epochs against the shards): every rank says it
         print(f"ilvr-train: config error: {e}", file=sys.stderr)
-        return 2
+        code = 2
     except (OutputDirBusy, CheckpointError, DeepSpeedConfigError, RunDirRefused) as e:  # refusals: no traceback
         print(f"ilvr-train: {e}", file=sys.stderr)
-        return 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        code = 3
+    except BaseException as e:
+        if not dist.is_initialized():
+            raise
+        traceback.print_exc()  # printed here: end_process leaves without the interpreter's own report
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    return end_process(code)  # with a process group, the process ends in there
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from datetime import timedelta
 
 from ilvr.config import ConfigError
@@ -143,16 +144,12 @@ def cmd_run(args) -> int:
     decode = _decode_settings(args)
     resolve_model_path(args.model)  # a wrong --model fails here, before any process group or file is touched
     info = _start_ranks(args.collective_timeout)
-    try:
-        device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-        req = EvalRequest(model=args.model, shards=args.shards, out_dir=args.out, benchmark=args.benchmark,
-                          decode=decode, limit=args.limit, dtype=args.dtype, tracking_uri=args.tracking_uri,
-                          experiment=args.experiment, parent_run_id=args.parent_run_id, run_name=args.run_name,
-                          mlflow=not args.no_mlflow, device=device, progress=not args.no_progress)
-        result = run_evaluation(req)  # shards and references are checked before the model is loaded
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    req = EvalRequest(model=args.model, shards=args.shards, out_dir=args.out, benchmark=args.benchmark,
+                      decode=decode, limit=args.limit, dtype=args.dtype, tracking_uri=args.tracking_uri,
+                      experiment=args.experiment, parent_run_id=args.parent_run_id, run_name=args.run_name,
+                      mlflow=not args.no_mlflow, device=device, progress=not args.no_progress)
+    result = run_evaluation(req)  # shards and references are checked before the model is loaded
     if info.is_main:
         print(json.dumps(result["metrics"], sort_keys=True))
     return 0
@@ -236,13 +233,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
         argv.insert(0, "run")  # `ilvr-eval --model ...` means run
     args = build_parser().parse_args(argv)
+    import torch
+
+    from ilvr.training.distributed import end_process
+
     if not (args.command == "run"):  # run sets up rank-aware logging itself
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"run": cmd_run, "score": cmd_score, "sweep": cmd_sweep}[args.command](args)
+        code = {"run": cmd_run, "score": cmd_score, "sweep": cmd_sweep}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, IndexError, ConfigError) as e:
         print(f"ilvr-eval: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except BaseException as e:
+        if not torch.distributed.is_initialized():
+            raise
+        traceback.print_exc()  # printed here: end_process leaves without the interpreter's own report
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    return end_process(code)  # `run` on several ranks: the process ends in there
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ timeout is what turns a dead rank into a clean exit of the others instead of a h
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +60,32 @@ def init_distributed(info: DistInfo, timeout_s: float) -> None:
                                    rank=info.rank, world_size=info.world_size)
     log.info("process group: %s, rank %d of %d, collective timeout %ds", backend, info.rank, info.world_size,
              int(timeout_s))
+
+
+def end_process(code: int) -> int:
+    """Destroy the process group and leave the process without interpreter teardown; without a group,
+    just return `code`.
+
+    destroy_process_group() does not stop gloo's worker threads (gloo's Backend.shutdown is a no-op):
+    they live until the group object is freed, which with DeepSpeed's module-level group handles is
+    during interpreter finalization. A C++ thread that needs the GIL then is ended by CPython with
+    pthread_exit, and that unwinding through a noexcept C++ frame aborts the process ("terminate
+    called without an active exception", SIGABRT): a finished run that exits -6. So the atexit
+    handlers (MLflow, logging, multiprocessing children) run here while everything is alive, the
+    streams are flushed, and the process ends with os._exit. It never hangs in a group destructor
+    waiting on a dead peer either.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return code
+    dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing left to save
+            pass
+    os._exit(code)
 
 
 LOG_FILE_HANDLER = "ilvr-run-log"  # the name of the handler add_log_file installs (one at a time)
