@@ -8,7 +8,7 @@ import pytest
 
 from ilvr.config import load_config
 from ilvr.training.teacher import teacher_ds_config
-from ilvr.training.ds_config import (DeepSpeedConfigError, describe, load_ds_config, resolve_ds_config,
+from ilvr.training.ds_config import (MIN_AUTO_BUCKET, DeepSpeedConfigError, describe, load_ds_config, resolve_ds_config,
                                      save_resolved)
 
 DS_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -45,7 +45,7 @@ def test_shipped_configs_resolve_fully(name):
         "total_num_steps": 100, "warmup_num_steps": 10, "warmup_min_ratio": 0.0, "cos_min_ratio": 0.0,
         "warmup_type": "linear"}}
     zero = out["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 64 * 64
+    assert zero["reduce_bucket_size"] == MIN_AUTO_BUCKET  # h^2 = 4096 is below the floor
     if zero["stage"] == 3:
         assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
         assert zero["stage3_param_persistence_threshold"] == 640
@@ -187,7 +187,7 @@ def test_deepspeed_accepts_the_resolved_config(name):
     out = resolve_ds_config(DS_DIR / name, make_cfg(), world_size=1, hidden_size=64)
     ds = DeepSpeedConfig(out)
     assert ds.train_batch_size == 8 and ds.gradient_clipping == 0.5
-    assert ds.zero_config.reduce_bucket_size == 64 * 64
+    assert ds.zero_config.reduce_bucket_size == MIN_AUTO_BUCKET
     DeepSpeedConfig(teacher_ds_config(out))
 
 
@@ -265,3 +265,11 @@ def test_ilvr_train_refuses_a_bad_deepspeed_json_before_any_rank_starts(tmp_path
     assert rc == 2 and time.monotonic() - started < 10
     assert "zero_optimization.stage='three'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_auto_reduce_bucket_is_h_squared_above_the_floor():
+    # a 7B-class hidden size keeps transformers' rule; a tiny one gets the floor, not KB-sized buckets
+    big = resolve_ds_config(DS_DIR / "zero3.json", make_cfg(), 1, 3584)["zero_optimization"]
+    assert big["reduce_bucket_size"] == 3584 * 3584 and big["stage3_param_persistence_threshold"] == 35840
+    small = resolve_ds_config(DS_DIR / "zero3.json", make_cfg(), 1, 128)["zero_optimization"]
+    assert small["reduce_bucket_size"] == MIN_AUTO_BUCKET and small["stage3_prefetch_bucket_size"] == int(0.9 * 128 ** 2)

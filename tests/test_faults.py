@@ -95,3 +95,20 @@ def test_without_a_process_group_end_process_returns_the_code():
     from ilvr.training.distributed import end_process
 
     assert end_process(5) == 5
+
+
+def test_each_rank_gets_its_share_of_the_cores_unless_omp_num_threads_is_set():
+    import torch
+
+    from ilvr.training.distributed import share_cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        assert share_cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}) is None
+        assert torch.get_num_threads() == before
+        assert share_cpu_threads({"LOCAL_SIZE": "2"}) == max(1, cores // 2) == torch.get_num_threads()  # deepspeed
+        assert share_cpu_threads({"LOCAL_WORLD_SIZE": str(4 * cores)}) == 1  # never below one thread
+        assert share_cpu_threads({}) == cores  # one rank (srun: its cpuset is the affinity mask)
+    finally:
+        torch.set_num_threads(before)

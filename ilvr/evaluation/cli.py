@@ -123,11 +123,12 @@ def _start_ranks(timeout_s: float):
     """A process group when launched on several ranks (torchrun, srun); else None."""
     import torch
 
-    from ilvr.training.distributed import dist_info_from_env, setup_logging
+    from ilvr.training.distributed import dist_info_from_env, setup_logging, share_cpu_threads
 
     info = dist_info_from_env()
     setup_logging(info)
     if info.world_size > 1 and not torch.distributed.is_initialized():
+        share_cpu_threads()
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank)
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",

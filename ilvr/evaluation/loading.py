@@ -20,6 +20,7 @@ import torch
 
 from ilvr.export import SETTINGS_FILE, checkpoint_settings, model_from_checkpoint
 from ilvr.model.build import choose_attention, load_pretrained, resolve_dtype
+from ilvr.model.patch_embed import use_patch_matmul
 from ilvr.model.tokens import LatentTokenIds
 from ilvr.training.checkpoint import is_complete, latest, weights_only_loading
 
@@ -85,6 +86,7 @@ def load_eval_model(path: str, dtype: str = "auto", attn_implementation: str = "
                          f"processor has {list(latent_ids.as_tuple())}; re-export with the training processor")
     if len(processor.tokenizer) > model.get_input_embeddings().weight.shape[0]:
         raise ValueError(f"{directory}: the tokenizer has more tokens than the model has embedding rows")
+    use_patch_matmul(model)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device).eval()
     step = settings.get("step")

@@ -2,9 +2,10 @@
 
 Stock transformers classes only. The latent tokens are added to the tokenizer by
 `load_processor`; here their embedding rows start at the mean embedding (so latent
-markers begin as an "average" token), the vision tower
-and merger are frozen if asked, and the attention implementation is chosen:
-FlashAttention-2 when flash-attn imports and CUDA is present, else PyTorch SDPA.
+markers begin as an "average" token), the vision tower and merger are frozen if asked,
+the patch embedding's Conv3d runs as a matmul on the same parameters (patch_embed.py), and
+the attention implementation is chosen: FlashAttention-2 when flash-attn imports and CUDA
+is present, else PyTorch SDPA.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ilvr.config import ModelConfig
+from ilvr.model.patch_embed import use_patch_matmul
 from ilvr.model.tokens import LatentTokenIds
 
 log = logging.getLogger(__name__)
@@ -197,6 +199,7 @@ def build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: "TinySi
         log.info("latent token embeddings initialised at the mean embedding")
     if cfg.freeze_vision:
         freeze_vision(model)
+    use_patch_matmul(model)  # same parameters, ~5x faster than Conv3d (ilvr/model/patch_embed.py)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

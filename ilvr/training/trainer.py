@@ -24,6 +24,7 @@ from ilvr.training.distributed import (
     all_reduce,
     dist_info_from_env,
     init_distributed,
+    share_cpu_threads,
     setup_logging,
 )
 from ilvr.training.faults import BadStepGuard, StopRequest
@@ -62,6 +63,9 @@ class Trainer:
         cfg = self.cfg
         self.info: DistInfo = dist_info_from_env()
         setup_logging(self.info)
+        threads = share_cpu_threads()
+        if threads is not None:
+            log.info("OMP_NUM_THREADS unset: %d torch threads per rank (the host's cores / its ranks)", threads)
         init_distributed(self.info, cfg.train.collective_timeout)
         from ilvr.training.checkpoint import claim_output_dir
 
