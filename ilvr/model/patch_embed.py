@@ -3,10 +3,13 @@
 Qwen2-VL and Qwen2.5-VL embed each patch (C x T x P x P pixels) with a Conv3d whose kernel equals
 its stride and its input: a linear map of the flattened patch. PyTorch runs that Conv3d about 5x
 slower than the equivalent matmul on CPU (288 patches of 3x2x32x32 -> 64: 8.4 ms vs 1.6 ms, one
-thread); vLLM makes the same swap for CUDA. `PatchLinear` holds the Conv3d's own `weight` (and
-`bias`) Parameter objects, with their shapes and names, so state dicts, checkpoints, exports, the
-teacher's EMA pairing and ZeRO-3 partitioning are all unchanged. Swap before DeepSpeed wraps the
-model, so its hooks see the new module.
+thread), and some cuDNN versions are far slower still. `PatchLinear` holds the Conv3d's own `weight`
+(and `bias`) Parameter objects, with their shapes and names, so state dicts, checkpoints, exports,
+the teacher's EMA pairing and ZeRO-3 partitioning are all unchanged. transformers' own fusion
+(`fusion_config={"patch_embeddings": True}`, transformers/fusion_mapping.py) does the same math but
+renames the weight to a 2-D `patch_embed.linear_proj.weight`, which would change the names in
+DeepSpeed checkpoints and in exports. Swap before DeepSpeed wraps the model, so its hooks see the
+new module.
 """
 from __future__ import annotations
 

@@ -82,22 +82,26 @@ def init_distributed(info: DistInfo, timeout_s: float) -> None:
 
 
 def end_process(code: int) -> int:
-    """Destroy the process group and leave the process without interpreter teardown; without a group,
-    just return `code`.
+    """Leave a process that has a process group without interpreter teardown, with exit status `code`
+    (the group destroyed first after success); without a group, just return `code`.
 
-    destroy_process_group() does not stop gloo's worker threads (gloo's Backend.shutdown is a no-op):
-    they live until the group object is freed, which with DeepSpeed's module-level group handles is
-    during interpreter finalization. A C++ thread that needs the GIL then is ended by CPython with
-    pthread_exit, and that unwinding through a noexcept C++ frame aborts the process ("terminate
-    called without an active exception", SIGABRT): a finished run that exits -6. So the atexit
+    destroy_process_group() does not stop gloo's worker threads (gloo's Backend.shutdown is a no-op;
+    4 pt_gloo_runloop and 2 gloo_tcp_loop threads were still alive after it): they live until the
+    group objects are freed, which with DeepSpeed holding group handles is during interpreter
+    finalization. The likely path to the abort seen once in CI (a finished rank: "terminate called
+    without an active exception", SIGABRT, exit -6): a C++ thread that needs the GIL then is ended by
+    CPython with pthread_exit, and that unwinding through a noexcept frame aborts. So the atexit
     handlers (MLflow, logging, multiprocessing children) run here while everything is alive, the
     streams are flushed, and the process ends with os._exit. It never hangs in a group destructor
-    waiting on a dead peer either.
+    waiting on a dead peer either. After a failure (code != 0) the group is not destroyed: other
+    ranks may still wait in a collective, and destroying it then can deadlock (torchtitan destroys
+    only after success for the same reason); the process's end closes its connections.
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return code
-    dist.destroy_process_group()
+    if code == 0:
+        dist.destroy_process_group()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
