@@ -10,7 +10,7 @@ directory, then runs ilvr/train.py on 2 ranks (torchrun) with the recipe for --s
 
   before       reduce_bucket_size = h^2 (transformers' rule, 16384 for h=128) and 2 torch threads per
                rank (what each rank took under the deepspeed launcher, which sets no OMP_NUM_THREADS)
-  threads      the same buckets, 1 thread per rank (share_cpu_threads: the host's cores / its ranks)
+  threads      the same buckets, 1 thread per rank (share_cpu_threads: torch's threads / the local ranks)
   now          the "auto" buckets (floored at 10^6 elements) and 1 thread per rank
 
 It prints the median step time per stage (steps after the first 5 of each stage), the ratios, and

@@ -272,4 +272,5 @@ def test_auto_reduce_bucket_is_h_squared_above_the_floor():
     big = resolve_ds_config(DS_DIR / "zero3.json", make_cfg(), 1, 3584)["zero_optimization"]
     assert big["reduce_bucket_size"] == 3584 * 3584 and big["stage3_param_persistence_threshold"] == 35840
     small = resolve_ds_config(DS_DIR / "zero3.json", make_cfg(), 1, 128)["zero_optimization"]
-    assert small["reduce_bucket_size"] == MIN_AUTO_BUCKET and small["stage3_prefetch_bucket_size"] == int(0.9 * 128 ** 2)
+    assert small["reduce_bucket_size"] == MIN_AUTO_BUCKET
+    assert small["stage3_prefetch_bucket_size"] == int(0.9 * 128 ** 2)  # the prefetch bucket keeps the rule

@@ -102,13 +102,14 @@ def test_each_rank_gets_its_share_of_the_cores_unless_omp_num_threads_is_set():
 
     from ilvr.training.distributed import share_cpu_threads
 
-    cores = len(os.sched_getaffinity(0))
     before = torch.get_num_threads()
     try:
-        assert share_cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}) is None
-        assert torch.get_num_threads() == before
-        assert share_cpu_threads({"LOCAL_SIZE": "2"}) == max(1, cores // 2) == torch.get_num_threads()  # deepspeed
-        assert share_cpu_threads({"LOCAL_WORLD_SIZE": str(4 * cores)}) == 1  # never below one thread
-        assert share_cpu_threads({}) == cores  # one rank (srun: its cpuset is the affinity mask)
+        torch.set_num_threads(8)  # torch's count for one process on this host
+        assert share_cpu_threads({"OMP_NUM_THREADS": "3", "LOCAL_SIZE": "2"}) is None  # the user's choice
+        assert share_cpu_threads({}) is None and share_cpu_threads({"LOCAL_SIZE": "1"}) is None  # one rank here
+        assert torch.get_num_threads() == 8
+        assert share_cpu_threads({"LOCAL_SIZE": "2"}) == 4 == torch.get_num_threads()  # deepspeed launcher
+        torch.set_num_threads(8)
+        assert share_cpu_threads({"LOCAL_WORLD_SIZE": "16"}) == 1 == torch.get_num_threads()  # never below one
     finally:
         torch.set_num_threads(before)

@@ -49,20 +49,20 @@ def dist_info_from_env(local_rank_arg: int | None = None) -> DistInfo:
 
 
 def share_cpu_threads(env: "dict[str, str] | None" = None) -> "int | None":
-    """Give this rank its share of the host's cores for torch's intra-op threads, unless OMP_NUM_THREADS
-    is set; return the thread count set (None: left alone).
+    """With several ranks on this host and OMP_NUM_THREADS unset, give this rank its share of torch's
+    intra-op threads (torch's own count for one process here, divided by the local ranks); return the
+    count set, or None when left alone.
 
     torchrun sets OMP_NUM_THREADS=1, but the deepspeed launcher sets nothing, so each rank took every
-    core: on 2 cores, 2 ranks x 2 threads made the quick start's ZeRO-3 step 12% slower (0.486 vs
-    0.432 s). The launcher's LOCAL_SIZE (torchrun: LOCAL_WORLD_SIZE) is the ranks on this host; under
-    srun each task already has its own cpuset, which the affinity mask reflects.
+    core: on 2 cores, 2 ranks x 2 threads made the quick start's ZeRO-3 step 1.12x slower
+    (docs/benchmarks.md). The launcher's LOCAL_SIZE (torchrun: LOCAL_WORLD_SIZE) is the ranks on this
+    host; under srun each task has its own cpuset, which torch's count already reflects.
     """
     env = os.environ if env is None else env
-    if env.get("OMP_NUM_THREADS"):
-        return None
     local = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(local, 1))
+    if env.get("OMP_NUM_THREADS") or local <= 1:
+        return None
+    threads = max(1, torch.get_num_threads() // local)
     torch.set_num_threads(threads)
     return threads
 

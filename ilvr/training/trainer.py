@@ -65,7 +65,7 @@ class Trainer:
         setup_logging(self.info)
         threads = share_cpu_threads()
         if threads is not None:
-            log.info("OMP_NUM_THREADS unset: %d torch threads per rank (the host's cores / its ranks)", threads)
+            log.info("OMP_NUM_THREADS unset: %d torch threads per rank (torch's count / local ranks)", threads)
         init_distributed(self.info, cfg.train.collective_timeout)
         from ilvr.training.checkpoint import claim_output_dir
 
