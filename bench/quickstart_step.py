@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ilvr.training.spawn import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "quickstart.yaml"
 
@@ -68,12 +70,7 @@ def train(out: Path, shards: str, processor: str, ds: str, threads: int, steps: 
           *extra: str) -> list[dict]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
     env.pop("MLFLOW_TRACKING_URI", None)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          str(REPO / "ilvr" / "train.py"), "--deepspeed", ds, "--config", str(RECIPE), "--resume", "never",
          f"train.output_dir={out}", f"data.train_shards={shards}", "data.eval_shards=", f"data.processor={processor}",
          f"train.max_steps={steps}", f"train.stage1_steps={stage1}", "train.save_every=0", *extra], env=env)
@@ -115,22 +112,23 @@ def patch_embed_ms(processor_dir: str, repeats: int = 20) -> dict[str, float]:
     model = build_tiny_model(processor.tokenizer, processor.image_processor, TinySize.from_config(cfg.model)).eval()
     visual = model.model.visual
 
-    def forward() -> float:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-        return time.perf_counter() - t0
+    @torch.no_grad()
+    def features() -> torch.Tensor:
+        out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+        return out.pooler_output if hasattr(out, "pooler_output") else (out[0] if isinstance(out, tuple) else out)
 
-    conv_out = None
-    with torch.no_grad():
-        conv_out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-    conv_times = [forward() for _ in range(repeats)]
+    def timed() -> list[float]:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            features()
+            times.append(time.perf_counter() - t0)
+        return times
+
+    conv_out, conv_times = features(), timed()
     use_patch_matmul(model)
-    with torch.no_grad():
-        mm_out = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
-    mm_times = [forward() for _ in range(repeats)]
-    first = (lambda o: o.pooler_output if hasattr(o, "pooler_output") else (o[0] if isinstance(o, tuple) else o))
-    diff = float((first(conv_out) - first(mm_out)).abs().max())
+    mm_out, mm_times = features(), timed()
+    diff = float((conv_out - mm_out).abs().max())
     return {"patches": int(batch["pixel_values"].shape[0]), "conv_ms": 1000 * statistics.median(conv_times),
             "matmul_ms": 1000 * statistics.median(mm_times), "max_abs_diff": diff}
 

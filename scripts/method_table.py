@@ -46,7 +46,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data_pipeline.sources import synthetic_vsp  # noqa: E402
+from data_pipeline.sources import synthetic_vsp, vsp  # noqa: E402
 
 TEXT_STYLES = ("direct", "text-coords", "text-moves")
 
@@ -180,8 +180,8 @@ class Experiment:
         if self.real_root is not None:
             dest = self.out / "data" / "vsp-real"
             if not (dest / "manifest.json").is_file():
-                cmd = [self.py, "-m", "data_pipeline.prepare", "--source", "vsp", "--vsp-prompt",
-                       "synthetic" if s.question == "full" else f"synthetic-{s.question}",
+                prompt = next(k for k, q in vsp.SYNTHETIC_QUESTION.items() if q == s.question)
+                cmd = [self.py, "-m", "data_pipeline.prepare", "--source", "vsp", "--vsp-prompt", prompt,
                        "--input", str(self.real_root / "test_direct.jsonl"), "--image-root", str(self.real_root),
                        "--out", str(dest), "--prefix", "vsp", "--samples-per-shard", "100", "--no-progress",
                        "--overwrite"]

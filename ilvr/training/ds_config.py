@@ -21,7 +21,7 @@ AUTO = "auto"
 ADAM_EPS = 1e-8
 # Floor of the "auto" reduce_bucket_size (elements). transformers' rule (h^2) suits h >= 1000, which it
 # leaves unchanged; below that the gradient buckets shrink to a few KB, one reduce-scatter each (h=128:
-# 39 per step instead of 1, same bytes; the quick start's ZeRO-3 step was 17% slower, docs/benchmarks.md).
+# 39 per step instead of 1, same bytes; the quick start's stage-1 step 1.14x slower, docs/benchmarks.md).
 MIN_AUTO_BUCKET = 1_000_000
 SCHEDULER_FOR = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
