@@ -160,12 +160,8 @@ def build(cfg, processor, size, world_size: int, threshold: int | None, zero_sta
     def new_model(config: dict):
         keep.append(HfDeepSpeedConfig(config))
         torch.manual_seed(cfg.train.seed)
-        import contextlib
-
-        ctx = deepspeed.zero.Init(config_dict_or_path=config) if zero_stage == 3 else contextlib.nullcontext()
-        with ctx:
-            return build_model(cfg.model, processor.tokenizer, processor.image_processor, tiny_size=size,
-                               seed=cfg.train.seed)
+        return build_model(cfg.model, processor.tokenizer, processor.image_processor, tiny_size=size,
+                           seed=cfg.train.seed, zero3_config=config if zero_stage == 3 else None)
 
     model = new_model(ds)
     model.train()

@@ -39,12 +39,12 @@ def _engine(processor, latent_ids):
     import torch
     from transformers.integrations import HfDeepSpeedConfig
 
-    from ilvr.model.build import build_tiny_model, init_latent_embeddings
+    from ilvr.model.build import build_tiny_model, init_latent_embeddings, zero3_init
 
     config = _ds_config()
     keep = HfDeepSpeedConfig(config)  # noqa: F841 (held while the model is built)
     torch.manual_seed(0)
-    with deepspeed.zero.Init(config_dict_or_path=config):
+    with zero3_init(config):
         model = build_tiny_model(processor.tokenizer, processor.image_processor, seed=0, dtype=torch.float32)
         init_latent_embeddings(model, processor.tokenizer, latent_ids)
     for p in model.model.visual.parameters():

@@ -9,6 +9,8 @@ is present, else PyTorch SDPA.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -184,9 +186,46 @@ def freeze_vision(model) -> int:
     return frozen
 
 
-def build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: "TinySize | None" = None, seed: int = 0):
+# the transformers modules whose classes build_model instantiates
+MODEL_MODULES = ("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "transformers.models.qwen2_vl.modeling_qwen2_vl")
+
+
+def import_model_classes() -> None:
+    """Import the model classes now, so that no `deepspeed.zero.Init` is open when they are defined.
+
+    zero.Init wraps the `__init__` of every nn.Module class it sees and puts the recorded one back on
+    exit; a class *defined* while it is open is recorded from `__init_subclass__`, i.e. before any class
+    decorator runs. transformers >= 5.25 decorates `Qwen2_5_VLAttention` with kernels'
+    `use_kernelized_func`, whose `__init__` stores `_kernel_funcs` on each instance: defined inside
+    zero.Init, the class gets its undecorated `__init__` back on exit, and the next model built (the
+    momentum teacher) fails at its first forward with "no attribute '_kernel_funcs'". Defined before,
+    zero.Init records and restores the decorated `__init__`.
+    """
+    for name in MODEL_MODULES:
+        importlib.import_module(name)
+
+
+def zero3_init(ds_config: "dict | None"):
+    """`deepspeed.zero.Init(ds_config)` with the model classes imported first (import_model_classes);
+    a no-op context for None. Every model the project partitions at construction is built in one."""
+    if ds_config is None:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    import_model_classes()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: "TinySize | None" = None, seed: int = 0,
+                zero3_config: "dict | None" = None):
     """The model described by `cfg`, with latent-token embeddings initialised and vision frozen if configured.
-    `tiny_size` overrides `model.tiny_*` (benchmarks)."""
+    `tiny_size` overrides `model.tiny_*` (benchmarks). `zero3_config`: a ZeRO-3 DeepSpeed config to build
+    the tiny model partitioned (zero3_init); a checkpoint partitions itself while loading (HfDeepSpeedConfig)."""
+    with zero3_init(zero3_config if cfg.name_or_path == "tiny" else None):
+        return _build_model(cfg, tokenizer, image_processor, tiny_size, seed)
+
+
+def _build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: "TinySize | None", seed: int):
     attn = choose_attention(cfg.attn_implementation)
     dtype = resolve_dtype(cfg.dtype)
     if cfg.name_or_path == "tiny":

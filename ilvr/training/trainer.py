@@ -186,20 +186,14 @@ class Trainer:
 
     def _new_model(self, ds_config: dict):
         """The model, built partitioned under zero.Init for ZeRO-3 (same seed on every rank)."""
-        import contextlib
-
-        import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
         from ilvr.model.build import build_model
 
         self._hf_ds = HfDeepSpeedConfig(ds_config)  # lets from_pretrained partition while loading
         torch.manual_seed(self.cfg.train.seed)
-        ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if self._zero3() and \
-            self.cfg.model.name_or_path == "tiny" else contextlib.nullcontext()
-        with ctx:
-            return build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
-                               seed=self.cfg.train.seed)
+        return build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
+                           seed=self.cfg.train.seed, zero3_config=ds_config if self._zero3() else None)
 
     def _build_student(self):
         import deepspeed
