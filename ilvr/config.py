@@ -27,7 +27,7 @@ class DataConfig:
     """Where training data comes from and how it is streamed."""
 
     train_shards: str = ""  # brace pattern ("d/train-{000000..000009}.tar"), a comma list, or a shard dir
-    eval_shards: str = ""
+    eval_shards: str = ""  # held-out shards of this recipe: what `ilvr-eval run --config` reads when eval.shards is empty
     processor: str = ""  # local HF processor directory (real Qwen2.5-VL or the tiny one)
     batch_size: int = 1  # samples per rank per micro-step
     num_workers: int = 2
@@ -351,6 +351,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
     _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(not (d.packing and t.stage in ("2", "1+2")),
+             f"data.packing=true with train.stage={t.stage!r}: stage 2 feeds latents through a KV cache segment by "
+             "segment and needs padded batches; set data.packing=false, or train.stage='1' to pack stage 1 only")
     _validate_length(t)
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(0.0 <= t.ema_decay <= 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1] (the reference uses 0.999)")
@@ -376,8 +379,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if d.processor:
         _check_processor_dir(d.processor)
     if m.name_or_path and m.name_or_path != "tiny":
-        _require(os.path.isdir(m.name_or_path),
-                 f"model.name_or_path={m.name_or_path!r} is not a directory; give a local checkpoint or 'tiny'")
+        _check_model_dir(m.name_or_path)
 
 
 def _validate_length(t: TrainConfig) -> None:
@@ -422,3 +424,32 @@ def _check_processor_dir(path: str) -> None:
     _require(not missing, f"data.processor={path!r} is not a processor directory: it has no {'; no '.join(missing)}. "
              "Point it at the model directory you train from (e.g. /models/Qwen2.5-VL-7B-Instruct), at a run's "
              "checkpoints/step-N/processor, or at the tiny processor scripts/quickstart.sh builds")
+
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def _check_model_dir(path: str) -> None:
+    """model.name_or_path must be a local Qwen2.5-VL / Qwen2-VL checkpoint: checked here (a config.json of a
+    supported model type, safetensors weights), because loading anything else fails minutes later, after the
+    ranks started, with a raw transformers error."""
+    import json
+
+    field = f"model.name_or_path={path!r}"
+    _require(os.path.isdir(path), f"{field} is not a directory; give a local checkpoint directory or 'tiny'")
+    config_path = os.path.join(path, "config.json")
+    _require(os.path.isfile(config_path), f"{field} has no config.json: it is not a Hugging Face model directory. "
+             "Give the directory of a downloaded Qwen2.5-VL model (e.g. /models/Qwen2.5-VL-7B-Instruct), an "
+             "ilvr-export output, or 'tiny'")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{field}: config.json is not a JSON object ({type(e).__name__}); re-download or "
+                          "re-export the model") from None
+    _require(model_type in SUPPORTED_MODEL_TYPES, f"{field} is a {model_type!r} model; ILVR-train trains "
+             f"{' and '.join(SUPPORTED_MODEL_TYPES)} (Qwen2.5-VL / Qwen2-VL)")
+    names = os.listdir(path)
+    _require(any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names),
+             f"{field} has a config.json but no *.safetensors weights; ILVR-train loads safetensors only (it "
+             "never unpickles): download the safetensors files of the model, or convert the checkpoint")

@@ -10,9 +10,9 @@ DeepSpeed config is resolved from it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
-import traceback
 
 if __package__ in (None, ""):  # run as a file by the deepspeed launcher: make `ilvr` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,7 +77,8 @@ def main(argv: "list[str] | None" = None) -> int:
     except BaseException as e:
         if not dist.is_initialized():
             raise
-        traceback.print_exc()  # printed here: end_process leaves without the interpreter's own report
+        # logged here (console and train.log, every rank): end_process leaves without the interpreter's report
+        logging.getLogger("ilvr.train").exception("training failed: %s: %s", type(e).__name__, e)
         code = 130 if isinstance(e, KeyboardInterrupt) else 1
     return end_process(code)  # with a process group, the process ends in there
 

@@ -31,11 +31,17 @@ echo "== 4. DeepSpeed ZeRO-3 training on 2 ranks: stage 1 (momentum teacher) the
 echo "   (the trainer's lines: step N/M with ETA and samples/s; everything rank 0 logs: $OUT/train/train.log)"
 rm -rf "$OUT/train"
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-# shown: the project's own log lines (loggers ilvr.*) and errors; DeepSpeed's and torch's start-up chatter is not
+# shown: the project's own log lines (loggers ilvr.*); everything, DeepSpeed's and torch's chatter included, goes
+# to $OUT/train.console.log, and on a failure the failing ranks' tracebacks are printed from the run's log
 "$VENV/bin/deepspeed" --num_gpus 2 --master_port "$PORT" ilvr/train.py --deepspeed ds_configs/zero3.json \
-  --config "$CONFIG" --resume never "$@" 2>&1 \
-  | grep --line-buffered -E "(INFO|WARNING|ERROR) ilvr\.|^ilvr-train:|Traceback|Error" || true
-test -f "$OUT/train/checkpoints/latest" || { echo "quickstart: training failed (no checkpoint; see $OUT/train/train.log)"; exit 1; }
+  --config "$CONFIG" --resume never "$@" 2>&1 | tee "$OUT/train.console.log" \
+  | grep --line-buffered -E "(INFO|WARNING) ilvr\.|^ilvr-train:" || true
+if ! test -f "$OUT/train/checkpoints/latest"; then
+  "$PY" -m ilvr.training.log_errors "$OUT/train/train.log" "$OUT/train.console.log"
+  echo "quickstart: training failed (no checkpoint). Logs: $OUT/train/train.log (rank 0, every rank's errors)," \
+    "$OUT/train.console.log (everything)"
+  exit 1
+fi
 
 echo "== 5. MLflow: one SQLite store for the whole experiment, $OUT/train/mlflow.db (the evaluations below log there too)"
 "$PY" -m ilvr.training.tracking "$OUT/train"

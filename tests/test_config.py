@@ -10,7 +10,7 @@ TINY = str(REPO / "configs" / "tiny_cpu.yaml")
 
 
 def test_yaml_and_overrides_are_typed():
-    cfg = load_config(TINY, ["train.lr=2e-5", "data.batch_size=8", "data.packing=true",
+    cfg = load_config(TINY, ["train.lr=2e-5", "data.batch_size=8", "data.packing=true", "train.stage=1",
                              "train.betas=[0.9, 0.95]", "model.attn_implementation=sdpa"], check_paths=False)
     assert isinstance(cfg, Config)
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.lr, float)
@@ -37,6 +37,7 @@ def test_later_files_win(tmp_path):
     ("loss.coverage_p=1.5", "loss.coverage_p=1.5 must be in (0, 1]"),
     ("train.lr=-1", "train.lr=-1.0 must be > 0"),
     ("data.packing=maybe", "data.packing must be true or false"),
+    ("data.packing=true", "data.packing=true with train.stage='1+2': stage 2 feeds latents through a KV cache"),
     ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
     ("train.stage1_steps=500", "train.stage1_steps=500 must be between 0 and train.max_steps=30"),
     ("lr=1", "the key must be section.key"),
@@ -60,6 +61,31 @@ def test_missing_shards_and_processor_are_caught_before_any_worker(tmp_path):
                            "data.processor="])
     with pytest.raises(ConfigError, match="data.processor=.* is not a directory"):
         load_config(TINY, ["data.train_shards=", "data.eval_shards=", f"data.processor={tmp_path}/nope"])
+
+
+def test_a_model_dir_that_is_no_supported_model_is_caught_before_any_worker(tmp_path):
+    import json
+
+    def check(message: str):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TINY, ["data.train_shards=", "data.eval_shards=", "data.processor=",
+                               f"model.name_or_path={model}"])
+
+    model = tmp_path / "model"
+    check("is not a directory")
+    model.mkdir()
+    check("has no config.json: it is not a Hugging Face model directory")
+    (model / "config.json").write_text("[1, 2]")
+    check("config.json is not a JSON object")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    check("is a 'llama' model; ILVR-train trains qwen2_5_vl and qwen2_vl")
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    check("has a config.json but no [*].safetensors weights")
+    (model / "pytorch_model.bin").write_bytes(b"pickle")
+    check("no [*].safetensors weights; ILVR-train loads safetensors only")
+    (model / "model.safetensors").write_bytes(b"")
+    cfg = load_config(TINY, ["data.train_shards=", "data.eval_shards=", "data.processor=", f"model.name_or_path={model}"])
+    assert cfg.model.name_or_path == str(model)
 
 
 def test_bad_files(tmp_path):

@@ -368,3 +368,19 @@ def test_decoding_shows_progress_on_a_terminal_and_logs_it_elsewhere(exported, e
     with caplog.at_level("INFO", logger="ilvr.evaluation.evaluate"):
         decode_records(em, records, settings, progress=True)
     assert any("decoded 6/6 samples" in r.getMessage() and "eta" in r.getMessage() for r in caplog.records)
+
+
+def test_a_recipes_held_out_shards_are_the_default_when_eval_shards_is_empty(tmp_path):
+    """data.eval_shards is read: `ilvr-eval run --config` evaluates the recipe's held-out split by default."""
+    from ilvr.evaluation.cli import build_parser, fill_defaults
+    from tests.conftest import REPO
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  eval_shards: {tmp_path}/held-out\neval:\n  shards: ''\n")
+    config = [str(REPO / "configs" / "tiny_cpu.yaml"), str(recipe)]
+    args = build_parser().parse_args(["run", "--model", "m", "--out", "o"] + sum((["--config", c] for c in config), []))
+    fill_defaults(args)
+    assert args.shards == f"{tmp_path}/held-out"
+    args = build_parser().parse_args(["run", "--model", "m", "--out", "o", "--shards", "given", "--config", config[0]])
+    fill_defaults(args)
+    assert args.shards == "given"

@@ -210,24 +210,40 @@ def test_rerunning_into_a_run_dir(tmp_path, tiny_processor_dir):
     assert json.load(open(os.path.join(out, "finished.json")))["step"] == 4
 
 
-def test_train_log_is_rank_0s_and_installed_once(tmp_path):
+def test_train_log_has_rank_0s_lines_and_every_ranks_errors(tmp_path):
     import logging
 
     from ilvr.training.distributed import DistInfo, add_log_file, format_duration
 
     path = str(tmp_path / "train.log")
-    assert add_log_file(DistInfo(1, 2, 1), path) is None and not os.path.exists(path)
     root = logging.getLogger()
-    try:
-        add_log_file(DistInfo(0, 2, 0), path)
-        add_log_file(DistInfo(0, 2, 0), path)  # a second Trainer in one process: replaced, not doubled
-        logging.getLogger("ilvr.training.trainer").warning("step 1/2 (50%%, eta %s)", format_duration(3725))
-    finally:
+    log = logging.getLogger("ilvr.training.trainer")
+
+    def remove():
         for handler in [h for h in root.handlers if h.get_name() == "ilvr-run-log"]:
             root.removeHandler(handler)
             handler.close()
-    lines = open(path).read().splitlines()
-    assert len(lines) == 1 and "[rank 0] WARNING ilvr.training.trainer: step 1/2 (50%, eta 1h02m)" in lines[0]
+
+    try:  # another rank: nothing but errors, and no file until there is one
+        add_log_file(DistInfo(1, 2, 1), path)
+        log.warning("step 1/2")
+        assert not os.path.exists(path)
+        try:
+            raise AttributeError("no attribute '_kernel_funcs'")
+        except AttributeError:
+            log.exception("training failed")
+    finally:
+        remove()
+    try:
+        add_log_file(DistInfo(0, 2, 0), path)
+        add_log_file(DistInfo(0, 2, 0), path)  # a second Trainer in one process: replaced, not doubled
+        log.warning("step 1/2 (50%%, eta %s)", format_duration(3725))
+    finally:
+        remove()
+    text = open(path).read()
+    assert "[rank 1] ERROR ilvr.training.trainer: training failed\nTraceback (most recent call last)" in text
+    assert text.count("AttributeError: no attribute '_kernel_funcs'") == 1 and "[rank 1] WARNING" not in text
+    assert text.count("[rank 0] WARNING ilvr.training.trainer: step 1/2 (50%, eta 1h02m)") == 1
     assert (format_duration(185), format_duration(12.4), format_duration(-1)) == ("3m05s", "12s", "0s")
 
 

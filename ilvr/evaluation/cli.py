@@ -100,15 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fill_defaults(args) -> None:
-    """Options left unset take the --config recipe's eval section, else EvalConfig's defaults."""
+    """Options left unset take the --config recipe's eval section, else EvalConfig's defaults; the shards,
+    when eval.shards is empty too, are the recipe's held-out split (data.eval_shards)."""
     from ilvr.config import EvalConfig, load_config
 
-    section = load_config(args.config, check_paths=False).eval if getattr(args, "config", None) else EvalConfig()
+    recipe = load_config(args.config, check_paths=False) if getattr(args, "config", None) else None
+    section = recipe.eval if recipe is not None else EvalConfig()
     for name in ("shards", "benchmark", "mode", "max_new_tokens", "batch_size", "do_sample", "temperature"):
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, getattr(section, name))
+    if hasattr(args, "shards") and not args.shards and recipe is not None:
+        args.shards = recipe.data.eval_shards
     if hasattr(args, "shards") and not args.shards:
-        raise ValueError("no benchmark shards: pass --shards (or --config with eval.shards set)")
+        raise ValueError("no benchmark shards: pass --shards (or --config with eval.shards or data.eval_shards set)")
 
 
 def _decode_settings(args, mode: str | None = None):

@@ -128,18 +128,18 @@ def setup_logging(info: DistInfo) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_log_file(info: DistInfo, path: str) -> "str | None":
+def add_log_file(info: DistInfo, path: str) -> str:
     """Rank 0 also writes its log lines to `path` (train.log in the run dir, appended on resume), so a run
-    keeps its own log whatever the launcher did with the console. Call after the output dir is claimed."""
-    if not info.is_main:
-        return None
+    keeps its own log whatever the launcher did with the console; every other rank writes its errors there
+    (tracebacks included: a failure on rank 3 is in the run's log, not only in a console nobody kept). The
+    other ranks open the file only when they have an error to write. Call after the output dir is claimed."""
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == LOG_FILE_HANDLER]:
         root.removeHandler(old)
         old.close()
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = logging.FileHandler(path, encoding="utf-8", delay=not info.is_main)
     handler.set_name(LOG_FILE_HANDLER)
-    handler.setLevel(logging.INFO)
+    handler.setLevel(logging.INFO if info.is_main else logging.ERROR)
     handler.setFormatter(logging.Formatter(_log_format(info)))
     root.addHandler(handler)
     return path

@@ -46,7 +46,9 @@ class Trainer:
         self.ds_config_arg = ds_config
         self.resume_arg = resume
         self.allow_config_change = allow_config_change  # continue a run whose recorded config differs (run_dir.py)
-        self._clock: "tuple[float, int] | None" = None  # (time, step) at this process's first step line: the ETA
+        from ilvr.training.progress import StepClock
+
+        self._clock = StepClock()  # wall time per step of each stage, since this process's first step line: the ETA
         self._schedule_note: "str | None" = None  # how train.epochs became train.max_steps
         self.step = 0
         self.saved_step = -1
@@ -489,17 +491,15 @@ class Trainer:
         self.tracker.log_metrics(scalar_metrics(metrics), step=self.step)
 
     def _progress(self, metrics: dict) -> str:
-        """'(40%, eta 3m05s, 12.5 samples/s)': the ETA from the wall time per step since this process's first
-        step line (data, logging and saving included), samples/s over all ranks for this step."""
+        """'(40%, eta 3m05s, 12.5 samples/s)': the ETA from each stage's wall time per step since this process's
+        first step line (progress.py: stage-2 steps are slower), samples/s over all ranks for this step."""
         from ilvr.training.distributed import format_duration
+        from ilvr.training.progress import remaining_steps
 
-        now = time.monotonic()
-        if self._clock is None:
-            self._clock = (now - float(metrics.get("step_s", 0.0)), self.step - 1)
-        start, first = self._clock
-        per_step = (now - start) / max(self.step - first, 1)
-        left = max(self.cfg.train.max_steps - self.step, 0)
-        return (f"({100 * self.step / self.cfg.train.max_steps:.0f}%, eta {format_duration(per_step * left)}, "
+        t = self.cfg.train
+        self._clock.tick(time.monotonic(), self.step, int(metrics.get("stage", 1)), float(metrics.get("step_s", 0.0)))
+        left = self._clock.seconds_left(remaining_steps(t.stage, t.stage1_steps, t.max_steps, self.step))
+        return (f"({100 * self.step / t.max_steps:.0f}%, eta {format_duration(left)}, "
                 f"{metrics.get('samples_per_s', 0.0):.3g} samples/s)")
 
     def _fed_mean_all_ranks(self) -> "list[float] | None":
