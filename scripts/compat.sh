@@ -26,7 +26,7 @@ started=$(date +%s)
 ILVR_VENV="$VENV" ILVR_CONSTRAINTS=none bash scripts/setup.sh || { echo "compat: installing the newest releases failed" >&2; exit 1; }
 if [ "$FULL" = 1 ]; then SELECT=(); WHAT="the whole test suite"; else SELECT=(-m compat); WHAT="the compat smoke (pytest -m compat)"; fi
 LOG="$VENV/compat-pytest.log"
-ILVR_VENV="$VENV" bash scripts/test.sh -q -p no:cacheprovider "${SELECT[@]}" "${ARGS[@]}" 2>&1 | tee "$LOG"
+ILVR_VENV="$VENV" ILVR_CONSTRAINTS=none bash scripts/test.sh -q -p no:cacheprovider "${SELECT[@]}" "${ARGS[@]}" 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 "$VENV/bin/python" scripts/compat_record.py --venv "$VENV" --log "$LOG" --rc "$rc" --what "$WHAT" \
   --seconds $(( $(date +%s) - started )) --out docs/compat.md
