@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from data_pipeline.limits import DEFAULT_LIMITS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, Limits
 from data_pipeline.pixels import displayed_rgb
+from data_pipeline.text_checks import check_text
 
 IMAGE_PLACEHOLDER = "<image>"
 SCHEMA_VERSION = 1
@@ -242,6 +243,7 @@ def record_to_sample(record: Record, index: int, verify_images: bool = True,
     (file bytes, header pixels, sample bytes): the loader would refuse it anyway.
     Image headers are checked even without `verify_images`, which skips only the decode.
     """
+    check_text(record)  # before any image is read: training would skip the record anyway
     sample: dict[str, Any] = {"__key__": shard_key(index, record.id)}
     total = 0
 
