@@ -213,19 +213,27 @@ class _SliceStream:
         self.slice = self._my_slice() if spec.mode == "exact" else []
 
     def _read_range(self, shard: int, start: int, stop: int, count_skips: bool = True) -> Iterator[dict]:
-        url, got = self.spec.urls[shard], 0
+        url, got, error = self.spec.urls[shard], 0, None
         try:
             for sample in read_samples(url, start, stop, self.spec.limits):
                 sample["__sample__"] = [shard, start + got]
                 got += 1
                 yield sample
         except ShardReadError as e:
+            error = e
             if count_skips:
                 log.warning("skipping the unreadable rest of a shard: %s", e)
         if got < stop - start and count_skips:
             self.lost.append((shard, start + got, stop))
-            self.skips.skip("shard_read_error", f"{url}: {stop - start - got} of samples {start}..{stop} unreadable",
-                            n=stop - start - got)
+            if error is not None:
+                self.skips.skip("shard_read_error", f"{url}: {stop - start - got} of samples {start}..{stop} "
+                                f"unreadable ({error})", n=stop - start - got)
+            else:  # the tar ended cleanly before the count the plan took from the manifest
+                self.skips.skip("manifest_mismatch", f"{url} ends after {start + got} samples, but the manifest "
+                                f"lists {self.spec.counts[shard]}: manifest and shards disagree; prepare again or "
+                                "copy the shard set again", n=stop - start - got)
+                log.warning("shard %s ends after %d samples; its manifest lists %d", url, start + got,
+                            self.spec.counts[shard])
 
     def _my_slice(self) -> list[Range]:
         spec = self.spec
@@ -313,7 +321,8 @@ class ShardStream(IterableDataset):
                 delta = {k: v - reported[1].get(k, 0) for k, v in skipped.items() if v - reported[1].get(k, 0)}
                 reported = (skips.seen, skipped)
                 yield {"batch": self.collate(batch), "worker": worker, "position": (raw_pos, emitted),
-                       "seen": seen, "skipped": delta, "samples": samples}
+                       "seen": seen, "skipped": delta, "samples": samples,
+                       "examples": {k: skips.examples.get(k, "") for k in delta}}  # else "(e.g. )" in the error
                 batch, samples = [], []
 
 
@@ -357,7 +366,7 @@ class StreamingLoader:
         for item in loader:
             self.dataset.positions[item["worker"]] = item["position"]
             self.consumed += 1
-            self.skips.merge(item["skipped"], item["seen"])
+            self.skips.merge(item["skipped"], item["seen"], item.get("examples"))
             self.skips.check()
             if self.sample_log:
                 self._log_samples(item["samples"])
@@ -544,6 +553,11 @@ def make_stream_spec(urls: list[str], counts: list[int], *, mode: str, rank: int
     if total == 0:
         raise ValueError("the shards hold no samples")
     workers = max(1, num_workers)
+    if mode == "exact" and total < world_size * workers:  # else a worker's slice is empty and it fails later,
+        raise ValueError(                                  # blaming unreadable shards
+            f"the shards hold {total} sample{'s' if total != 1 else ''}, fewer than the {world_size * workers} "
+            f"loader workers ({world_size} ranks x data.num_workers={num_workers}, at least 1) that each read a "
+            "slice of them: use fewer ranks or data.num_workers, more data, or data.mode=resampled")
     T = samples_per_worker(mode, total, world_size, workers, batch_size, samples_per_epoch)
     return StreamSpec(urls=urls, counts=counts, mode=mode, rank=rank, world_size=world_size, num_workers=workers,
                       batch_size=batch_size, shuffle_buffer=shuffle_buffer, seed=seed, samples_per_worker=T,

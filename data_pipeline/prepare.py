@@ -125,9 +125,23 @@ def prepare(args: argparse.Namespace) -> tuple[Manifest, SkipCounter]:
     skips = SkipCounter(max_fraction=args.max_skip_fraction, what="rows", setting="--max-skip-fraction",
                         check_each=False)
     writer = ShardWriter(args.out, args.prefix, args.samples_per_shard, source=f"{args.source}:{args.input or ''}")
-    written = 0
     items = read(args.input, args.image_root, task=args.task, **converter_options(args))
     bar = tqdm(items, desc=f"ilvr-prepare {args.source}", unit="rec", disable=args.no_progress, file=sys.stderr)
+    try:
+        _write_all(args, bar, writer, skips, limits)
+    except BaseException as e:  # a full disk, an unreadable input, Ctrl-C: no .tar.tmp left, the set marked failed
+        writer.abort(f"ilvr-prepare stopped: {type(e).__name__}: {e}")
+        raise
+    try:
+        skips.check(final=True)
+        error = ""
+    except TooManySkips as e:
+        error = str(e)
+    return writer.close(skipped=dict(skips.skipped), error=error), skips
+
+
+def _write_all(args: argparse.Namespace, bar, writer: ShardWriter, skips: SkipCounter, limits: Limits) -> None:
+    written = 0
     for item in bar:
         try:
             if isinstance(item, RecordError):
@@ -142,12 +156,6 @@ def prepare(args: argparse.Namespace) -> tuple[Manifest, SkipCounter]:
         written += 1
         if args.limit and written >= args.limit:
             break
-    try:
-        skips.check(final=True)
-        error = ""
-    except TooManySkips as e:
-        error = str(e)
-    return writer.close(skipped=dict(skips.skipped), error=error), skips
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -156,6 +164,9 @@ def main(argv: "list[str] | None" = None) -> int:
         manifest, skips = prepare(args)
     except (OSError, OutputNotEmpty) as e:
         print(f"ilvr-prepare: {e}", file=sys.stderr)
+        if not isinstance(e, OutputNotEmpty) and os.path.isdir(args.out):
+            print(f"ilvr-prepare: {args.out} is incomplete and refused by training and evaluation; prepare "
+                  "again with --overwrite", file=sys.stderr)
         return 1
     print(f"wrote {manifest.total_samples} samples in {len(manifest.shards)} shards to {args.out}; "
           f"skipped {skips.total_skipped}: {skips.summary()}")

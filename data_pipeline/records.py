@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from data_pipeline.limits import DEFAULT_LIMITS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, Limits
+from data_pipeline.pixels import displayed_rgb
+from data_pipeline.text_checks import check_text
 
 IMAGE_PLACEHOLDER = "<image>"
 SCHEMA_VERSION = 1
@@ -184,8 +186,9 @@ def check_image_size(im, max_pixels: int) -> None:
 
 
 def _open_checked(data: bytes, max_pixels: int, decode: "str | None"):
-    """Open `data`, check its size from the header, then decode it as `decode` ("load": just
-    verify; "RGB": return an RGB image; None: stop after the header).
+    """Open `data`, check its size from the header, then decode it as `decode` ("load": decode
+    as for training and drop the result; "RGB": return the RGB image as displayed, see
+    `pixels.displayed_rgb`; None: stop after the header).
 
     Pillow's decompression-bomb warning is an error here (scoped to this call), so a
     bomb is refused even when `max_pixels` is set above Pillow's own limit.
@@ -197,11 +200,10 @@ def _open_checked(data: bytes, max_pixels: int, decode: "str | None"):
         try:
             with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as im:
                 check_image_size(im, max_pixels)
-                if decode == "load":
-                    im.load()
-                elif decode is not None:
-                    return im.convert(decode)
-                return None
+                if decode is None:
+                    return None
+                rgb = displayed_rgb(im)
+                return rgb if decode == "RGB" else None
         except RecordError:
             raise
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -241,6 +243,7 @@ def record_to_sample(record: Record, index: int, verify_images: bool = True,
     (file bytes, header pixels, sample bytes): the loader would refuse it anyway.
     Image headers are checked even without `verify_images`, which skips only the decode.
     """
+    check_text(record)  # before any image is read: training would skip the record anyway
     sample: dict[str, Any] = {"__key__": shard_key(index, record.id)}
     total = 0
 

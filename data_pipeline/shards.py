@@ -7,6 +7,7 @@ reading the data, and anyone can check a copy is complete.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -124,6 +125,26 @@ class ShardWriter:
         if self._count >= self.samples_per_shard:
             self._finish()
 
+    def abort(self, error: str) -> None:
+        """After a failure (a full disk, Ctrl-C): remove the unfinished shard's `.tar.tmp` and mark the set
+        failed in its manifest (the complete shards listed, so `ilvr-prepare --overwrite` can remove them).
+        Without this a full disk left a shard, a `.tar.tmp` and no manifest, which training took for a
+        whole shard set. If even the manifest cannot be written, the directory has none, and is refused."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the disk that failed the write may fail the flush too
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.out_dir, self._name + ".tmp"))
+            self._tar = self._file = None
+        self.manifest.status, self.manifest.error = FAILED, error
+        try:
+            self.manifest.save(self.out_dir)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.out_dir, MANIFEST + ".tmp"))
+
     def close(self, skipped: "dict[str, int] | None" = None, error: str = "") -> Manifest:
         """Finish the last shard and write the manifest; an `error` marks the set failed (shards kept)."""
         if self._tar is not None:
@@ -165,12 +186,52 @@ def _is_url(spec: str) -> bool:
     return "://" in spec or spec.startswith("pipe:")
 
 
-def expand_shards(spec: "str | list[str]", must_exist: bool = False) -> list[str]:
-    """Shard URLs from a brace pattern, a comma-separated list, a directory, or a manifest path.
+class ShardSetIncomplete(FileNotFoundError):
+    """A shard directory whose manifest is missing, or whose listed shards are missing or changed."""
 
-    A directory (or manifest.json) yields the manifest's shards in order, else the
-    directory's *.tar files sorted. Local files are checked when `must_exist`;
-    remote URLs (pipe:, http://, s3://) are passed through.
+
+def check_listed_shards(directory: str, manifest: Manifest) -> None:
+    """Every shard the manifest lists exists with the size it lists, else ShardSetIncomplete naming them.
+
+    A deleted shard used to cost its samples silently (one warning on one rank, skip counts that
+    no record showed). Sizes cost a `stat` per shard; hashes (`verify_manifest`) read every byte,
+    too slow for each start of a large run, so they are left to a check after copying.
+    """
+    problems = []
+    for s in manifest.shards:
+        path = os.path.join(directory, s.file)
+        if not os.path.isfile(path):
+            problems.append(f"{path} is missing")
+        elif os.path.getsize(path) != s.bytes:
+            problems.append(f"{path} is {os.path.getsize(path)} bytes, the manifest lists {s.bytes}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ShardSetIncomplete(
+            f"{os.path.join(directory, MANIFEST)} lists {len(manifest.shards)} shards, but {'; '.join(problems[:3])}"
+            f"{more}: the shard set is incomplete or changed since ilvr-prepare wrote it. Copy the shards again "
+            "(data_pipeline.shards.verify_manifest checks a copy), or prepare again")
+
+
+def _without_manifest(directory: str) -> ShardSetIncomplete:
+    unfinished = sorted(glob.glob(os.path.join(directory, "*.tar.tmp")))
+    why = (f"it holds an unfinished {os.path.basename(unfinished[0])}: an ilvr-prepare there stopped before the end"
+           if unfinished else "ilvr-prepare writes it last, so the directory may hold part of a shard set")
+    return ShardSetIncomplete(
+        f"shard directory {directory!r} holds no {MANIFEST} ({why}). Prepare again (--overwrite), or, to use "
+        f"whatever tar files are there, name them yourself: {os.path.join(directory, '*.tar')!r}")
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def expand_shards(spec: "str | list[str]", must_exist: bool = False) -> list[str]:
+    """Shard URLs from a brace pattern, a glob, a comma-separated list, a directory, or a manifest path.
+
+    A directory (or manifest.json) yields the manifest's shards in order; one without a manifest
+    is refused (ShardSetIncomplete): an interrupted ilvr-prepare leaves part of a set. A glob
+    (`dir/*.tar`) takes the matching files, sorted. Local files are checked when `must_exist`,
+    a manifest's shards by their listed sizes; remote URLs (pipe:, http://, s3://) are passed through.
     """
     items = spec if isinstance(spec, list) else [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
@@ -188,14 +249,14 @@ def expand_shards(spec: "str | list[str]", must_exist: bool = False) -> list[str
                 if loaded.status != COMPLETE:
                     raise ValueError(f"{manifest} is marked {loaded.status!r} by ilvr-prepare ({loaded.error}); "
                                      "fix the source data, or prepare again with a higher --max-skip-fraction")
+                if must_exist:
+                    check_listed_shards(directory, loaded)
                 urls.extend(os.path.join(directory, s.file) for s in loaded.shards)
             else:
-                found = sorted(glob.glob(os.path.join(directory, "*.tar")))
-                if not found:
-                    raise FileNotFoundError(f"{item!r} holds no manifest.json and no .tar shards")
-                urls.extend(found)
+                raise _without_manifest(directory)
             continue
-        expanded = list(braceexpand(item))
+        expanded = [found for pattern in braceexpand(item)
+                    for found in (sorted(glob.glob(pattern)) or [pattern] if _has_glob(pattern) else [pattern])]
         if must_exist:
             missing = [p for p in expanded if not os.path.isfile(p)]
             if missing:

@@ -59,14 +59,19 @@ class SkipCounter:
         self.seen = 0
         self.skipped.clear()
 
-    def merge(self, counts: dict[str, int], seen: int) -> None:
+    def merge(self, counts: dict[str, int], seen: int, examples: "dict[str, str] | None" = None) -> None:
+        """Add another counter's counts (a loader worker's), with an example per reason when it has one."""
         self.seen += seen
         self.skipped.update(counts)
+        for reason, detail in (examples or {}).items():
+            if detail:
+                self.examples.setdefault(reason, detail)
 
     def summary(self) -> str:
         if not self.skipped:
             return "nothing skipped"
-        parts = [f"{r}={n} (e.g. {self.examples.get(r, '')[:120]})" for r, n in sorted(self.skipped.items())]
+        parts = [f"{r}={n}" + (f" (e.g. {self.examples[r][:200]})" if self.examples.get(r) else "")
+                 for r, n in sorted(self.skipped.items())]
         return ", ".join(parts)
 
     def as_dict(self) -> dict:

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from ilvr.config_yaml import load_bounded, read_bounded, short_repr
+
 
 class ConfigError(ValueError):
     """A configuration mistake; the message names the field and the fix."""
@@ -174,7 +176,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value not in choices and str(value) in {str(c) for c in choices}:
             value = next(c for c in choices if str(c) == str(value))
         if value not in choices:
-            raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(choices)}")
+            raise ConfigError(f"{name}={short_repr(value)} is not allowed; choose one of {list(choices)}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -186,13 +188,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.strip("()[] ").split(",")]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{name} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{name} must be a list of {len(args)} values, got {short_repr(value)}")
         return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
+            raise ConfigError(f"{name} must be true or false, got {short_repr(value)}")
         return value
     if tp in (int, float):
         if isinstance(value, str):
@@ -202,13 +204,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 pass
         accepted = (int,) if tp is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, accepted):
-            raise ConfigError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {value!r}")
+            raise ConfigError(f"{name} must be {'an integer' if tp is int else 'a number'}, got {short_repr(value)}")
         return tp(value)
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
+            raise ConfigError(f"{name} must be a string, got {short_repr(value)}")
         return value
     raise ConfigError(f"{name}: unsupported type {_type_name(tp)}")
 
@@ -230,7 +232,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{name} must be a mapping of {tp.__name__} fields, got {value!r}")
+                raise ConfigError(f"{name} must be a mapping of {tp.__name__} fields, got {short_repr(value)}")
             kwargs[key] = _build(tp, value, f"{name}.")
         else:
             kwargs[key] = _coerce(value, tp, name)
@@ -254,7 +256,7 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r}: the key must be section.key, e.g. data.batch_size=4")
     value: Any = raw
     if raw.strip().startswith(("[", "{")):
-        value = yaml.safe_load(raw)
+        value = load_bounded(raw, f"override {key.strip()}", ConfigError)
     elif raw.strip().lower() in ("null", "none", "~"):
         value = None
     return {parts[0]: {parts[1]: value}}
@@ -269,11 +271,7 @@ def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | 
     for path in paths or []:
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        loaded = read_bounded(path, ConfigError) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r} must hold a mapping of sections (data:, model:, ...)")
         merged = _merge(merged, loaded)
@@ -334,6 +332,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
              "directory, or the project (or a parent of it): a run writes and prunes files there; give a "
              "directory of its own, e.g. runs/my_run")
     _validate_tiny(m)
+    _validate_sizes(cfg)
     _require(m.latent_size >= 1, f"model.latent_size={m.latent_size}: K must be >= 1 (the reference uses 8)")
     _require(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
@@ -380,6 +379,27 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _check_processor_dir(d.processor)
     if m.name_or_path and m.name_or_path != "tiny":
         _check_model_dir(m.name_or_path)
+
+
+# Counts that a loader or decoder allocates for: a worker holds data.batch_size samples (and
+# data.shuffle_buffer more) before anything checks memory, so 1e12 ran it out of memory instead
+# of failing here. Far above any real setting (the recipes use 1-8 and 64-1000), far below harm.
+MAX_SIZES = {  # field: (most, what a larger value costs)
+    "data.batch_size": (1024, "each loader worker holds that many samples per batch; use train.grad_accum "
+                              "for a larger effective batch"),
+    "data.shuffle_buffer": (100_000, "each loader worker holds that many samples"),
+    "data.num_workers": (64, "each rank starts that many loader processes"),
+    "eval.batch_size": (1024, "evaluation decodes that many prompts at once"),
+}
+
+
+def _validate_sizes(cfg: Config) -> None:
+    """Refuse counts past MAX_SIZES, naming the field, the maximum and why."""
+    for name, (most, why) in MAX_SIZES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        _require(value <= most, f"{name}={value} is more than {most}, the most allowed (MAX_SIZES in "
+                                f"ilvr/config.py): {why}")
 
 
 def _validate_length(t: TrainConfig) -> None:

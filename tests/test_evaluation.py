@@ -384,3 +384,26 @@ def test_a_recipes_held_out_shards_are_the_default_when_eval_shards_is_empty(tmp
     args = build_parser().parse_args(["run", "--model", "m", "--out", "o", "--shards", "given", "--config", config[0]])
     fill_defaults(args)
     assert args.shards == "given"
+
+
+def test_a_second_evaluation_into_the_same_out_is_refused_naming_the_holder(tmp_path, exported, eval_shards,
+                                                                             monkeypatch, capsys):
+    from ilvr.evaluation.cli import main as eval_main
+    from ilvr.training.checkpoint import OutputDirBusy
+
+    out = str(tmp_path / "eval")
+    code = ("import sys, time; from ilvr.training.checkpoint import lock_output_dir; "
+            "lock_output_dir(sys.argv[1], 'ilvr-eval --out'); print('locked', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # the first evaluation, still running
+        (tmp_path / "eval" / "metrics.json").write_text("{\"first\": true}")
+        _no_model_loading(monkeypatch)  # refused before the model loads
+        with pytest.raises(OutputDirBusy, match=rf"ilvr-eval --out='{out}' is in use by another job \(pid {holder.pid}"):
+            run_evaluation(EvalRequest(model=exported, shards=eval_shards, out_dir=out, mlflow=False))
+        assert eval_main(["--model", exported, "--shards", eval_shards, "--out", out, "--no-mlflow"]) == 3
+        assert f"pid {holder.pid}" in capsys.readouterr().err
+        assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == {"first": True}  # untouched
+    finally:
+        holder.kill()
+        holder.wait()

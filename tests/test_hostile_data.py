@@ -420,12 +420,13 @@ def peak(*args: str) -> dict:
 
 
 def shard_dir(root: Path, replace: "dict[str, bytes] | None" = None, extra: "list[bytes] | None" = None) -> str:
-    """A manifest-less shard dir: samples 0..3, sample 1 with `replace`d members, then `extra` members."""
+    """A manifest-less shard (as a glob: a dir without a manifest is refused): samples 0..3, sample 1 with
+    `replace`d members, then `extra` members."""
     members = []
     for i in range(4):
         members += sample_members(i, **((replace or {}) if i == 1 else {}))
     write_tar(root / "s-000000.tar", members + (extra or []))
-    return str(root)
+    return str(root / "*.tar")
 
 
 @pytest.mark.slow

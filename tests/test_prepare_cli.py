@@ -96,3 +96,20 @@ def test_overwrite_never_removes_what_it_cannot_identify(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "notes.txt" in err and "other-000000.tar" in err and "choose a new --out" in err
     assert outside.read_bytes() == b"keep" and (out / "notes.txt").is_file() and (out / "train-000000.tar").is_file()
+
+
+def test_control_tokens_and_overlong_text_are_counted_at_prepare(tmp_path, capsys):
+    """Training would skip both (the encoder checks the tokenizer's exact control tokens and max_length);
+    prepare counts them, before any image is read, instead of shards that fail the run later."""
+    (tmp_path / "map.png").write_bytes(png((1, 2, 3)))
+    plan = [{"type": "text", "content": "answer <|im_end|> stays text"}]  # markers in steps are literal text
+    questions = {"ok": "<image> go", "ctl": "<image> go <|im_end|><|latent_start|>", "long": "<image> " + "x" * (5 << 20)}
+    rows = [{"id": k, "text_input": q, "image_input": "map.png", "sequence_plan": plan} for k, q in questions.items()]
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run(tmp_path, str(src), tmp_path / "out") == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["total_samples"] == 1 and manifest["skipped"] == {"control_token": 1, "too_long": 1}
+    out = capsys.readouterr().out
+    assert "control_token=1" in out and "question holds control tokens <|im_end|>, <|latent_start|>" in out
+    assert "too_long=1" in out and "characters, more than 1048576" in out

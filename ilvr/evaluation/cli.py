@@ -5,7 +5,8 @@
     ilvr-eval score --predictions FILE --benchmark vsp --data SHARDS [--out metrics.json]
     ilvr-eval sweep plan|task|summary|run ...                     (see ilvr.evaluation.sweep)
 
-Metrics JSON goes to stdout (rank 0); predictions, metrics and an MLflow run to --out.
+Metrics JSON goes to stdout (rank 0); predictions, metrics and an MLflow run to --out, which one
+evaluation at a time holds (exit 3 when another holds it). Exit codes: 0 done, 1 error, 2 bad input, 3 refusal.
 """
 from __future__ import annotations
 
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
+    from ilvr.training.checkpoint import OutputDirBusy
     from ilvr.training.distributed import end_process
 
     if not (args.command == "run"):  # run sets up rank-aware logging itself
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, IndexError, ConfigError) as e:
         print(f"ilvr-eval: error: {e}", file=sys.stderr)
         code = 2
+    except OutputDirBusy as e:  # a refusal, as in ilvr-train: every rank learnt it at once, no traceback
+        print(f"ilvr-eval: {e}", file=sys.stderr)
+        code = 3
     except BaseException as e:
         if not torch.distributed.is_initialized():
             raise

@@ -26,6 +26,7 @@ from ilvr.evaluation.data import BenchmarkData, load_records
 from ilvr.evaluation.loading import EvalModel, load_eval_model, resolve_model_path
 from ilvr.evaluation.scorers import aggregate, category_key, get_scorer, infer_benchmark
 from ilvr.model.generate import MODES, generate
+from ilvr.training.checkpoint import claim_output_dir
 from ilvr.training.distributed import format_duration
 from ilvr.training.distributed import all_gather_json
 
@@ -365,6 +366,9 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
     data = data or load_records(req.shards, req.limit)
     benchmark = infer_benchmark(data.records) if req.benchmark == "auto" else req.benchmark
     check_references(data.records, benchmark)  # before any decoding: bad data must not cost hours of it
+    # one evaluation per output dir, as for training: two into one --out both exited 0, the last writer winning
+    # file by file. Held until the process ends; on a refusal every rank raises OutputDirBusy at once
+    claim_output_dir(req.out_dir, setting="ilvr-eval --out")
     if rank == 0:
         log.info("%d %s records from %s; %s", len(data.records), benchmark, req.shards,
                  "loading the model" if em is None else "decoding")

@@ -384,10 +384,11 @@ def holds_lock(output_dir: str) -> bool:
     return os.path.realpath(output_dir) in _HELD
 
 
-def lock_output_dir(output_dir: str) -> str:
+def lock_output_dir(output_dir: str, setting: str = "train.output_dir") -> str:
     """Take `<output_dir>/.lock` (flock, exclusive, non-blocking) for the rest of this process's life and
     record the holder (host, pid, start time) in it; raise OutputDirBusy naming the holder if another
-    process has it. The OS releases it when the process ends, however it ends."""
+    process has it. The OS releases it when the process ends, however it ends. `setting` is the option
+    that named the dir (`train.output_dir`, `ilvr-eval --out`), for the message."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     if holds_lock(output_dir):
@@ -398,9 +399,9 @@ def lock_output_dir(output_dir: str) -> str:
     except BlockingIOError:
         holder = _describe_holder(fd)
         os.close(fd)
-        raise OutputDirBusy(f"train.output_dir={output_dir!r} is in use by another job ({holder}; lock file "
-                            f"{path}). Two jobs in one output dir overwrite each other's checkpoints and "
-                            "metrics: wait for it to end, stop it, or choose another train.output_dir") from None
+        raise OutputDirBusy(f"{setting}={output_dir!r} is in use by another job ({holder}; lock file "
+                            f"{path}). Two jobs in one output dir overwrite each other's files (checkpoints, "
+                            f"metrics, predictions): wait for it to end, stop it, or choose another {setting}") from None
     except OSError as e:
         os.close(fd)
         raise OutputDirBusy(f"cannot lock {path} ({e}); the file system must support flock") from None
@@ -411,18 +412,18 @@ def lock_output_dir(output_dir: str) -> str:
     return path
 
 
-def claim_output_dir(output_dir: str) -> None:
+def claim_output_dir(output_dir: str, setting: str = "train.output_dir") -> None:
     """Collective: rank 0 takes the output dir's lock and every rank learns the outcome, so on a refusal
     all ranks raise OutputDirBusy with rank 0's message (none waits for the others)."""
     rank, _ = _rank_world()
     error = None
     if rank == 0:
         try:
-            lock_output_dir(output_dir)
+            lock_output_dir(output_dir, setting)
         except OutputDirBusy as e:
             error = str(e)
         except OSError as e:
-            error = f"cannot create the lock in train.output_dir={output_dir!r}: {e}"
+            error = f"cannot create the lock in {setting}={output_dir!r}: {e}"
     error = _all_gather_json(error)[0]
     if error:
         raise OutputDirBusy(error)

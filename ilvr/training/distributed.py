@@ -164,6 +164,16 @@ def all_reduce(values: list[float], op: str = "max") -> list[float]:
     return t.cpu().tolist()
 
 
+def summed_over_ranks(counts: dict[str, int]) -> dict[str, int]:
+    """Per-key sums of every rank's `counts` (the keys may differ between ranks): skip counts, which each
+    rank's loader keeps for its own data only, so rank 0's alone hid what the other ranks lost."""
+    total: dict[str, int] = {}
+    for rank_counts in all_gather_json({k: int(v) for k, v in counts.items()}):
+        for key, n in rank_counts.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
 def all_gather_json(obj) -> list:
     """Every rank's JSON-serialisable `obj`, in rank order ([obj] without a process group). JSON bytes in
     tensors: nothing is unpickled, whatever another rank sends."""

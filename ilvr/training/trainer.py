@@ -26,6 +26,7 @@ from ilvr.training.distributed import (
     init_distributed,
     share_cpu_threads,
     setup_logging,
+    summed_over_ranks,
 )
 from ilvr.training.faults import BadStepGuard, StopRequest
 
@@ -441,7 +442,10 @@ class Trainer:
             m["grad_norm"] = float(grad_norm)
         m.update(self._latent_metrics(parts, stage))
         m.update(self.comm.step())  # {} unless train.comm_stats
-        for reason, n in self.loader.skips.skipped.items():
+        skipped = summed_over_ranks(self.loader.skips.skipped)  # collective: every rank's data losses, not rank 0's
+        if skipped:
+            m["skipped"] = float(sum(skipped.values()))  # also on the step line of train.log
+        for reason, n in sorted(skipped.items()):
             m[f"skipped/{reason}"] = float(n)
         if torch.cuda.is_available():
             m["mfu"] = self._mfu(tokens / seconds)
