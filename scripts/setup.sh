@@ -47,4 +47,4 @@ if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, Fa
 PYEOF
 rm -f "$VENV"/.ilvr-setup-*
 touch "$stamp"
-echo "setup: $VENV ready ($("$VENV/bin/python" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' 2>/dev/null))"
+echo "setup: $VENV ready ($(DS_ACCELERATOR=cpu "$VENV/bin/python" -c 'import torch, deepspeed, transformers; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)' 2>/dev/null))"
