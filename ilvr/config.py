@@ -50,7 +50,11 @@ class ModelConfig:
 
     name_or_path: str = ""  # local Qwen2.5-VL / Qwen2-VL directory; "tiny" builds a random tiny model
     latent_size: int = 8  # K: latent pads per latent segment
-    freeze_vision: bool = True  # vision tower + merger frozen (the reference setting)
+    # what trains, per part (ms-swift's freeze_vit / freeze_aligner / freeze_llm); the reference freezes the
+    # vision tower and its merger. The older `model.freeze_vision: X` still loads: it sets both vision keys
+    freeze_vit: bool = True  # the vision tower (patch embedding + blocks)
+    freeze_aligner: bool = True  # the merger: the projector from vision features into the LM
+    freeze_llm: bool = False  # the language model (embeddings, decoder, lm_head)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # per layer in stage 1, per decoder call in stage 2 (docs/training.md)
@@ -101,7 +105,12 @@ class TrainConfig:
     epochs: float = 0.0
     stage1_epochs: float = 0.0  # with stage "1+2" and epochs: stage 1's share, resolved to stage1_steps
     lr: float = 1e-5
-    weight_decay: float = 0.01
+    # learning-rate multipliers of the vision tower and the merger (ms-swift's vit_lr / aligner_lr, as factors
+    # of train.lr); the LM trains at train.lr. Only for parts that train (model.freeze_vit / freeze_aligner)
+    vit_lr_mult: float = 1.0
+    aligner_lr_mult: float = 1.0
+    weight_decay: float = 0.01  # not on biases and norm weights (the 1-D parameters), as the HF Trainer does
+    decay_biases_and_norms: bool = False  # true: decay every parameter, as runs from before this option did
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -280,9 +289,32 @@ def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | 
     for text in overrides or []:
         merged = _merge(merged, parse_override(text))
     _length_from_epochs(merged)
+    merged = upgrade_legacy_keys(merged)
     cfg = _build(Config, merged, "")
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def upgrade_legacy_keys(raw: dict[str, Any], recorded: bool = False) -> dict[str, Any]:
+    """Keys of older configs in today's names, so old recipes load and old runs resume.
+
+    model.freeze_vision: X (tower and merger together) becomes freeze_vit and freeze_aligner (a new key
+    given beside it wins: a recipe with freeze_vision and an override of freeze_aligner means the override).
+    `recorded`: `raw` is a run's recorded config; one with freeze_vision was written before per-part
+    freezing, when weight decay also covered biases and norms, so it records decay_biases_and_norms: true
+    (a resume with today's default is then refused naming that field, instead of failing inside DeepSpeed
+    on a different count of optimizer param groups).
+    """
+    model = raw.get("model")
+    if not isinstance(model, dict) or "freeze_vision" not in model:
+        return raw
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    value = out["model"].pop("freeze_vision")
+    for key in ("freeze_vit", "freeze_aligner"):
+        out["model"].setdefault(key, value)
+    if recorded and isinstance(out.get("train"), dict):
+        out["train"].setdefault("decay_biases_and_norms", True)
+    return out
 
 
 def _length_from_epochs(merged: dict[str, Any]) -> None:
@@ -351,6 +383,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
     _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _validate_parts(m, t)
     _require(not (d.packing and t.stage in ("2", "1+2")),
              f"data.packing=true with train.stage={t.stage!r}: stage 2 feeds latents through a KV cache segment by "
              "segment and needs padded batches; set data.packing=false, or train.stage='1' to pack stage 1 only")
@@ -380,6 +413,18 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _check_processor_dir(d.processor)
     if m.name_or_path and m.name_or_path != "tiny":
         _check_model_dir(m.name_or_path)
+
+
+def _validate_parts(m: ModelConfig, t: TrainConfig) -> None:
+    """Per-part freezing and learning rates: something trains, and a multiplier is never silently unused."""
+    _require(not (m.freeze_vit and m.freeze_aligner and m.freeze_llm),
+             "model.freeze_vit, model.freeze_aligner and model.freeze_llm are all true: nothing would train; "
+             "set model.freeze_llm=false (the usual choice) or unfreeze a vision part")
+    for part, mult, frozen in (("vit", t.vit_lr_mult, m.freeze_vit), ("aligner", t.aligner_lr_mult, m.freeze_aligner)):
+        _require(mult > 0, f"train.{part}_lr_mult={mult} must be > 0 (to keep the {part} fixed, set "
+                 f"model.freeze_{part}=true)")
+        _require(mult == 1.0 or not frozen, f"train.{part}_lr_mult={mult:g} has no effect while "
+                 f"model.freeze_{part}=true: set model.freeze_{part}=false to train it, or drop the multiplier")
 
 
 def _validate_length(t: TrainConfig) -> None:

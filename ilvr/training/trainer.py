@@ -200,10 +200,13 @@ class Trainer:
     def _build_student(self):
         import deepspeed
 
+        from ilvr.training.param_groups import param_groups, scheduler_factory
+
         model = self._new_model(self.ds_config)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        groups = param_groups(model, self.cfg.train)  # lr per part, no weight decay on biases and norms
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
+                                          lr_scheduler=scheduler_factory(self.ds_config))
         return engine
 
     def _build_teacher(self):
@@ -434,6 +437,7 @@ class Trainer:
             "ema_ms": ema_ms,
             "epoch": float(self.loader.epoch),
         }
+        m.update(self._part_lrs())
         if stage == 1:
             m["align"] = sum(p["align"] for p in parts) / len(parts)
         grad_norm = self.engine.get_global_grad_norm()
@@ -446,6 +450,12 @@ class Trainer:
         if torch.cuda.is_available():
             m["mfu"] = self._mfu(tokens / seconds)
         return m
+
+    def _part_lrs(self) -> dict[str, float]:
+        """lr/vit, lr/aligner: the vision parts' learning rates when they train (train.vit_lr_mult etc.);
+        "lr" is the LM's (the first param group, ilvr/training/param_groups.py)."""
+        return {f"lr/{g['name']}": float(g["lr"]) for g in self.engine.optimizer.param_groups
+                if g.get("name") in ("vit", "aligner")}
 
     def _latent_metrics(self, parts: list, stage: int) -> dict:
         """latent/* metrics of one optimizer step, averaged over its micro-batches (the selected-count
