@@ -37,8 +37,13 @@ class DataConfig:
     max_length: int = 4096  # longer samples are skipped and counted ("too_long")
     packing: bool = False  # several samples per row with cu_seqlens (varlen attention path)
     max_skip_fraction: float = 0.05  # stop the run when more than this fraction of samples is bad
+    # resize bounds of the processor (LLaMA-Factory's image_min_pixels / image_max_pixels): every image is
+    # resized to an area in [min_pixels, max_pixels], which sets its vision-token count; 0 = the processor's own
+    min_pixels: int = 0
+    max_pixels: int = 0
     # bounded memory on hostile data (docs/reliability.md): checked before anything is decoded or read
-    max_image_pixels: int = 40_000_000  # from the image header; larger images are skipped ("too_large")
+    # a SKIP limit, not a resize bound (that is max_pixels): from the image header, larger images are skipped
+    max_image_pixels: int = 40_000_000  # ("too_large")
     max_member_bytes: int = 64 << 20  # a shard member larger than this is skipped unread ("too_large")
     max_sample_bytes: int = 256 << 20  # a sample whose members total more is skipped ("too_large")
     seed: int = 0
@@ -113,6 +118,7 @@ class TrainConfig:
     decay_biases_and_norms: bool = False  # true: decay every parameter, as runs from before this option did
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a fraction of train.max_steps, rounded up (the HF Trainer's); or warmup_steps
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -222,8 +228,40 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported type {_type_name(tp)}")
 
 
+# names people type from the Hugging Face Trainer, LLaMA-Factory and ms-swift, and the key that means it here
+FOREIGN_NAMES = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "data.batch_size",
+    "num_train_epochs": "train.epochs", "save_total_limit": "train.keep_last",
+    "gradient_accumulation_steps": "train.grad_accum", "save_steps": "train.save_every",
+    "logging_steps": "train.log_every", "lr_scheduler_type": "train.lr_schedule", "adam_beta1": "train.betas",
+    "adam_beta2": "train.betas", "model_name_or_path": "model.name_or_path",
+    "dataloader_num_workers": "data.num_workers",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "bf16": "model.dtype", "fp16": "model.dtype",
+    "torch_dtype": "model.dtype", "vit_lr": "train.vit_lr_mult", "aligner_lr": "train.aligner_lr_mult",
+    "freeze_vision_tower": "model.freeze_vit", "freeze_multi_modal_projector": "model.freeze_aligner",
+    "freeze_language_model": "model.freeze_llm", "ema_momentum": "train.ema_decay", "batch_size": "data.batch_size",
+    "image_max_pixels": "data.max_pixels", "image_min_pixels": "data.min_pixels",
+}
+
+
+def _dotted_keys() -> dict[str, str]:
+    """field name -> section.field, over every section (a key written in the wrong section)."""
+    found: dict[str, list[str]] = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        for f in dataclasses.fields(cls):
+            found.setdefault(f.name, []).append(f"{section}.{f.name}")
+    return {name: where[0] for name, where in found.items() if len(where) == 1}  # seed, batch_size: ambiguous
+
+
 def _unknown(name: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], known, n=1)
+    key = name.rsplit(".", 1)[-1]
+    target = FOREIGN_NAMES.get(key) or _dotted_keys().get(key)
+    if target and target != name:  # a name from another trainer, or a key of another section: one answer
+        why = "the Hugging Face Trainer's / LLaMA-Factory's / ms-swift's name" if key in FOREIGN_NAMES \
+            else f"it is a key of section {target.split('.')[0]!r}"
+        return ConfigError(f"unknown config key {name!r}. Did you mean {target}? ({key}: {why}; "
+                           f"docs/training.md lists every key)")
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {name!r}.{hint} Known keys here: {', '.join(known)}")
 
@@ -259,6 +297,8 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=2e-5")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
+    if len(parts) == 1 and parts[0].lstrip("-") in FOREIGN_NAMES.keys() | _dotted_keys().keys():
+        raise _unknown(parts[0].lstrip("-"), [])
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key, e.g. data.batch_size=4")
     value: Any = raw
@@ -374,6 +414,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.samples_per_epoch >= 0, f"data.samples_per_epoch={d.samples_per_epoch} must be >= 0")
     _require(0.0 <= d.max_skip_fraction <= 1.0, f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
     _require(d.max_image_pixels >= 1, f"data.max_image_pixels={d.max_image_pixels} must be >= 1")
+    _require(d.min_pixels >= 0 and d.max_pixels >= 0, f"data.min_pixels={d.min_pixels} and data.max_pixels="
+             f"{d.max_pixels} must be >= 0 (0 = the processor's own resize bound)")
+    _require(not (d.min_pixels and d.max_pixels and d.min_pixels > d.max_pixels),
+             f"data.min_pixels={d.min_pixels} must be <= data.max_pixels={d.max_pixels}")
     _require(d.max_member_bytes >= 1, f"data.max_member_bytes={d.max_member_bytes} must be >= 1")
     _require(d.max_sample_bytes >= d.max_member_bytes,
              f"data.max_sample_bytes={d.max_sample_bytes} must be >= data.max_member_bytes={d.max_member_bytes}")
@@ -391,6 +435,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(0.0 <= t.ema_decay <= 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1] (the reference uses 0.999)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1) (0.03 = 3% "
+             "of train.max_steps)")
+    _require(not (t.warmup_ratio > 0 and t.warmup_steps > 0),
+             f"train.warmup_ratio={t.warmup_ratio:g} and train.warmup_steps={t.warmup_steps} both set the warmup: "
+             "keep one (the other at 0)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = only at the end)")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
