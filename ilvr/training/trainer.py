@@ -80,6 +80,7 @@ class Trainer:
         from data_pipeline.tiny_processor import load_processor
 
         self.processor, self.latent_ids = load_processor(cfg.data.processor)
+        self._apply_pixel_budget()
         self.ds_config = self._resolve_ds_config()
         self.engine = self._build_student()
         self.teacher = (self._build_teacher() if cfg.train.stage in ("1", "1+2") and cfg.loss.targets == "teacher"
@@ -95,8 +96,21 @@ class Trainer:
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
-                                         resume_run_id=self.run_id, world_size=self.info.world_size)
+                                         resume_run_id=self.run_id, world_size=self.info.world_size,
+                                         tags={"ilvr.kind": "train"})
         self._record_config()
+
+    def _apply_pixel_budget(self) -> None:
+        """data.min_pixels / data.max_pixels into the processor (saved with every checkpoint's processor/)."""
+        from data_pipeline.pixel_budget import apply_pixel_budget
+        from ilvr.config import ConfigError
+
+        d = self.cfg.data
+        try:
+            low, high = apply_pixel_budget(self.processor.image_processor, d.min_pixels, d.max_pixels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        log.info("images resized to %d..%d pixels (data.min_pixels / data.max_pixels; 0 = the processor's)", low, high)
 
     def _plan_run(self) -> None:
         """Resolve train.epochs and decide what this start does with its output dir (run_dir.plan_run: a new
