@@ -50,6 +50,18 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA on the language model (PEFT), docs/training.md "LoRA"; r = 0 trains the model in full."""
+
+    r: int = 0  # adapter rank; 0 = off (full fine-tuning of what model.freeze_* leaves trainable)
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.0  # on the adapter's input
+    # "all-linear": every linear layer of the LM (attention and MLP projections, not lm_head), never the
+    # vision tower's; or a comma list of layer names inside the LM, e.g. "q_proj,v_proj"
+    target_modules: str = "all-linear"
+
+
+@dataclass
 class ModelConfig:
     """Which model to train and how it is built."""
 
@@ -60,6 +72,8 @@ class ModelConfig:
     freeze_vit: bool = True  # the vision tower (patch embedding + blocks)
     freeze_aligner: bool = True  # the merger: the projector from vision features into the LM
     freeze_llm: bool = False  # the language model (embeddings, decoder, lm_head)
+    # LoRA adapters on the LM, the latent tokens' embedding (and output) rows trained in full (model.lora.r=8)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # per layer in stage 1, per decoder call in stage 2 (docs/training.md)
@@ -161,8 +175,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted key -> value, e.g. for experiment-tracker params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        """Dotted key -> value, e.g. for experiment-tracker params (model.lora.r: nested sections too)."""
+        def walk(prefix: str, tree: dict) -> dict[str, Any]:
+            return {k2: v2 for k, v in tree.items()
+                    for k2, v2 in (walk(f"{prefix}{k}.", v) if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+        return walk("", self.to_dict())
 
     def save(self, path: str, header: str = "") -> None:
         """Write the config as a YAML recipe (reloadable with load_config); `header`: leading comment lines."""
@@ -239,7 +257,9 @@ FOREIGN_NAMES = {
     "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "bf16": "model.dtype", "fp16": "model.dtype",
     "torch_dtype": "model.dtype", "vit_lr": "train.vit_lr_mult", "aligner_lr": "train.aligner_lr_mult",
     "freeze_vision_tower": "model.freeze_vit", "freeze_multi_modal_projector": "model.freeze_aligner",
-    "freeze_language_model": "model.freeze_llm", "ema_momentum": "train.ema_decay", "batch_size": "data.batch_size",
+    "freeze_language_model": "model.freeze_llm", "lora_rank": "model.lora.r", "lora_r": "model.lora.r",
+    "lora_alpha": "model.lora.alpha", "lora_dropout": "model.lora.dropout", "lora_target": "model.lora.target_modules",
+    "lora_target_modules": "model.lora.target_modules", "ema_momentum": "train.ema_decay", "batch_size": "data.batch_size",
     "image_max_pixels": "data.max_pixels", "image_min_pixels": "data.min_pixels",
 }
 
@@ -299,14 +319,16 @@ def parse_override(text: str) -> dict[str, Any]:
     parts = key.strip().split(".")
     if len(parts) == 1 and parts[0].lstrip("-") in FOREIGN_NAMES.keys() | _dotted_keys().keys():
         raise _unknown(parts[0].lstrip("-"), [])
-    if len(parts) != 2 or not all(parts):
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key, e.g. data.batch_size=4")
     value: Any = raw
     if raw.strip().startswith(("[", "{")):
         value = yaml.safe_load(raw)
     elif raw.strip().lower() in ("null", "none", "~"):
         value = None
-    return {parts[0]: {parts[1]: value}}
+    for part in reversed(parts):  # model.lora.r=8 -> {"model": {"lora": {"r": "8"}}}
+        value = {part: value}
+    return value
 
 
 def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | None" = None,
@@ -427,6 +449,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
     _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _validate_lora(m)
     _validate_parts(m, t)
     _require(not (d.packing and t.stage in ("2", "1+2")),
              f"data.packing=true with train.stage={t.stage!r}: stage 2 feeds latents through a KV cache segment by "
@@ -462,6 +485,22 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         _check_processor_dir(d.processor)
     if m.name_or_path and m.name_or_path != "tiny":
         _check_model_dir(m.name_or_path)
+
+
+def _validate_lora(m: ModelConfig) -> None:
+    lo = m.lora
+    _require(lo.r >= 0, f"model.lora.r={lo.r} must be >= 0 (0 = no LoRA, full fine-tuning)")
+    if lo.r == 0:
+        return
+    _require(lo.alpha > 0, f"model.lora.alpha={lo.alpha} must be > 0 (commonly 2 x model.lora.r)")
+    _require(0.0 <= lo.dropout < 1.0, f"model.lora.dropout={lo.dropout} must be in [0, 1)")
+    _require(bool(lo.target_modules.strip()), "model.lora.target_modules is empty; give 'all-linear' (the LM's "
+             "linear layers) or layer names such as 'q_proj,v_proj'")
+    _require(not m.freeze_llm, f"model.lora.r={lo.r} puts adapters on the language model, which model.freeze_llm=true "
+             "freezes: set model.freeze_llm=false (the base stays frozen under LoRA anyway)")
+    _require(m.freeze_vit and m.freeze_aligner, f"model.lora.r={lo.r} with a vision part trained in full "
+             "(model.freeze_vit / freeze_aligner = false) is not supported: the teacher shares the frozen base and "
+             "keeps EMA copies of the adapters only; keep both true, or model.lora.r=0")
 
 
 def _validate_parts(m: ModelConfig, t: TrainConfig) -> None:

@@ -83,8 +83,7 @@ class Trainer:
         self._apply_pixel_budget()
         self.ds_config = self._resolve_ds_config()
         self.engine = self._build_student()
-        self.teacher = (self._build_teacher() if cfg.train.stage in ("1", "1+2") and cfg.loss.targets == "teacher"
-                        else None)
+        self.teacher = self._build_teacher() if self._wants_teacher() else None
         self.loader = self._build_loader()
         from ilvr.training.comm_stats import CommStats
 
@@ -206,10 +205,22 @@ class Trainer:
 
         from ilvr.model.build import build_model
 
-        self._hf_ds = HfDeepSpeedConfig(ds_config)  # lets from_pretrained partition while loading
+        lora = self.cfg.model.lora.r > 0
+        # LoRA: the model is built whole and partitioned by deepspeed.initialize, after PEFT injected the
+        # adapters (PEFT's ZeRO-3 path for the latent token rows is CUDA-only); else partitioned as it is built
+        self._hf_ds = None if lora else HfDeepSpeedConfig(ds_config)  # lets from_pretrained partition while loading
         torch.manual_seed(self.cfg.train.seed)
-        return build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
-                           seed=self.cfg.train.seed, zero3_config=ds_config if self._zero3() else None)
+        model = build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
+                            seed=self.cfg.train.seed, zero3_config=ds_config if self._zero3() and not lora else None)
+        if lora:  # adapters injected in place; the PeftModel kept for adapter switching
+            from ilvr.model.lora import apply_lora
+
+            self.peft = apply_lora(model, self.cfg.model.lora, self.latent_ids, teacher=self._wants_teacher())
+            self._hf_ds = HfDeepSpeedConfig(ds_config)
+        return model
+
+    def _wants_teacher(self) -> bool:
+        return self.cfg.train.stage in ("1", "1+2") and self.cfg.loss.targets == "teacher"
 
     def _build_student(self):
         import deepspeed
@@ -221,13 +232,23 @@ class Trainer:
         groups = param_groups(model, self.cfg.train)  # lr per part, no weight decay on biases and norms
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
                                           lr_scheduler=scheduler_factory(self.ds_config))
+        if self.cfg.model.lora.r > 0 and self._zero3():
+            from ilvr.model.lora import register_token_params
+
+            register_token_params(engine.module)
         return engine
 
     def _build_teacher(self):
-        from ilvr.training.teacher import MomentumTeacher, teacher_ds_config
+        from ilvr.training.teacher import AdapterTeacher, MomentumTeacher, teacher_ds_config
 
-        config = teacher_ds_config(self.ds_config)
-        return MomentumTeacher(self.engine, self._new_model(config), config, decay=self.cfg.train.ema_decay)
+        if self.cfg.model.lora.r > 0:  # shares the student's frozen base: EMA over the adapter only
+            teacher = AdapterTeacher(self.engine, self.peft, decay=self.cfg.train.ema_decay)
+        else:
+            config = teacher_ds_config(self.ds_config)
+            teacher = MomentumTeacher(self.engine, self._new_model(config), config, decay=self.cfg.train.ema_decay)
+        log.info("momentum teacher: %.3f MB on this rank (%s)", teacher.memory_bytes() / 2**20,
+                 "an EMA adapter beside the student's" if self.cfg.model.lora.r > 0 else "a second model")
+        return teacher
 
     def _build_loader(self):
         from data_pipeline.pipeline import build_train_loader
@@ -300,7 +321,7 @@ class Trainer:
                                latent_norm=self._latent_norm_so_far(), selection=pooled_targets(module, batch, k))
         if stage == 1:  # targets come from the momentum teacher, never from the student
             teacher = self.teacher.module
-            with held(teacher.model, self._gather_once()):  # one gather of the teacher per step
+            with self.teacher.active(), held(teacher.model, self._gather_once()):  # one gather of the teacher per step
                 selection = select_targets(teacher, batch, self.cfg.loss, k)
             return stage1_loss(module, teacher, batch, self.cfg.loss, k, generator=generator,
                                latent_norm=self._latent_norm_so_far(), selection=selection)
