@@ -29,6 +29,9 @@ setup(
         # FrozenLake sprites that draw the VSP images (data_pipeline/vsp_world.py): byte-identical in
         # 0.29.1-1.3.0; 1.4 removed ice/hole/goal/cracked_hole
         "gymnasium>=0.29.1,<1.4",
+        # LoRA (model.lora.*): trainable_token_indices for the latent token rows, add_adapter for the teacher;
+        # tested with 0.21.2
+        "peft>=0.17,<0.22",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],

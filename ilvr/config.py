@@ -39,11 +39,28 @@ class DataConfig:
     max_length: int = 4096  # longer samples are skipped and counted ("too_long")
     packing: bool = False  # several samples per row with cu_seqlens (varlen attention path)
     max_skip_fraction: float = 0.05  # stop the run when more than this fraction of samples is bad
+    # resize bounds of the processor (LLaMA-Factory's image_min_pixels / image_max_pixels): every image is
+    # resized to an area in [min_pixels, max_pixels], which sets its vision-token count; 0 = the processor's own
+    min_pixels: int = 0
+    max_pixels: int = 0
     # bounded memory on hostile data (docs/reliability.md): checked before anything is decoded or read
-    max_image_pixels: int = 40_000_000  # from the image header; larger images are skipped ("too_large")
+    # a SKIP limit, not a resize bound (that is max_pixels): from the image header, larger images are skipped
+    max_image_pixels: int = 40_000_000  # ("too_large")
     max_member_bytes: int = 64 << 20  # a shard member larger than this is skipped unread ("too_large")
     max_sample_bytes: int = 256 << 20  # a sample whose members total more is skipped ("too_large")
     seed: int = 0
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the language model (PEFT), docs/training.md "LoRA"; r = 0 trains the model in full."""
+
+    r: int = 0  # adapter rank; 0 = off (full fine-tuning of what model.freeze_* leaves trainable)
+    alpha: float = 16.0  # scaling alpha / r
+    dropout: float = 0.0  # on the adapter's input
+    # "all-linear": every linear layer of the LM (attention and MLP projections, not lm_head), never the
+    # vision tower's; or a comma list of layer names inside the LM, e.g. "q_proj,v_proj"
+    target_modules: str = "all-linear"
 
 
 @dataclass
@@ -52,7 +69,13 @@ class ModelConfig:
 
     name_or_path: str = ""  # local Qwen2.5-VL / Qwen2-VL directory; "tiny" builds a random tiny model
     latent_size: int = 8  # K: latent pads per latent segment
-    freeze_vision: bool = True  # vision tower + merger frozen (the reference setting)
+    # what trains, per part (ms-swift's freeze_vit / freeze_aligner / freeze_llm); the reference freezes the
+    # vision tower and its merger. The older `model.freeze_vision: X` still loads: it sets both vision keys
+    freeze_vit: bool = True  # the vision tower (patch embedding + blocks)
+    freeze_aligner: bool = True  # the merger: the projector from vision features into the LM
+    freeze_llm: bool = False  # the language model (embeddings, decoder, lm_head)
+    # LoRA adapters on the LM, the latent tokens' embedding (and output) rows trained in full (model.lora.r=8)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False  # per layer in stage 1, per decoder call in stage 2 (docs/training.md)
@@ -103,9 +126,15 @@ class TrainConfig:
     epochs: float = 0.0
     stage1_epochs: float = 0.0  # with stage "1+2" and epochs: stage 1's share, resolved to stage1_steps
     lr: float = 1e-5
-    weight_decay: float = 0.01
+    # learning-rate multipliers of the vision tower and the merger (ms-swift's vit_lr / aligner_lr, as factors
+    # of train.lr); the LM trains at train.lr. Only for parts that train (model.freeze_vit / freeze_aligner)
+    vit_lr_mult: float = 1.0
+    aligner_lr_mult: float = 1.0
+    weight_decay: float = 0.01  # not on biases and norm weights (the 1-D parameters), as the HF Trainer does
+    decay_biases_and_norms: bool = False  # true: decay every parameter, as runs from before this option did
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a fraction of train.max_steps, rounded up (the HF Trainer's); or warmup_steps
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     grad_accum: int = 1
     max_grad_norm: float = 1.0
@@ -148,8 +177,12 @@ class Config:
         return dataclasses.asdict(self)
 
     def flat(self) -> dict[str, Any]:
-        """Dotted key -> value, e.g. for experiment-tracker params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        """Dotted key -> value, e.g. for experiment-tracker params (model.lora.r: nested sections too)."""
+        def walk(prefix: str, tree: dict) -> dict[str, Any]:
+            return {k2: v2 for k, v in tree.items()
+                    for k2, v2 in (walk(f"{prefix}{k}.", v) if isinstance(v, dict) else {f"{prefix}{k}": v}).items()}
+
+        return walk("", self.to_dict())
 
     def save(self, path: str, header: str = "") -> None:
         """Write the config as a YAML recipe (reloadable with load_config); `header`: leading comment lines."""
@@ -215,8 +248,42 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported type {_type_name(tp)}")
 
 
+# names people type from the Hugging Face Trainer, LLaMA-Factory and ms-swift, and the key that means it here
+FOREIGN_NAMES = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "data.batch_size",
+    "num_train_epochs": "train.epochs", "save_total_limit": "train.keep_last",
+    "gradient_accumulation_steps": "train.grad_accum", "save_steps": "train.save_every",
+    "logging_steps": "train.log_every", "lr_scheduler_type": "train.lr_schedule", "adam_beta1": "train.betas",
+    "adam_beta2": "train.betas", "model_name_or_path": "model.name_or_path",
+    "dataloader_num_workers": "data.num_workers",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length", "bf16": "model.dtype", "fp16": "model.dtype",
+    "torch_dtype": "model.dtype", "vit_lr": "train.vit_lr_mult", "aligner_lr": "train.aligner_lr_mult",
+    "freeze_vision_tower": "model.freeze_vit", "freeze_multi_modal_projector": "model.freeze_aligner",
+    "freeze_language_model": "model.freeze_llm", "lora_rank": "model.lora.r", "lora_r": "model.lora.r",
+    "lora_alpha": "model.lora.alpha", "lora_dropout": "model.lora.dropout", "lora_target": "model.lora.target_modules",
+    "lora_target_modules": "model.lora.target_modules", "ema_momentum": "train.ema_decay", "batch_size": "data.batch_size",
+    "image_max_pixels": "data.max_pixels", "image_min_pixels": "data.min_pixels",
+}
+
+
+def _dotted_keys() -> dict[str, str]:
+    """field name -> section.field, over every section (a key written in the wrong section)."""
+    found: dict[str, list[str]] = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        for f in dataclasses.fields(cls):
+            found.setdefault(f.name, []).append(f"{section}.{f.name}")
+    return {name: where[0] for name, where in found.items() if len(where) == 1}  # seed, batch_size: ambiguous
+
+
 def _unknown(name: str, known: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name.rsplit(".", 1)[-1], known, n=1)
+    key = name.rsplit(".", 1)[-1]
+    target = FOREIGN_NAMES.get(key) or _dotted_keys().get(key)
+    if target and target != name:  # a name from another trainer, or a key of another section: one answer
+        why = "the Hugging Face Trainer's / LLaMA-Factory's / ms-swift's name" if key in FOREIGN_NAMES \
+            else f"it is a key of section {target.split('.')[0]!r}"
+        return ConfigError(f"unknown config key {name!r}. Did you mean {target}? ({key}: {why}; "
+                           f"docs/training.md lists every key)")
+    close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {name!r}.{hint} Known keys here: {', '.join(known)}")
 
@@ -252,14 +319,18 @@ def parse_override(text: str) -> dict[str, Any]:
         raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.lr=2e-5")
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) == 1 and parts[0].lstrip("-") in FOREIGN_NAMES.keys() | _dotted_keys().keys():
+        raise _unknown(parts[0].lstrip("-"), [])
+    if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {text!r}: the key must be section.key, e.g. data.batch_size=4")
     value: Any = raw
     if raw.strip().startswith(("[", "{")):
         value = load_bounded(raw, f"override {key.strip()}", ConfigError)
     elif raw.strip().lower() in ("null", "none", "~"):
         value = None
-    return {parts[0]: {parts[1]: value}}
+    for part in reversed(parts):  # model.lora.r=8 -> {"model": {"lora": {"r": "8"}}}
+        value = {part: value}
+    return value
 
 
 def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | None" = None,
@@ -278,9 +349,32 @@ def load_config(paths: "list[str] | str | None" = None, overrides: "list[str] | 
     for text in overrides or []:
         merged = _merge(merged, parse_override(text))
     _length_from_epochs(merged)
+    merged = upgrade_legacy_keys(merged)
     cfg = _build(Config, merged, "")
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def upgrade_legacy_keys(raw: dict[str, Any], recorded: bool = False) -> dict[str, Any]:
+    """Keys of older configs in today's names, so old recipes load and old runs resume.
+
+    model.freeze_vision: X (tower and merger together) becomes freeze_vit and freeze_aligner (a new key
+    given beside it wins: a recipe with freeze_vision and an override of freeze_aligner means the override).
+    `recorded`: `raw` is a run's recorded config; one with freeze_vision was written before per-part
+    freezing, when weight decay also covered biases and norms, so it records decay_biases_and_norms: true
+    (a resume with today's default is then refused naming that field, instead of failing inside DeepSpeed
+    on a different count of optimizer param groups).
+    """
+    model = raw.get("model")
+    if not isinstance(model, dict) or "freeze_vision" not in model:
+        return raw
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    value = out["model"].pop("freeze_vision")
+    for key in ("freeze_vit", "freeze_aligner"):
+        out["model"].setdefault(key, value)
+    if recorded and isinstance(out.get("train"), dict):
+        out["train"].setdefault("decay_biases_and_norms", True)
+    return out
 
 
 def _length_from_epochs(merged: dict[str, Any]) -> None:
@@ -341,6 +435,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(d.samples_per_epoch >= 0, f"data.samples_per_epoch={d.samples_per_epoch} must be >= 0")
     _require(0.0 <= d.max_skip_fraction <= 1.0, f"data.max_skip_fraction={d.max_skip_fraction} must be in [0, 1]")
     _require(d.max_image_pixels >= 1, f"data.max_image_pixels={d.max_image_pixels} must be >= 1")
+    _require(d.min_pixels >= 0 and d.max_pixels >= 0, f"data.min_pixels={d.min_pixels} and data.max_pixels="
+             f"{d.max_pixels} must be >= 0 (0 = the processor's own resize bound)")
+    _require(not (d.min_pixels and d.max_pixels and d.min_pixels > d.max_pixels),
+             f"data.min_pixels={d.min_pixels} must be <= data.max_pixels={d.max_pixels}")
     _require(d.max_member_bytes >= 1, f"data.max_member_bytes={d.max_member_bytes} must be >= 1")
     _require(d.max_sample_bytes >= d.max_member_bytes,
              f"data.max_sample_bytes={d.max_sample_bytes} must be >= data.max_member_bytes={d.max_member_bytes}")
@@ -350,6 +448,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
     _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _validate_lora(m)
+    _validate_parts(m, t)
     _require(not (d.packing and t.stage in ("2", "1+2")),
              f"data.packing=true with train.stage={t.stage!r}: stage 2 feeds latents through a KV cache segment by "
              "segment and needs padded batches; set data.packing=false, or train.stage='1' to pack stage 1 only")
@@ -357,6 +457,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum} must be >= 1")
     _require(0.0 <= t.ema_decay <= 1.0, f"train.ema_decay={t.ema_decay} must be in [0, 1] (the reference uses 0.999)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1) (0.03 = 3% "
+             "of train.max_steps)")
+    _require(not (t.warmup_ratio > 0 and t.warmup_steps > 0),
+             f"train.warmup_ratio={t.warmup_ratio:g} and train.warmup_steps={t.warmup_steps} both set the warmup: "
+             "keep one (the other at 0)")
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = only at the end)")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
@@ -400,6 +505,34 @@ def _validate_sizes(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         _require(value <= most, f"{name}={value} is more than {most}, the most allowed (MAX_SIZES in "
                                 f"ilvr/config.py): {why}")
+
+
+def _validate_lora(m: ModelConfig) -> None:
+    lo = m.lora
+    _require(lo.r >= 0, f"model.lora.r={lo.r} must be >= 0 (0 = no LoRA, full fine-tuning)")
+    if lo.r == 0:
+        return
+    _require(lo.alpha > 0, f"model.lora.alpha={lo.alpha} must be > 0 (commonly 2 x model.lora.r)")
+    _require(0.0 <= lo.dropout < 1.0, f"model.lora.dropout={lo.dropout} must be in [0, 1)")
+    _require(bool(lo.target_modules.strip()), "model.lora.target_modules is empty; give 'all-linear' (the LM's "
+             "linear layers) or layer names such as 'q_proj,v_proj'")
+    _require(not m.freeze_llm, f"model.lora.r={lo.r} puts adapters on the language model, which model.freeze_llm=true "
+             "freezes: set model.freeze_llm=false (the base stays frozen under LoRA anyway)")
+    _require(m.freeze_vit and m.freeze_aligner, f"model.lora.r={lo.r} with a vision part trained in full "
+             "(model.freeze_vit / freeze_aligner = false) is not supported: the teacher shares the frozen base and "
+             "keeps EMA copies of the adapters only; keep both true, or model.lora.r=0")
+
+
+def _validate_parts(m: ModelConfig, t: TrainConfig) -> None:
+    """Per-part freezing and learning rates: something trains, and a multiplier is never silently unused."""
+    _require(not (m.freeze_vit and m.freeze_aligner and m.freeze_llm),
+             "model.freeze_vit, model.freeze_aligner and model.freeze_llm are all true: nothing would train; "
+             "set model.freeze_llm=false (the usual choice) or unfreeze a vision part")
+    for part, mult, frozen in (("vit", t.vit_lr_mult, m.freeze_vit), ("aligner", t.aligner_lr_mult, m.freeze_aligner)):
+        _require(mult > 0, f"train.{part}_lr_mult={mult} must be > 0 (to keep the {part} fixed, set "
+                 f"model.freeze_{part}=true)")
+        _require(mult == 1.0 or not frozen, f"train.{part}_lr_mult={mult:g} has no effect while "
+                 f"model.freeze_{part}=true: set model.freeze_{part}=false to train it, or drop the multiplier")
 
 
 def _validate_length(t: TrainConfig) -> None:

@@ -143,13 +143,29 @@ def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
                               "it is never unpickled") from None
 
 
-def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32):
-    """A stock HF model built from `<checkpoint>/model_config` holding the consolidated weights (strict)."""
+def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32, lora=None, latent_ids=None,
+                          adapter_dir: "str | None" = None):
+    """A stock HF model built from `<checkpoint>/model_config` holding the consolidated weights (strict).
+
+    `lora` (ilvr.config.LoraConfig with r > 0; `latent_ids` then required): the checkpoint holds PEFT adapters;
+    the model is rebuilt with them (and the teacher's, when saved), loaded strictly, and the student's adapter
+    merged in: a stock model, loadable without peft. `adapter_dir`: also write the adapter alone in PEFT's
+    format (adapter_config.json + adapter_model.safetensors) there."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     config = AutoConfig.from_pretrained(os.path.join(checkpoint, "model_config"), local_files_only=True)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    model.load_state_dict(consolidated_state_dict(checkpoint), strict=True)
+    state = consolidated_state_dict(checkpoint)
+    if lora is not None and lora.r > 0:
+        from ilvr.model.lora import STUDENT_ADAPTER, TEACHER_ADAPTER, apply_lora, merged_model
+
+        peft_model = apply_lora(model, lora, latent_ids, teacher=any(f".{TEACHER_ADAPTER}" in k for k in state))
+        model.load_state_dict(state, strict=True)
+        if adapter_dir:
+            peft_model.save_pretrained(adapter_dir, selected_adapters=[STUDENT_ADAPTER])
+        model = merged_model(peft_model)
+    else:
+        model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()
 
 
@@ -183,8 +199,9 @@ def mlflow_settings(checkpoint: str, trainer_state: dict, out_dir: str) -> "dict
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None = None, dtype: str = "fp32",
-                      overwrite: bool = False) -> str:
-    """Consolidate `checkpoint` and write the HF directory `out_dir` (via `<out_dir>.tmp` + rename)."""
+                      overwrite: bool = False, adapter_dir: "str | None" = None) -> str:
+    """Consolidate `checkpoint` and write the HF directory `out_dir` (via `<out_dir>.tmp` + rename); a LoRA
+    run's adapters are merged in (and, with `adapter_dir`, also written alone in PEFT's format)."""
     from data_pipeline.tiny_processor import load_processor
 
     if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
@@ -199,8 +216,11 @@ def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None =
     record = mlflow_settings(checkpoint, trainer_state, out_dir)
     if record:
         settings["mlflow"] = record
-    processor, _ = load_processor(processor_dir)
-    model = model_from_checkpoint(checkpoint, DTYPES[dtype])
+    processor, latent_ids = load_processor(processor_dir)
+    from ilvr.config import LoraConfig
+
+    lora = LoraConfig(**((trainer_state.get("config") or {}).get("model", {}).get("lora") or {}))
+    model = model_from_checkpoint(checkpoint, DTYPES[dtype], lora, latent_ids, adapter_dir)
 
     tmp = f"{os.path.normpath(out_dir)}.tmp-{os.getpid()}"  # this process's own: never another export's
     shutil.rmtree(tmp, ignore_errors=True)
@@ -272,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export at --out (a dir with "
                         f"{SETTINGS_FILE}; nothing else is ever replaced)")
+    parser.add_argument("--adapter-out", default=None, metavar="DIR", help="a LoRA run: also write its adapter "
+                        "alone in PEFT's format there (the export at --out has it merged in)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -281,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint is None:
         parser.error(f"{args.checkpoint} is neither a complete checkpoint nor a run dir with one")
     try:
-        export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite)
+        export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite, args.adapter_out)
     except (CheckpointError, UnsafeOutput, FileExistsError, FileNotFoundError) as e:  # refusals: no traceback
         parser.exit(2, f"ilvr-export: error: {e}\n")
     print(args.out)

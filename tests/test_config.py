@@ -40,7 +40,8 @@ def test_later_files_win(tmp_path):
     ("data.packing=true", "data.packing=true with train.stage='1+2': stage 2 feeds latents through a KV cache"),
     ("train.betas=[0.9]", "train.betas must be a list of 2 values"),
     ("train.stage1_steps=500", "train.stage1_steps=500 must be between 0 and train.max_steps=30"),
-    ("lr=1", "the key must be section.key"),
+    ("lr=1", "Did you mean train.lr?"),  # no section: the key it belongs to (test_config_names.py)
+    ("nosuchkey=1", "the key must be section.key"),
     ("train.epochs=2", "train.epochs=2 and train.max_steps=30 both set the run's length"),
     ("train.stage1_epochs=1", "train.stage1_epochs=1 and train.stage1_steps=20 both set stage 1's length"),
     ("train.max_steps=0", "train.max_steps=0 must be >= 1 (or 0 with train.epochs > 0"),
@@ -183,5 +184,5 @@ def test_processor_must_be_a_processor_directory(tmp_path, tiny_processor_dir):
 def test_the_quickstart_recipe_loads_with_what_makes_a_tiny_model_learn():
     cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), check_paths=False)
     m = cfg.model
-    assert (m.name_or_path, m.freeze_vision, m.tiny_rope_theta) == ("tiny", True, 10.0)
+    assert (m.name_or_path, m.freeze_vit, m.freeze_aligner, m.tiny_rope_theta) == ("tiny", True, True, 10.0)
     assert cfg.train.lr <= 3e-4 and cfg.train.stage == "1+2" and 0 < cfg.train.stage1_steps < cfg.train.max_steps

@@ -331,9 +331,10 @@ def eval_tags(origin: TrainingOrigin, step: int | None, parent_run_id: str | Non
     return tags
 
 
-def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int) -> str | None:
+def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int, started: float | None = None) -> str | None:
     """One MLflow run (a child when req.parent_run_id) with params, metrics, a category table, the files; in the
-    training run's store and experiment unless told otherwise, tagged with its run id and step."""
+    training run's store and experiment unless told otherwise, tagged with its run id and step. `started`
+    (time.time() when the evaluation began): the run's start, so its duration covers loading and decoding."""
     from ilvr.training.tracking import Tracker
 
     try:
@@ -347,7 +348,7 @@ def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int) -> s
     checkpoint_step = params["checkpoint_step"]
     tags = eval_tags(origin, checkpoint_step if checkpoint_step != "" else None, req.parent_run_id)
     run_name = req.run_name or f"{params['benchmark']}-{params['mode']}-step{params['checkpoint_step'] or 'na'}"
-    run_id = tracker.start(params, run_name=run_name, tags=tags)
+    run_id = tracker.start(params, run_name=run_name, tags=tags, start_time=started)
     tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
     tracker.log_table(category_table(metrics), "per_category.json")
     for name in (PREDICTIONS_FILE, METRICS_FILE):
@@ -358,6 +359,7 @@ def log_to_mlflow(req: EvalRequest, params: dict, metrics: dict, step: int) -> s
 
 def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: BenchmarkData | None = None) -> dict:
     """Decode, score and record one (model, benchmark, mode). Returns the metrics (on every rank)."""
+    started = time.time()  # the MLflow run's start: its duration covers loading and decoding
     dist = torch.distributed
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     # every input is checked before the model loads (minutes for 7B): the model path, the shards, the references
@@ -399,7 +401,7 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
         write_json_atomic(os.path.join(req.out_dir, PREDICTIONS_FILE), rows, lines=True)
         write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)  # first: MLflow logs it as an artifact
         if req.mlflow:
-            result["mlflow_run_id"] = log_to_mlflow(req, params, metrics, step or 0)
+            result["mlflow_run_id"] = log_to_mlflow(req, params, metrics, step or 0, started)
             write_json_atomic(os.path.join(req.out_dir, METRICS_FILE), result)
         if skipped:
             log.warning("%d records could not be evaluated: %s", sum(skipped.values()), dict(skipped))

@@ -868,7 +868,7 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a training run dir: every evaluation of it in its store, its curves from metrics.jsonl")
-    src.add_argument("--parent-run-id", metavar="ID", help="only child runs of this eval-sweep run")
+    src.add_argument("--parent-run-id", metavar="ID", help="only child runs of this sweep run (tag ilvr.kind = sweep)")
     src.add_argument("--sweep", metavar="SWEEP_DIR", help="a sweep directory: its sweep.json names the parent run")
     p.add_argument("--mlflow-ui", default=MLFLOW_UI, metavar="URL",
                    help=f"where the MLflow UI of the store runs, for the run links (default: {MLFLOW_UI})")

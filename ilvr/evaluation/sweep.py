@@ -131,7 +131,7 @@ def plan(out_dir: str, checkpoints: list[str], benchmarks: dict[str, str], modes
     tracker = _tracker(sweep)
     params = {"num_tasks": len(tasks), "checkpoints": len(checkpoints), "benchmarks": ",".join(benchmarks),
               "modes": ",".join(modes), **{f"decode.{k}": v for k, v in asdict(decode).items()}}
-    tags = {"ilvr.kind": "eval-sweep", "ilvr.sweep": sweep["name"]}
+    tags = {"ilvr.kind": "sweep", "ilvr.sweep": sweep["name"]}
     if len(run_ids) == 1:
         tags["ilvr.train_run_id"] = run_ids[0]
     sweep["parent_run_id"] = tracker.start(params, run_name=f"sweep-{sweep['name']}", tags=tags)

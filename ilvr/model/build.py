@@ -2,7 +2,7 @@
 
 Stock transformers classes only. The latent tokens are added to the tokenizer by
 `load_processor`; here their embedding rows start at the mean embedding (so latent
-markers begin as an "average" token), the vision tower and merger are frozen if asked,
+markers begin as an "average" token), the vision tower, merger and LM are frozen as asked,
 the patch embedding's Conv3d runs as a matmul on the same parameters (patch_embed.py), and
 the attention implementation is chosen: FlashAttention-2 when flash-attn imports and CUDA
 is present, else PyTorch SDPA.
@@ -179,11 +179,9 @@ def _gathered(param):
 
 def freeze_vision(model) -> int:
     """Freeze the vision tower and its merger (projector); return how many parameters were frozen."""
-    frozen = 0
-    for p in model.model.visual.parameters():
-        p.requires_grad_(False)
-        frozen += p.numel()
-    return frozen
+    from ilvr.model.parts import freeze_parts
+
+    return freeze_parts(model, {"vit", "aligner"})
 
 
 # the transformers modules whose classes build_model instantiates
@@ -236,8 +234,9 @@ def _build_model(cfg: ModelConfig, tokenizer, image_processor, tiny_size: "TinyS
         raise ValueError("model.name_or_path is empty; give a local checkpoint directory or 'tiny'")
     if init_latent_embeddings(model, tokenizer, LatentTokenIds.from_tokenizer(tokenizer)):
         log.info("latent token embeddings initialised at the mean embedding")
-    if cfg.freeze_vision:
-        freeze_vision(model)
+    from ilvr.model.parts import freeze_parts, frozen_parts
+
+    freeze_parts(model, frozen_parts(cfg))
     use_patch_matmul(model)  # same parameters, ~5x faster than Conv3d (ilvr/model/patch_embed.py)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -196,6 +196,12 @@ SCHEDULER_KEYS = {  # the keyword arguments of DeepSpeed's scheduler classes (de
 }
 
 
+def warmup_steps(t) -> int:
+    """The warmup in optimizer steps: train.warmup_steps, or train.warmup_ratio of train.max_steps rounded up
+    (the HF Trainer's rule), once max_steps is known (train.epochs resolved)."""
+    return t.warmup_steps or math.ceil(t.warmup_ratio * t.max_steps)
+
+
 def scheduler_params(cfg, kind: str) -> "tuple[dict, dict]":
     """(params that must match the training config, params that only fill gaps) for a DeepSpeed scheduler.
 
@@ -205,9 +211,11 @@ def scheduler_params(cfg, kind: str) -> "tuple[dict, dict]":
     a linear schedule always has those 2 warmup steps.
     """
     t = cfg.train
-    warmup = max(1, t.warmup_steps)
-    flat = t.warmup_steps == 0
-    match = {"warmup_num_steps": (warmup, "train.warmup_steps")}
+    steps = warmup_steps(t)
+    warmup = max(1, steps)
+    flat = steps == 0
+    match = {"warmup_num_steps": (warmup, "train.warmup_steps" if t.warmup_ratio == 0 else
+                                  f"train.warmup_ratio={t.warmup_ratio:g} of train.max_steps={t.max_steps}")}
     if kind != "WarmupLR":
         match["total_num_steps"] = (t.max_steps, "train.max_steps")
     if kind == "WarmupCosineLR":

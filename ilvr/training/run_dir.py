@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ilvr.config import Config
+from ilvr.config import Config, upgrade_legacy_keys
 
 RESOLVED_FILE = "config.resolved.yaml"
 DS_RESOLVED_FILE = "ds_config.resolved.json"
@@ -92,7 +92,7 @@ def config_changes(recorded: dict, given: dict) -> dict[str, list]:
     """`section.key` -> [recorded, given] for every field that differs; a field the record lacks (added
     since) counts as its default."""
     defaults, given = _plain(Config().to_dict()), _plain(given)
-    recorded = _plain(recorded or {})
+    recorded = upgrade_legacy_keys(_plain(recorded or {}), recorded=True)
     changes = {}
     for section, values in given.items():
         old_section = recorded.get(section) if isinstance(recorded.get(section), dict) else {}

@@ -107,6 +107,14 @@ class _Slot:
         return self.student.data.view(-1)
 
 
+def _local_bytes(param) -> int:
+    """Bytes of `param` this rank holds: its ZeRO-3 partition (plus the full tensor if persistent), else all."""
+    if hasattr(param, "ds_tensor"):
+        full = param.data.numel() if param.data.numel() == param.ds_numel else 0
+        return (param.ds_tensor.numel() + full) * param.element_size()
+    return param.numel() * param.element_size()
+
+
 def _materialised(param) -> bool:
     """Whether `param.data` holds the full tensor (always true for a parameter that is not partitioned)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -135,7 +143,11 @@ class MomentumTeacher:
         teacher_model.eval()
         self.engine, *_ = deepspeed.initialize(model=teacher_model, config=teacher_ds_config(ds_config))
         self.module.eval()
-        self._slots = self._pair(student_engine.module, self.module)
+        self._start(self._pair(student_engine.module, self.module))
+
+    def _start(self, slots: list[_Slot]) -> None:
+        """EMA buffers from the student's trainable values; the teacher starts as a copy of the student."""
+        self._slots = slots
         self._ema = [s for s in self._slots if s.student.requires_grad]
         with torch.no_grad(), self._student_full_values(self._ema):
             self._buffers = {s.name: s.student_value().float().clone() for s in self._ema}
@@ -148,6 +160,20 @@ class MomentumTeacher:
         frozen = [s for s in self._slots if not s.student.requires_grad]
         with torch.no_grad(), self._student_full_values(frozen):
             self._write(frozen, {s.name: s.student_value() for s in frozen})
+
+    def active(self):
+        """A context for the teacher's pass (the adapter teacher switches adapters in it)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def memory_bytes(self) -> int:
+        """This rank's bytes held for the teacher alone: its weights (local partitions) and the EMA buffers."""
+        weights = {id(s.teacher): s.teacher for s in self._slots}
+        if hasattr(self, "engine"):
+            weights.update({id(p): p for p in self.engine.module.parameters()})
+        own = sum(_local_bytes(p) for p in weights.values())
+        return own + sum(b.numel() * b.element_size() for b in self._buffers.values())
 
     @property
     def module(self) -> torch.nn.Module:
@@ -318,3 +344,79 @@ class MomentumTeacher:
         missing = [p for p in params.values() if not _materialised(p)]
         with deepspeed.zero.GatheredParameters(missing, modifier_rank=None, enabled=bool(missing)):
             return {name: p.detach().cpu().clone() for name, p in params.items()}
+
+
+class AdapterTeacher(MomentumTeacher):
+    """The momentum teacher under LoRA: no second model. The student's module also holds a frozen "teacher"
+    adapter (and teacher rows of the latent tokens, ilvr/model/lora.py); the EMA runs over the student's
+    trainable weights into those, and the teacher's pass is the student's module with the teacher adapter
+    active (`active()`, PEFT's set_adapter), in eval mode. The frozen base is shared: the teacher costs
+    the adapter's size twice (its weights and their fp32 EMA), not a copy of the model.
+    """
+
+    def __init__(self, student_engine, peft_model, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay {decay} must be in [0, 1]")
+        self.decay = decay
+        self._student = student_engine.module
+        self._peft = peft_model
+        self._start(self._pair_adapters(self._student))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The student's module; call it inside `active()` (the teacher adapter on, eval mode, no grad)."""
+        return self._student
+
+    def active(self):
+        import contextlib
+
+        from ilvr.model.lora import STUDENT_ADAPTER, TEACHER_ADAPTER
+
+        @contextlib.contextmanager
+        def teacher_pass():
+            training = self._student.training
+            self._peft.set_adapter(TEACHER_ADAPTER, inference_mode=True)
+            self._student.train(False)
+            try:
+                yield
+            finally:
+                self._peft.set_adapter(STUDENT_ADAPTER)  # the student's adapter trainable again, the teacher's frozen
+                self._student.train(training)
+
+        return teacher_pass()
+
+    def _pair_adapters(self, module: torch.nn.Module) -> list[_Slot]:
+        """Each trainable student weight with its teacher twin (".default" -> ".teacher" in the name)."""
+        from ilvr.model.lora import STUDENT_ADAPTER, TEACHER_ADAPTER
+
+        params = dict(module.named_parameters())
+        slots, missing = [], []
+        for name, s in params.items():
+            if not s.requires_grad:
+                continue
+            twin = ".".join(TEACHER_ADAPTER if part == STUDENT_ADAPTER else part for part in name.split("."))
+            t = params.get(twin)
+            if t is None or twin == name:
+                missing.append(name)
+                continue
+            part = hasattr(s, "ds_id")
+            if not part:
+                slots.append(_Slot(name, s, t, partitioned=False, full=True))
+                continue
+            per_rank = s.ds_tensor.ds_numel
+            start = per_rank * torch.distributed.get_rank(group=s.ds_process_group)
+            valid = max(0, min(per_rank, s.ds_numel - start))
+            slots.append(_Slot(name, s, t, partitioned=True, full=bool(s.ds_persist), start=start, valid=valid))
+        if missing:
+            raise ValueError(f"trainable weights without a teacher adapter twin (e.g. {missing[:3]}): under LoRA only "
+                             "the adapters and the latent token rows may train")
+        return slots
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """The teacher's trainable weights (its adapter), whole, under the student's names (collective)."""
+        import deepspeed
+
+        params = [s.teacher for s in self._slots]
+        missing = [p for p in params if not _materialised(p)]
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None, enabled=bool(missing)):
+            return {s.name: s.teacher.detach().cpu().clone() for s in self._slots}

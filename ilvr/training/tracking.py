@@ -144,6 +144,24 @@ def run_tags(world_size: int) -> dict[str, Any]:
     return {**tags, **extra}
 
 
+def unique_run_name(client, experiment_id: str, name: "str | None") -> "str | None":
+    """`name`, or `name-2`, `name-3`, ...: the first that no run of the experiment has. MLflow allows
+    duplicates, and two runs both called vsp-latent-step600 cannot be told apart in its UI or a report."""
+    if not name:
+        return name
+    from mlflow.entities import ViewType
+
+    prefix = re.split("[\"'\\\\]", name)[0]  # LIKE on the part before any quote or backslash (only widens)
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'",
+                              run_view_type=ViewType.ALL, max_results=50000)
+    taken = {r.info.run_name for r in runs}
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 def check_reachable(uri: str) -> None:
     """Fail fast on a server that is down: any HTTP answer counts as up (auth may guard /health)."""
     url = re.sub(r"//[^/@]*@", "//", uri.rstrip("/")) + "/health"  # urllib cannot take user:password@
@@ -479,11 +497,15 @@ class Tracker:
 
     # ------------------------------------------------------------------ start / attach / end
     def start(self, config, run_name: "str | None" = None, resume_run_id: "str | None" = None,
-              tags: "Mapping[str, Any] | None" = None, world_size: "int | None" = None) -> "str | None":
-        """Create (or reattach to) the run and log the flattened config; returns the run id or None."""
+              tags: "Mapping[str, Any] | None" = None, world_size: "int | None" = None,
+              start_time: "float | None" = None) -> "str | None":
+        """Create (or reattach to) the run and log the flattened config; returns the run id or None.
+        A new run's name is made unique in its experiment (unique_run_name); `start_time` (time.time()):
+        when the work began, if before this call (an evaluation's decoding), so the run's duration covers it."""
         if not self.active:
             return None
         self.world_size = world_size or self.world_size
+        self.start_time = start_time
         try:
             self._start(config, run_name, resume_run_id, dict(tags or {}))
         except Exception as e:  # any store error: train without tracking
@@ -533,7 +555,10 @@ class Tracker:
             exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location=artifact_location)
         except MlflowException:  # created meanwhile by a concurrent run
             exp_id = client.get_experiment_by_name(name).experiment_id
-        self.run_id = client.create_run(exp_id, run_name=run_name, tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
+        run_name = unique_run_name(client, exp_id, run_name)
+        start_ms = int(self.start_time * 1000) if getattr(self, "start_time", None) else None
+        self.run_id = client.create_run(exp_id, start_time=start_ms, run_name=run_name,
+                                        tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
         logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, redact_uri(uri))
 
     def _resume_backfill(self) -> None:

@@ -81,10 +81,10 @@ class Trainer:
         from data_pipeline.tiny_processor import load_processor
 
         self.processor, self.latent_ids = load_processor(cfg.data.processor)
+        self._apply_pixel_budget()
         self.ds_config = self._resolve_ds_config()
         self.engine = self._build_student()
-        self.teacher = (self._build_teacher() if cfg.train.stage in ("1", "1+2") and cfg.loss.targets == "teacher"
-                        else None)
+        self.teacher = self._build_teacher() if self._wants_teacher() else None
         self.loader = self._build_loader()
         from ilvr.training.comm_stats import CommStats
 
@@ -96,8 +96,21 @@ class Trainer:
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
-                                         resume_run_id=self.run_id, world_size=self.info.world_size)
+                                         resume_run_id=self.run_id, world_size=self.info.world_size,
+                                         tags={"ilvr.kind": "train"})
         self._record_config()
+
+    def _apply_pixel_budget(self) -> None:
+        """data.min_pixels / data.max_pixels into the processor (saved with every checkpoint's processor/)."""
+        from data_pipeline.pixel_budget import apply_pixel_budget
+        from ilvr.config import ConfigError
+
+        d = self.cfg.data
+        try:
+            low, high = apply_pixel_budget(self.processor.image_processor, d.min_pixels, d.max_pixels)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        log.info("images resized to %d..%d pixels (data.min_pixels / data.max_pixels; 0 = the processor's)", low, high)
 
     def _plan_run(self) -> None:
         """Resolve train.epochs and decide what this start does with its output dir (run_dir.plan_run: a new
@@ -193,25 +206,50 @@ class Trainer:
 
         from ilvr.model.build import build_model
 
-        self._hf_ds = HfDeepSpeedConfig(ds_config)  # lets from_pretrained partition while loading
+        lora = self.cfg.model.lora.r > 0
+        # LoRA: the model is built whole and partitioned by deepspeed.initialize, after PEFT injected the
+        # adapters (PEFT's ZeRO-3 path for the latent token rows is CUDA-only); else partitioned as it is built
+        self._hf_ds = None if lora else HfDeepSpeedConfig(ds_config)  # lets from_pretrained partition while loading
         torch.manual_seed(self.cfg.train.seed)
-        return build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
-                           seed=self.cfg.train.seed, zero3_config=ds_config if self._zero3() else None)
+        model = build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
+                            seed=self.cfg.train.seed, zero3_config=ds_config if self._zero3() and not lora else None)
+        if lora:  # adapters injected in place; the PeftModel kept for adapter switching
+            from ilvr.model.lora import apply_lora
+
+            self.peft = apply_lora(model, self.cfg.model.lora, self.latent_ids, teacher=self._wants_teacher())
+            self._hf_ds = HfDeepSpeedConfig(ds_config)
+        return model
+
+    def _wants_teacher(self) -> bool:
+        return self.cfg.train.stage in ("1", "1+2") and self.cfg.loss.targets == "teacher"
 
     def _build_student(self):
         import deepspeed
 
+        from ilvr.training.param_groups import param_groups, scheduler_factory
+
         model = self._new_model(self.ds_config)
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=self.ds_config)
+        groups = param_groups(model, self.cfg.train)  # lr per part, no weight decay on biases and norms
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
+                                          lr_scheduler=scheduler_factory(self.ds_config))
+        if self.cfg.model.lora.r > 0 and self._zero3():
+            from ilvr.model.lora import register_token_params
+
+            register_token_params(engine.module)
         return engine
 
     def _build_teacher(self):
-        from ilvr.training.teacher import MomentumTeacher, teacher_ds_config
+        from ilvr.training.teacher import AdapterTeacher, MomentumTeacher, teacher_ds_config
 
-        config = teacher_ds_config(self.ds_config)
-        return MomentumTeacher(self.engine, self._new_model(config), config, decay=self.cfg.train.ema_decay)
+        if self.cfg.model.lora.r > 0:  # shares the student's frozen base: EMA over the adapter only
+            teacher = AdapterTeacher(self.engine, self.peft, decay=self.cfg.train.ema_decay)
+        else:
+            config = teacher_ds_config(self.ds_config)
+            teacher = MomentumTeacher(self.engine, self._new_model(config), config, decay=self.cfg.train.ema_decay)
+        log.info("momentum teacher: %.3f MB on this rank (%s)", teacher.memory_bytes() / 2**20,
+                 "an EMA adapter beside the student's" if self.cfg.model.lora.r > 0 else "a second model")
+        return teacher
 
     def _build_loader(self):
         from data_pipeline.pipeline import build_train_loader
@@ -284,7 +322,7 @@ class Trainer:
                                latent_norm=self._latent_norm_so_far(), selection=pooled_targets(module, batch, k))
         if stage == 1:  # targets come from the momentum teacher, never from the student
             teacher = self.teacher.module
-            with held(teacher.model, self._gather_once()):  # one gather of the teacher per step
+            with self.teacher.active(), held(teacher.model, self._gather_once()):  # one gather of the teacher per step
                 selection = select_targets(teacher, batch, self.cfg.loss, k)
             return stage1_loss(module, teacher, batch, self.cfg.loss, k, generator=generator,
                                latent_norm=self._latent_norm_so_far(), selection=selection)
@@ -435,6 +473,7 @@ class Trainer:
             "ema_ms": ema_ms,
             "epoch": float(self.loader.epoch),
         }
+        m.update(self._part_lrs())
         if stage == 1:
             m["align"] = sum(p["align"] for p in parts) / len(parts)
         grad_norm = self.engine.get_global_grad_norm()
@@ -450,6 +489,12 @@ class Trainer:
         if torch.cuda.is_available():
             m["mfu"] = self._mfu(tokens / seconds)
         return m
+
+    def _part_lrs(self) -> dict[str, float]:
+        """lr/vit, lr/aligner: the vision parts' learning rates when they train (train.vit_lr_mult etc.);
+        "lr" is the LM's (the first param group, ilvr/training/param_groups.py)."""
+        return {f"lr/{g['name']}": float(g["lr"]) for g in self.engine.optimizer.param_groups
+                if g.get("name") in ("vit", "aligner")}
 
     def _latent_metrics(self, parts: list, stage: int) -> dict:
         """latent/* metrics of one optimizer step, averaged over its micro-batches (the selected-count
