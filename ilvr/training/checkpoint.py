@@ -629,15 +629,48 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step by this job
             os.makedirs(tmp)
         _barrier()
-        self._write_payload(engine, tmp, rank, rank_json, trainer_json, save_teacher)
-        _barrier()
+        failed = self._attempt(final, lambda: self._write_payload(engine, tmp, rank, rank_json, trainer_json,
+                                                                  save_teacher))
+        self._agree(failed, tmp)  # every rank, instead of a barrier: one rank's failure ends the save on all
         hashes = self._hash_payload(tmp, rank, world)
-        if rank == 0:
-            self._commit(tmp, final, hashes, healthy=((extra_state or {}).get("health") or {}).get("healthy", True))
-        _barrier()
+        healthy = ((extra_state or {}).get("health") or {}).get("healthy", True)
+        failed = self._attempt(final, lambda: self._commit(tmp, final, hashes, healthy)) if rank == 0 else None
+        self._agree(failed, tmp)
         if rank == 0:
             self._prune()
         return final
+
+    def _attempt(self, final: str, write: Callable[[], None]) -> "tuple[str, BaseException] | None":
+        """Run this rank's part of a save; (message, error) when it failed, the message naming a full disk
+        and the checkpoint dir when that is the cause (disk_full.py)."""
+        from ilvr.training.disk_full import DiskFull, disk_full_condition, free_space
+
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 -- reported to every rank, then raised
+            condition = disk_full_condition(e)
+            if condition is None:
+                return f"rank {_rank_world()[0]}: {type(e).__name__}: {e}", e
+            message = (f"saving checkpoint {final} failed: {condition} ({free_space(self.root)} on the file system "
+                       f"of {self.root}). The unfinished save was removed; {latest(self.output_dir) or 'no earlier'} "
+                       "checkpoint is intact. Free space there (or lower train.keep_last, or move train.output_dir), "
+                       "then continue with --resume auto")
+            full = DiskFull(message)
+            full.__cause__ = e  # the writer's own error stays in the traceback
+            return message, full
+        return None
+
+    def _agree(self, failed: "tuple[str, BaseException] | None", tmp: str) -> None:
+        """Collective: if any rank's part failed, remove the unfinished dir (never marked complete) and raise
+        on every rank: the failing rank its error (a disk-full one as DiskFull), the others one naming it."""
+        messages = [m for m in _all_gather_json(failed[0] if failed else None) if m]
+        if not messages:
+            return
+        if _rank_world()[0] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failed is not None:
+            raise failed[1]
+        raise RuntimeError(f"the checkpoint save failed on another rank: {messages[0]}")
 
     def _write_payload(self, engine, tmp: str, rank: int, rank_json: str, trainer_json: str,
                        save_teacher: Callable[[str], None] | None) -> None:
