@@ -122,3 +122,16 @@ def test_export_refuses_nonfinite_weights_naming_them():
     refuse_nonfinite({"a": torch.ones(2), "steps": torch.tensor([3])}, "ckpt")
     with pytest.raises(CheckpointError, match=r"ckpt: 2 NaN/Inf weights in 1 tensors: b \(2\)"):
         refuse_nonfinite({"a": torch.ones(2), "b": torch.tensor([float("inf"), float("nan"), 1.0])}, "ckpt")
+
+
+def test_starting_in_a_run_dir_with_only_unhealthy_checkpoints_is_refused(tmp_path):
+    from ilvr.config import load_config
+    from ilvr.training.run_dir import RunDirRefused, plan_run
+
+    out = str(tmp_path / "run")
+    save(CheckpointManager(out), 3, SICK)
+    cfg = load_config(None, [f"train.output_dir={out}"], check_paths=False)
+    with pytest.raises(RunDirRefused, match="every checkpoint of .* is marked unhealthy"):
+        plan_run(cfg, "auto")  # not taken for a fresh run in a dir that holds one
+    with pytest.raises(RunDirRefused, match="already holds a run"):
+        plan_run(cfg, "never")
