@@ -652,8 +652,8 @@ class CheckpointManager:
             if condition is None:
                 return f"rank {_rank_world()[0]}: {type(e).__name__}: {e}", e
             message = (f"saving checkpoint {final} failed: {condition} ({free_space(self.root)} on the file system "
-                       f"of {self.root}). The unfinished save was removed; {latest(self.output_dir) or 'no earlier'} "
-                       "checkpoint is intact. Free space there (or lower train.keep_last, or move train.output_dir), "
+                       f"of {self.root}). The unfinished save was removed; the last checkpoint "
+                       f"({latest(self.output_dir) or 'none yet'}) is intact. Free space there (or lower train.keep_last, or move train.output_dir), "
                        "then continue with --resume auto")
             full = DiskFull(message)
             full.__cause__ = e  # the writer's own error stays in the traceback

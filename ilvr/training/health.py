@@ -17,9 +17,7 @@ accepted, with a warning where one is chosen. docs/reliability.md has the reason
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from statistics import median
 from typing import Any
 
@@ -109,12 +107,11 @@ def _strict_json(value: Any) -> Any:
 
 def read_health(checkpoint: str) -> "dict | None":
     """The health record of a checkpoint, or None when it has none (saved before the check) or its
-    trainer.json cannot be read (verification names that file when the checkpoint is chosen)."""
-    try:
-        with open(os.path.join(checkpoint, "trainer.json"), encoding="utf-8") as f:
-            record = json.load(f).get(HEALTH_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
+    trainer.json cannot be read or is implausibly large (read before verification, which names that file
+    when the checkpoint is chosen)."""
+    from ilvr.training.run_dir import read_trainer_state
+
+    record = read_trainer_state(checkpoint).get(HEALTH_KEY)
     return record if isinstance(record, dict) and isinstance(record.get("healthy"), bool) else None
 
 
