@@ -144,6 +144,12 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end and on signals
     keep_last: int = 2
     max_bad_steps: int = 5  # consecutive NaN/Inf losses before the run stops
+    # a checkpoint is marked unhealthy (never resumed, exported or pruned as the one that counts) when, at its
+    # save, a threshold is passed (ilvr/training/health.py; 0 = off): the trainable weights' RMS, the last
+    # step's gradient norm before clipping, the median loss of the last 3 steps above the median before them
+    health_max_weight_rms: float = 100.0
+    health_max_grad_norm: float = 1.0e6
+    health_loss_spike: float = 5.0
     stop_after: int = 0  # leave (with a checkpoint) after this many steps in this process; 0 = run to max_steps
     collective_timeout: int = 600  # seconds a collective may wait before a dead rank stops the job
     # ZeRO-3: gather the teacher once per step and, in stage 2, the language model once per micro-batch
@@ -465,6 +471,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
     _require(t.save_every >= 0, f"train.save_every={t.save_every} must be >= 0 (0 = only at the end)")
     _require(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    for name in ("health_max_weight_rms", "health_max_grad_norm", "health_loss_spike"):
+        _require(getattr(t, name) >= 0, f"train.{name}={getattr(t, name)} must be >= 0 (0 turns the check off)")
     _require(t.stop_after >= 0, f"train.stop_after={t.stop_after} must be >= 0 (0 = run to train.max_steps)")
     _require(t.collective_timeout >= 10, f"train.collective_timeout={t.collective_timeout} must be >= 10 seconds")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")

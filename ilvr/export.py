@@ -21,7 +21,9 @@ swapped in (old export renamed away, new renamed in, old deleted), so an interru
 never leaves a half directory at `out`. `--overwrite` only ever replaces an earlier export
 (a dir with ilvr_settings.json), never `/`, the home dir, the current dir or one of its parents.
 The checkpoint is verified (hashes, weights-only dry load) and consolidated weights-only:
-nothing in it is unpickled (ilvr.training.checkpoint, docs/reliability.md).
+nothing in it is unpickled (ilvr.training.checkpoint, docs/reliability.md). A run dir gives its
+newest healthy checkpoint (ilvr/training/health.py); one marked unhealthy at its save needs
+--allow-unhealthy, and NaN/Inf weights are never exported.
 """
 from __future__ import annotations
 
@@ -137,10 +139,26 @@ def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
     verify_checkpoint(checkpoint)
     try:
         with weights_only_loading():
-            return get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="ds")
+            state = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="ds")
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{checkpoint}/ds: a file there was refused by weights-only loading ({e}); "
                               "it is never unpickled") from None
+    refuse_nonfinite(state, checkpoint)
+    return state
+
+
+def refuse_nonfinite(state: dict[str, torch.Tensor], checkpoint: str) -> None:
+    """CheckpointError naming the weights that hold NaN/Inf: a diverged model is never exported or evaluated,
+    whatever its health record says (checkpoints saved before health records have none)."""
+    from ilvr.training.checkpoint import CheckpointError
+
+    bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if t.is_floating_point()}
+    bad = {name: n for name, n in bad.items() if n}
+    if bad:
+        named = ", ".join(f"{name} ({n})" for name, n in list(bad.items())[:5])
+        raise CheckpointError(f"{checkpoint}: {sum(bad.values())} NaN/Inf weights in {len(bad)} tensors: {named}. "
+                              "The run diverged before this save; use an earlier checkpoint (a run dir picks its "
+                              "newest healthy one)")
 
 
 def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32, lora=None, latent_ids=None,
@@ -199,13 +217,25 @@ def mlflow_settings(checkpoint: str, trainer_state: dict, out_dir: str) -> "dict
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None = None, dtype: str = "fp32",
-                      overwrite: bool = False, adapter_dir: "str | None" = None) -> str:
+                      overwrite: bool = False, adapter_dir: "str | None" = None, allow_unhealthy: bool = False) -> str:
     """Consolidate `checkpoint` and write the HF directory `out_dir` (via `<out_dir>.tmp` + rename); a LoRA
-    run's adapters are merged in (and, with `adapter_dir`, also written alone in PEFT's format)."""
+    run's adapters are merged in (and, with `adapter_dir`, also written alone in PEFT's format). A checkpoint
+    marked unhealthy at its save is refused unless `allow_unhealthy`; NaN/Inf weights always are."""
     from data_pipeline.tiny_processor import load_processor
 
     if not os.path.isfile(os.path.join(checkpoint, "COMPLETE")):
         raise FileNotFoundError(f"{checkpoint} is not a complete checkpoint (no COMPLETE marker)")
+    from ilvr.training.health import unhealthy_reason
+
+    why = unhealthy_reason(checkpoint)
+    if why is not None and not allow_unhealthy:
+        from ilvr.training.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{checkpoint} was marked unhealthy when it was saved ({why}): not exported. Export "
+                              "the run dir instead (its newest healthy checkpoint), or pass --allow-unhealthy to "
+                              "export these weights anyway")
+    if why is not None:
+        log.warning("exporting %s although it is marked unhealthy (%s): --allow-unhealthy", checkpoint, why)
     processor_dir = processor_dir or os.path.join(checkpoint, "processor")
     check_out_dir(out_dir, overwrite, keep=(checkpoint, processor_dir))
     if not os.path.isdir(processor_dir):
@@ -294,16 +324,26 @@ def main(argv: list[str] | None = None) -> int:
                         f"{SETTINGS_FILE}; nothing else is ever replaced)")
     parser.add_argument("--adapter-out", default=None, metavar="DIR", help="a LoRA run: also write its adapter "
                         "alone in PEFT's format there (the export at --out has it merged in)")
+    parser.add_argument("--allow-unhealthy", action="store_true", help="export a --checkpoint marked unhealthy at "
+                        "its save (weights with NaN/Inf are refused all the same)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from ilvr.training.checkpoint import CheckpointError, is_complete, latest
+    from ilvr.training.checkpoint import CheckpointError, describe_unhealthy, is_complete, latest, \
+        no_healthy_checkpoint, unhealthy
 
     checkpoint = args.checkpoint if is_complete(args.checkpoint) else latest(args.checkpoint)
+    marked = [] if is_complete(args.checkpoint) else unhealthy(args.checkpoint)
+    if checkpoint is None and marked:
+        parser.exit(2, f"ilvr-export: error: {no_healthy_checkpoint(args.checkpoint, marked)}\n")
     if checkpoint is None:
         parser.error(f"{args.checkpoint} is neither a complete checkpoint nor a run dir with one")
+    if marked:
+        log.warning("ilvr-export: using %s, the newest healthy checkpoint of %s; skipped as unhealthy: %s",
+                    checkpoint, args.checkpoint, describe_unhealthy(marked))
     try:
-        export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite, args.adapter_out)
+        export_checkpoint(checkpoint, args.out, args.processor, args.dtype, args.overwrite, args.adapter_out,
+                          args.allow_unhealthy)
     except (CheckpointError, UnsafeOutput, FileExistsError, FileNotFoundError) as e:  # refusals: no traceback
         parser.exit(2, f"ilvr-export: error: {e}\n")
     print(args.out)

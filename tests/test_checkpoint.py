@@ -10,6 +10,7 @@ import json
 import os
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +165,75 @@ DS_CONFIG = {
     "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
     "zero_optimization": {"stage": 3},
 }  # fmt: skip
+
+
+FULL_DISK_SAVE = r"""
+import json, os, resource, signal, sys
+import torch
+from ilvr.training.checkpoint import CheckpointManager
+from ilvr.training.disk_full import DiskFull
+
+class TorchEngine:  # writes with PyTorch's own file writer, as DeepSpeed does
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
+        torch.save({"w": torch.zeros(100_000)}, os.path.join(save_dir, tag, "model_states.pt"))
+
+manager = CheckpointManager(sys.argv[1], keep_last=2)
+manager.save(TorchEngine(), 1)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+try:
+    manager.save(TorchEngine(), 2)
+except DiskFull as e:
+    print(json.dumps({"error": str(e), "cause": repr(e.__cause__)}))
+"""
+
+
+def test_a_save_on_a_full_disk_names_it_and_keeps_nothing_half_written(tmp_path):
+    """Before: `RuntimeError: [enforce fail at inline_container.cc] unexpected pos ...` (or `basic_ios::clear:
+    iostream error`), naming neither the full disk nor the checkpoint."""
+    import subprocess
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_SAVE, str(out)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    root = out / "checkpoints"
+    assert f"saving checkpoint {root / 'step-2'} failed: a file reached the file-size limit" in result["error"] \
+        or f"saving checkpoint {root / 'step-2'} failed: the disk is full" in result["error"], result
+    assert "GB free of" in result["error"] and f"the last checkpoint ({root / 'step-1'}) is intact" in result["error"]
+    assert "RuntimeError" in result["cause"]  # PyTorch's own error, kept as the cause
+    assert sorted(os.listdir(root)) == ["latest", "step-1"]  # no step-2, no step-2.tmp-*
+    assert latest(str(out)) == str(root / "step-1")
+
+
+class FullDiskOnRank1(FakeEngine):
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        if torch.distributed.get_rank() == 1:
+            raise OSError(28, "No space left on device")
+        super().save_checkpoint(save_dir, tag, client_state, save_latest)
+
+
+def _save_with_a_full_disk_on_rank_1(rank, world_size, out_dir: str):
+    manager = CheckpointManager(out_dir)
+    manager.save(FakeEngine(1.0), 1)
+    try:
+        manager.save(FullDiskOnRank1(2.0), 2)
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "saved"
+
+
+def test_a_full_disk_on_one_rank_ends_the_save_on_every_rank_at_once(tmp_path):
+    """Before: rank 1 raised a bare `OSError: [Errno 28]` and rank 0 was left in the barrier after the writes,
+    knowing nothing; now every rank raises at once with the message naming the checkpoint and the full disk."""
+    out = str(tmp_path / "run")
+    rank0, rank1 = run_on_ranks(_save_with_a_full_disk_on_rank_1, world_size=2, timeout=60, out_dir=out)
+    assert rank1.startswith(f"DiskFull: saving checkpoint {out}/checkpoints/step-2 failed: the disk is full"), rank1
+    assert rank0 == f"RuntimeError: the checkpoint save failed on another rank: {rank1[len('DiskFull: '):]}"
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest", "step-1"]
 
 
 def make_engine(processor_dir: str, seed: int):

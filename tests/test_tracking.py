@@ -197,7 +197,8 @@ def test_bad_tracking_uri_warns_once_and_never_raises(tmp_path, monkeypatch, cap
         tracker.end("FAILED")
     assert time.monotonic() - t0 < 20
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "127.0.0.1:1" in warnings[0].getMessage()
+    assert len(warnings) == 2 and "127.0.0.1:1" in warnings[0].getMessage()  # once at start, once at the end:
+    assert "--backfill" in warnings[1].getMessage()  # how to send the run when the store answers
 
 
 def log_step(tracker: Tracker, out: Path, step: int) -> float:
@@ -594,3 +595,58 @@ def test_connectable_uri_never_uses_a_redacted_or_missing_store(tmp_path, monkey
     record = tracking.store_record(f"sqlite:///{tmp_path}/run/mlflow.db", "abc", str(tmp_path / "export"))
     assert record == {"run_id": "abc", "tracking_uri": f"sqlite:///{tmp_path}/run/mlflow.db",
                       "tracking_db": "../run/mlflow.db"}
+
+
+def start_without_the_store(out: Path, uri: str, steps: range, status: str) -> None:
+    """A training process whose MLflow store is unreachable at start: it trains, logs metrics.jsonl, ends."""
+    out.mkdir(parents=True, exist_ok=True)  # the trainer makes it before the tracker starts
+    tracker = Tracker(rank=0, tracking_uri=uri, end_on_exit="FAILED")
+    assert tracker.start(make_cfg(out), run_name=out.name) is None
+    make_cfg(out).save(str(out / "config.resolved.yaml"))  # as the trainer records it
+    for step in steps:
+        log_step(tracker, out, step)
+    tracker.end(status)
+
+
+@pytest.mark.slow
+def test_a_store_down_at_start_is_recorded_and_backfilled_without_hand_edits(tmp_path, caplog):
+    """Before: nothing recorded that the run had no MLflow run, and `--backfill` refused the directory
+    (`no mlflow_run.json`): the steps could only reach MLflow by hand."""
+    srv = Server(tmp_path)  # not started yet: its port refuses connections
+    out = tmp_path / "out"
+    try:
+        with caplog.at_level(logging.WARNING, logger="ilvr.training.tracking"):
+            start_without_the_store(out, srv.uri, range(1, 6), "FINISHED")
+        assert os.path.isfile(out / tracking.STATE_FILE), "the run's record for a later --backfill"
+        state = json.loads((out / tracking.STATE_FILE).read_text())
+        assert state["run_id"] is None and state["status"] == "FINISHED" and "ConnectionError" in state["start_failed"]
+        assert state["undelivered_steps"] == 5 and "--backfill" in caplog.text
+        srv.start()
+        assert tracking.main([str(out), "--backfill"]) == 0
+        state = tracking.read_state(str(out))
+        client = client_for(srv.uri)
+        run = client.get_run(state["run_id"])
+        assert run.info.status == "FINISHED" and run.info.run_name == "out" and run.data.params["train.lr"] == "0.0003"
+        assert steps_of(client, state["run_id"]) == [1, 2, 3, 4, 5] and state["status_delivered"]
+        assert tracking.main([str(out), "--backfill"]) == 0  # again: the same run, nothing twice
+        assert steps_of(client, state["run_id"]) == [1, 2, 3, 4, 5]
+        resumed = Tracker(rank=0, tracking_uri=srv.uri)  # a resume whose checkpoint has no run id
+        assert resumed.start(make_cfg(out)) == state["run_id"]
+        log_step(resumed, out, 6)
+        resumed.end("FINISHED")
+        assert steps_of(client, state["run_id"]) == [1, 2, 3, 4, 5, 6]
+        assert len(client.search_runs([run.info.experiment_id])) == 1
+    finally:
+        srv.close()
+
+
+def test_a_resume_with_the_store_back_sends_the_steps_of_a_start_without_it(tmp_path):
+    out = tmp_path / "out"
+    start_without_the_store(out, f"http://127.0.0.1:{free_port()}", range(1, 4), "KILLED")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    tracker = Tracker(rank=0, tracking_uri=uri)
+    run_id = tracker.start(make_cfg(out))
+    log_step(tracker, out, 4)
+    tracker.end("FINISHED")
+    assert steps_of(client_for(uri), run_id) == [1, 2, 3, 4]
+    assert tracking.read_state(str(out))["run_id"] == run_id

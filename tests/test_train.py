@@ -70,6 +70,10 @@ def test_zero3_two_stages_loss_falls_and_mlflow_has_the_run(tmp_path, shards, ti
     with open(os.path.join(out, "checkpoints", "step-30", "trainer.json"), encoding="utf-8") as f:
         fed_mean = json.load(f)["fed_mean"]  # the constant-latent ablation's constant, at the fed-back scale
     assert len(fed_mean) == 64 and sum(v * v for v in fed_mean) ** 0.5 > 1.0
+    from ilvr.training.health import read_health
+
+    health = read_health(os.path.join(out, "checkpoints", "step-30"))  # the defaults never fire on a normal run
+    assert health["healthy"] and health["problems"] == [] and health["weight_rms"] < 1.0, health
 
     import mlflow
 
@@ -101,6 +105,43 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, shards, tiny_processo
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{os.path.abspath(split)}/mlflow.db")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, "the resumed run logs into the same MLflow run"
+
+
+def test_a_diverged_run_keeps_its_healthy_checkpoint_for_resume_and_export(tmp_path, shards, tiny_processor_dir,
+                                                                         caplog):
+    """The issue's reproduction, lr=1e6: step 1 leaves the weights as they were, then they run away (RMS 1e6,
+    1e10) while the loss stays finite, then it turns NaN and the run stops. Before: the runaway checkpoints were
+    `latest`, keep_last=2 pruned step 1, and `--resume auto` and ilvr-export took the runaway weights."""
+    import logging
+
+    from ilvr.export import main as export_main
+    from ilvr.training.checkpoint import resolve_resume
+    from ilvr.training.health import read_health
+
+    out = str(tmp_path / "diverged")
+    proc = subprocess.run(command(out, shards, tiny_processor_dir, "train.lr=1e6", "train.warmup_steps=0",
+                                  "train.save_every=1", "train.keep_last=2", "train.max_steps=8",
+                                  "train.stage1_steps=8", "train.max_bad_steps=2"),
+                          env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 1 and "FloatingPointError" in proc.stderr, proc.stderr[-3000:]
+    root = os.path.join(out, "checkpoints")
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(root) if n.startswith("step-"))
+    healthy = [s for s in steps if read_health(os.path.join(root, f"step-{s}"))["healthy"]]
+    assert healthy and steps[-1] > healthy[-1], (steps, healthy)  # an unhealthy newest one, the healthy one kept
+    good = os.path.join(root, f"step-{healthy[-1]}")
+    sick = os.path.join(root, f"step-{steps[-1]}")
+    assert "weight RMS" in read_health(sick)["problems"][0]
+    with open(os.path.join(root, "latest"), encoding="utf-8") as f:
+        assert f.read().strip() == os.path.basename(good)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume("auto", out) == good  # what the trainer's --resume auto loads
+        assert export_main(["--checkpoint", out, "--out", str(tmp_path / "exported")]) == 0
+    assert caplog.text.count(f"using {good}, the newest healthy checkpoint") == 2, caplog.text
+    with open(tmp_path / "exported" / "ilvr_settings.json", encoding="utf-8") as f:
+        assert json.load(f)["step"] == healthy[-1]
+    with pytest.raises(SystemExit) as refused:  # the runaway checkpoint named explicitly
+        export_main(["--checkpoint", sick, "--out", str(tmp_path / "sick")])
+    assert refused.value.code == 2 and not (tmp_path / "sick").exists()
 
 
 def test_zero2_trains(tmp_path, shards, tiny_processor_dir):

@@ -2,14 +2,15 @@
 
 Layout (under `<output_dir>/checkpoints/`):
 
-    latest                 text "step-<N>": the checkpoint to resume from
+    latest                 text "step-<N>": the checkpoint to resume from (never one marked unhealthy)
     step-<N>/
       ds/                  DeepSpeed's files (tag "ds"): student weights, optimizer, scheduler, ZeRO shards
       latest, zero_to_fp32.py  DeepSpeed's tag file ("ds") and recovery script
       teacher/ ...         whatever `save_teacher(dir)` writes (each rank its own file)
       model_config/        the student's HF config.json (for ilvr-export)
       processor/           the processor, when the manager was given one (for ilvr-export)
-      trainer.json         rank 0: step, world_size, and the caller's extra_state (epoch, run id, config, ...)
+      trainer.json         rank 0: step, world_size, and the caller's extra_state (epoch, run id, config,
+                           "health": the verdict of ilvr/training/health.py at the save, ...)
       rank<r>.json         rank r: its RNG states and the caller's rank_state (loader position, ...)
       COMPLETE             written last, with a sha256 per file: a directory without it is never loaded
 
@@ -19,6 +20,8 @@ then replaces `latest` (temp file + os.replace). A crash before the rename leave
 dir (ignored, removed by the next save); after it, `latest` still names the previous, complete
 checkpoint.
 Old checkpoints are renamed to `.trash-*` before removal: a half-deleted one never looks complete.
+A checkpoint whose trainer.json marks it unhealthy is kept but not taken: `latest` stays on the newest
+healthy one, which pruning never removes, and `latest()` / `--resume auto` skip it (logged).
 
 Hostile files (docs/reliability.md): nothing is ever unpickled. Our files are JSON; DeepSpeed
 0.19 calls torch.load(weights_only=False) on its own, so every load we trigger runs inside
@@ -469,27 +472,57 @@ def _pointed(root: str) -> str | None:
     return None
 
 
-def _candidates(output_dir: str) -> list[str]:
-    """Checkpoints to resume from, best first: the one `latest` names, then complete ones, newest first."""
+def _candidates(output_dir: str, include_unhealthy: bool = False) -> list[str]:
+    """Checkpoints to resume from, best first: the one `latest` names, then complete ones, newest first;
+    without those marked unhealthy at their save (ilvr/training/health.py) unless `include_unhealthy`."""
+    from ilvr.training.health import unhealthy_reason
+
     root = os.path.join(output_dir, "checkpoints")
     named = _pointed(root)
-    rest = [p for p in reversed(_complete_steps(root)) if p != named]
-    return ([named] if named else []) + rest
+    found = ([named] if named else []) + [p for p in reversed(_complete_steps(root)) if p != named]
+    return found if include_unhealthy else [p for p in found if unhealthy_reason(p) is None]
 
 
-def latest(output_dir: str) -> str | None:
-    """The checkpoint to resume from: the one `latest` names if complete, else the newest complete one."""
-    found = _candidates(output_dir)
+def unhealthy(output_dir: str) -> list[tuple[str, str]]:
+    """(checkpoint, why) for every complete checkpoint of a run marked unhealthy at its save, newest first."""
+    from ilvr.training.health import unhealthy_reason
+
+    marked = [(p, unhealthy_reason(p)) for p in reversed(_complete_steps(os.path.join(output_dir, "checkpoints")))]
+    return [(p, why) for p, why in marked if why is not None]
+
+
+def describe_unhealthy(marked: list[tuple[str, str]]) -> str:
+    """'step-3 (weight RMS ...), step-2 (...)' for log lines and errors."""
+    return ", ".join(f"{os.path.basename(p)} ({why})" for p, why in marked[:5]) + (" ..." if len(marked) > 5 else "")
+
+
+def no_healthy_checkpoint(output_dir: str, marked: list[tuple[str, str]]) -> str:
+    """The error when every checkpoint of a run is marked unhealthy: which, why, and the ways on."""
+    return (f"every checkpoint of {output_dir} is marked unhealthy: {describe_unhealthy(marked)}. The run "
+            "diverged before its first healthy save; start again with a lower train.lr (--resume never with a "
+            "new train.output_dir), or name a checkpoint explicitly (--resume PATH, ilvr-export --checkpoint PATH "
+            "--allow-unhealthy) to use it anyway")
+
+
+def latest(output_dir: str, include_unhealthy: bool = False) -> str | None:
+    """The checkpoint to resume from: the one `latest` names if complete, else the newest complete one;
+    only among checkpoints not marked unhealthy unless `include_unhealthy` (then: is there any checkpoint)."""
+    found = _candidates(output_dir, include_unhealthy)
     return found[0] if found else None
 
 
 def newest_verified(output_dir: str, collective: bool = False) -> str | None:
     """The best checkpoint of a run dir that passes verify_checkpoint; the ones skipped are logged with the
     reason. None when the run has none; CheckpointError when it has some and none verifies."""
-    candidates = _candidates(output_dir)
+    candidates, marked = _candidates(output_dir), unhealthy(output_dir)
     if collective:
-        candidates = _all_gather_json(candidates)[0]
+        candidates, marked = _all_gather_json([candidates, marked])[0]
     main = _rank_world()[0] == 0 or not collective
+    if marked and not candidates:
+        raise CheckpointError(no_healthy_checkpoint(output_dir, marked))
+    if marked and main:
+        log.warning("resume: using %s, the newest healthy checkpoint; skipped as unhealthy: %s", candidates[0],
+                    describe_unhealthy(marked))
     skipped = []
     for path in candidates:
         try:
@@ -502,12 +535,26 @@ def newest_verified(output_dir: str, collective: bool = False) -> str | None:
         if skipped and main:
             log.warning("resume: using %s, the newest checkpoint that verifies (skipped: %s)", path,
                         ", ".join(skipped))
+        if main:
+            _warn_unknown_health(path)
         return path
     if skipped:
         raise CheckpointError(f"no checkpoint of {output_dir} is safe to load (skipped {', '.join(skipped)}; "
                               "reasons in the log): restore them, or start a new run: --resume never with a new "
                               "train.output_dir")
     return None
+
+
+def _warn_unknown_health(path: str) -> None:
+    """The log line for a chosen checkpoint that is not recorded healthy: unhealthy (taken because it was
+    named) or without a record (saved before health checks: accepted)."""
+    from ilvr.training.health import read_health, unhealthy_reason
+
+    why = unhealthy_reason(path)
+    if why is not None:
+        log.warning("%s is marked unhealthy (%s): used because it was named explicitly", path, why)
+    elif read_health(path) is None:
+        log.warning("%s has no health record (saved before health checks): accepted as healthy-unknown", path)
 
 
 def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -> str | None:
@@ -521,6 +568,8 @@ def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -
         return newest_verified(output_dir, collective)
     if is_complete(arg):
         verify_checkpoint(arg, collective)
+        if _rank_world()[0] == 0 or not collective:
+            _warn_unknown_health(arg)
         return arg
     if os.path.isdir(os.path.join(arg, "checkpoints")):
         found = newest_verified(arg, collective)
@@ -580,15 +629,48 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step by this job
             os.makedirs(tmp)
         _barrier()
-        self._write_payload(engine, tmp, rank, rank_json, trainer_json, save_teacher)
-        _barrier()
+        failed = self._attempt(final, lambda: self._write_payload(engine, tmp, rank, rank_json, trainer_json,
+                                                                  save_teacher))
+        self._agree(failed, tmp)  # every rank, instead of a barrier: one rank's failure ends the save on all
         hashes = self._hash_payload(tmp, rank, world)
-        if rank == 0:
-            self._commit(tmp, final, hashes)
-        _barrier()
+        healthy = ((extra_state or {}).get("health") or {}).get("healthy", True)
+        failed = self._attempt(final, lambda: self._commit(tmp, final, hashes, healthy)) if rank == 0 else None
+        self._agree(failed, tmp)
         if rank == 0:
             self._prune()
         return final
+
+    def _attempt(self, final: str, write: Callable[[], None]) -> "tuple[str, BaseException] | None":
+        """Run this rank's part of a save; (message, error) when it failed, the message naming a full disk
+        and the checkpoint dir when that is the cause (disk_full.py)."""
+        from ilvr.training.disk_full import DiskFull, disk_full_condition, free_space
+
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 -- reported to every rank, then raised
+            condition = disk_full_condition(e)
+            if condition is None:
+                return f"rank {_rank_world()[0]}: {type(e).__name__}: {e}", e
+            message = (f"saving checkpoint {final} failed: {condition} ({free_space(self.root)} on the file system "
+                       f"of {self.root}). The unfinished save was removed; the last checkpoint "
+                       f"({latest(self.output_dir) or 'none yet'}) is intact. Free space there (or lower train.keep_last, or move train.output_dir), "
+                       "then continue with --resume auto")
+            full = DiskFull(message)
+            full.__cause__ = e  # the writer's own error stays in the traceback
+            return message, full
+        return None
+
+    def _agree(self, failed: "tuple[str, BaseException] | None", tmp: str) -> None:
+        """Collective: if any rank's part failed, remove the unfinished dir (never marked complete) and raise
+        on every rank: the failing rank its error (a disk-full one as DiskFull), the others one naming it."""
+        messages = [m for m in _all_gather_json(failed[0] if failed else None) if m]
+        if not messages:
+            return
+        if _rank_world()[0] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if failed is not None:
+            raise failed[1]
+        raise RuntimeError(f"the checkpoint save failed on another rank: {messages[0]}")
 
     def _write_payload(self, engine, tmp: str, rank: int, rank_json: str, trainer_json: str,
                        save_teacher: Callable[[str], None] | None) -> None:
@@ -613,8 +695,9 @@ class CheckpointManager:
         mine = {rel: sha256_file(os.path.join(tmp, rel)) for rel in files[rank::world]}
         return {rel: digest for part in _all_gather_json(mine) for rel, digest in part.items()}
 
-    def _commit(self, tmp: str, final: str, hashes: dict[str, str]) -> None:
-        """Rank 0, after every rank wrote: fsync, COMPLETE (with the hashes), rename into place, point `latest`."""
+    def _commit(self, tmp: str, final: str, hashes: dict[str, str], healthy: bool = True) -> None:
+        """Rank 0, after every rank wrote: fsync, COMPLETE (with the hashes), rename into place, point `latest`
+        at it unless it is marked unhealthy (then `latest` keeps naming the newest healthy checkpoint)."""
         _fsync_tree(tmp)
         write_text_atomic(os.path.join(tmp, COMPLETE),
                           json.dumps({"format": MANIFEST_FORMAT, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
@@ -622,6 +705,10 @@ class CheckpointManager:
             os.replace(final, self._trash_name(final))
         os.replace(tmp, final)
         _fsync_path(self.root)
+        if not healthy:
+            log.info("checkpoint saved: %s (marked unhealthy: %s keeps naming %s)", final, LATEST,
+                     latest(self.output_dir))
+            return
         pointer = os.path.join(self.root, LATEST)
         if os.path.isdir(pointer) and not os.path.islink(pointer):  # a bad pointer that no file can replace
             os.replace(pointer, self._trash_name(pointer))
@@ -639,7 +726,8 @@ class CheckpointManager:
         return holds_lock(self.output_dir) or (self._tag is not None and name.endswith(f"-{self._tag}"))
 
     def _prune(self) -> None:
-        """Remove checkpoints beyond keep_last (never the one `latest` names), crashed .tmp dirs, trash."""
+        """Remove checkpoints beyond keep_last (never the newest healthy one: `latest()` skips those marked
+        unhealthy), crashed .tmp dirs, trash."""
         current = latest(self.output_dir)
         doomed = []
         if self.keep_last > 0:

@@ -55,4 +55,5 @@ class BadStepGuard:
         if self.in_a_row >= self.max_in_a_row:
             raise FloatingPointError(
                 f"{self.in_a_row} consecutive steps had a NaN/Inf loss (train.max_bad_steps={self.max_in_a_row}); "
-                "lower train.lr, check the data, or resume from the last checkpoint")
+                "lower train.lr or check the data, then resume: --resume auto takes the newest checkpoint marked "
+                "healthy at its save (the log says which)")

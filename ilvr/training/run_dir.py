@@ -38,7 +38,7 @@ FINISHED_FILE = "finished.json"  # written when a run reaches train.max_steps (s
 ALLOWED_ON_RESUME = (
     "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
     "train.stop_after", "train.collective_timeout", "train.max_bad_steps", "train.comm_stats",
-    "train.gather_once", "train.output_dir", "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
+    "train.gather_once", "train.health_*", "train.output_dir", "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
     "model.gradient_checkpointing", "eval.*",
 )  # and train.stage1_steps while the run is still in stage 1 (_same_stage)
 _PATH_FIELDS = ("data.train_shards", "data.processor", "model.name_or_path")
@@ -151,12 +151,12 @@ def _explicit_checkpoint(path: str) -> str:
 
 def plan_run(cfg: Config, resume: "str | None", allow_config_change: bool = False) -> RunPlan:
     """Decide from the files what this start does (see the module doc); RunDirRefused when it must not."""
-    from ilvr.training.checkpoint import latest
+    from ilvr.training.checkpoint import latest, no_healthy_checkpoint, unhealthy
 
     out = cfg.train.output_dir
     given = cfg.to_dict()
     if resume in (None, "", "never"):
-        found = latest(out)
+        found = latest(out, include_unhealthy=True)
         if found:
             raise RunDirRefused(
                 f"train.output_dir={out} already holds a run (checkpoint {found}); --resume never would start a "
@@ -165,6 +165,8 @@ def plan_run(cfg: Config, resume: "str | None", allow_config_change: bool = Fals
         return RunPlan("new")
     explicit = resume != "auto"
     checkpoint = _explicit_checkpoint(resume) if explicit else latest(out)
+    if checkpoint is None and unhealthy(out):  # checkpoints, none fit to go on from: never a silent restart
+        raise RunDirRefused(no_healthy_checkpoint(out, unhealthy(out)))
     if checkpoint is None:  # nothing trained here yet (a fresh dir, or an attempt that never saved)
         previous = recorded_config(None, out)
         return RunPlan("new", changes=config_changes(previous, given) if previous else {})

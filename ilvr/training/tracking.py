@@ -16,7 +16,8 @@ ranks nothing. Failed sends stay queued and are retried with exponential backoff
 answers again, backfilled from `<output_dir>/metrics.jsonl` (the trainer's per-step log).
 end() waits at most `end_timeout_s`; whatever did not arrive (steps, the final status) is
 recorded in `<output_dir>/mlflow_run.json`, which a resume of the run or
-`python -m ilvr.training.tracking RUN_DIR --backfill` delivers later.
+`python -m ilvr.training.tracking RUN_DIR --backfill` delivers later. A start that cannot reach the
+store is recorded there too (run_id null): --backfill (or a resume) then creates the run and sends it all.
 """
 from __future__ import annotations
 
@@ -380,13 +381,17 @@ def backfill_metrics(client, run_id: str, path: str, lo: int = 0, hi: "int | Non
     return len(missing)
 
 
-def read_state(output_dir: str) -> "dict | None":
+def read_state(output_dir: str, unstarted: bool = False) -> "dict | None":
+    """mlflow_run.json of a run dir; None without one. `unstarted`: also the record of a run whose start could
+    not reach the store (run_id null, "start_failed"), which only --backfill and a resume act on."""
     try:
         with open(os.path.join(output_dir, STATE_FILE), encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError):
         return None
-    return state if isinstance(state, dict) and state.get("run_id") else None
+    if not isinstance(state, dict):
+        return None
+    return state if state.get("run_id") or (unstarted and state.get("start_failed")) else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -460,6 +465,7 @@ class Tracker:
         self._closing = False  # end() is waiting: retry sooner
         self._stop = False
         self._end_delivered = False
+        self._start_error: "str | None" = None  # start() could not reach the store: the run is created by --backfill
 
     # ------------------------------------------------------------------ warnings
     def _warn(self, what: str, err: BaseException, tail: str) -> None:
@@ -512,6 +518,7 @@ class Tracker:
             self._fail_start("start", e)
             self.run_id = None
             self.active = False
+            self._record_unstarted(e)
             return None
         self.log_params(config)
         self._launch()
@@ -534,7 +541,7 @@ class Tracker:
         if env_run and resume_run_id and env_run != resume_run_id:
             logger.warning("MLFLOW_RUN_ID=%s differs from the checkpoint's run %s; logging into MLFLOW_RUN_ID",
                            env_run, resume_run_id)
-        run_id = env_run or resume_run_id
+        run_id = env_run or resume_run_id or self._backfilled_run()
         if run_id:
             try:
                 client.get_run(run_id)
@@ -560,6 +567,47 @@ class Tracker:
         self.run_id = client.create_run(exp_id, start_time=start_ms, run_name=run_name,
                                         tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
         logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, redact_uri(uri))
+        self._earlier_steps()
+
+    # ------------------------------------------------------------------ a start without the store
+    def _record_unstarted(self, err: BaseException) -> None:
+        """start() failed (server unreachable): say so in mlflow_run.json, with no run id, so that
+        `--backfill` (or a resume) can create the run and send everything later; the final status is
+        recorded at end(), or at exit for a process that never calls it."""
+        if not self.output_dir:
+            return
+        self._start_error = redact_uri(f"{type(err).__name__}: {err}")[:300]
+        self._save_state("RUNNING", False, 0)
+        if self.end_on_exit:
+            atexit.register(self._at_exit)
+
+    def _end_unstarted(self, status: str) -> None:
+        atexit.unregister(self._at_exit)
+        steps = len(read_metrics(os.path.join(self.output_dir, METRICS_FILE)))
+        self._save_state(status, False, steps, 0 if steps else None)
+        logger.warning("MLflow: no run was created (the store was unreachable at start: %s). %d logged steps and the "
+                       "status %s are kept in %s and %s; when the store answers, run `python -m "
+                       "ilvr.training.tracking %s --backfill` (creates the run and sends them; resuming the run "
+                       "does it too)", self._start_error, steps, status, METRICS_FILE, STATE_FILE, self.output_dir)
+
+    def _backfilled_run(self) -> "str | None":
+        """The run `--backfill` created for this output dir after a start without the store: a resume whose
+        checkpoint has no run id logs into it instead of starting a second run."""
+        state = read_state(self.output_dir) or {}
+        return state["run_id"] if state.get("created_by") == "backfill" else None
+
+    def _earlier_steps(self) -> None:
+        """A new run in a dir whose earlier process never reached the store: its steps (metrics.jsonl, truncated
+        to the resumed step) are sent once the sender runs."""
+        state = read_state(self.output_dir, unstarted=True)
+        if not state or state.get("run_id") is not None:
+            return
+        path = os.path.join(self.output_dir, METRICS_FILE)
+        hi = last_step(path)
+        if hi is not None:
+            self._gap = [0, hi, len(read_metrics(path, 0, hi))]
+            logger.info("MLflow: the earlier process of this run never reached the store; sending its steps "
+                        "0..%d from %s", hi, path)
 
     def _resume_backfill(self) -> None:
         """The previous process of this run died or ended with steps undelivered: backfill them (up to
@@ -604,7 +652,9 @@ class Tracker:
 
     def _at_exit(self) -> None:
         """The process exits without end(): deliver what is queued (bounded), and set end_on_exit if given."""
-        if self.end_on_exit and self._ready():
+        if self.end_on_exit and self._start_error is not None:
+            self._end_unstarted(self.end_on_exit)
+        elif self.end_on_exit and self._ready():
             logger.warning("MLflow: the process exits without ending run %s; marking it %s",
                            self.run_id, self.end_on_exit)
             self.end(self.end_on_exit)
@@ -614,6 +664,9 @@ class Tracker:
     def end(self, status: str = "FINISHED") -> None:
         """Mark the run FINISHED / FAILED / KILLED after the queued calls, waiting at most end_timeout_s;
         what did not arrive is recorded in mlflow_run.json for a resume or a --backfill."""
+        if self._start_error is not None:
+            self._end_unstarted(status.upper())
+            return
         if not self._ready():
             return
         status = status.upper()
@@ -648,9 +701,12 @@ class Tracker:
         return min(steps) if steps else None
 
     def _save_state(self, status: str, delivered: bool, undelivered: int, first: "int | None" = None) -> None:
-        if not (self.output_dir and self.run_id):
+        if not (self.output_dir and (self.run_id or self._start_error)):
             return
-        state = {**store_record(self.tracking_uri, self.run_id, self.output_dir), "status": status,
+        record = store_record(self.tracking_uri, self.run_id, self.output_dir) if self.run_id else {
+            "run_id": None, "tracking_uri": redact_uri(self.tracking_uri or ""), "start_failed": self._start_error,
+            "experiment": self.experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "ilvr"}
+        state = {**record, "status": status,
                  "status_delivered": delivered, "undelivered_steps": undelivered, "undelivered_from": first,
                  "pid": os.getpid(), "host": socket.gethostname(),
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -868,7 +924,7 @@ def backfill_run(run_dir: str, tracking_uri: "str | None" = None, status: "str |
     recorded final status (KILLED for a RUNNING run whose process is gone from this host)."""
     from mlflow import MlflowClient
 
-    state = read_state(run_dir)
+    state = read_state(run_dir, unstarted=True)
     if state is None:
         raise FileNotFoundError(f"no {STATE_FILE} in {run_dir}: not a run directory written by this tracker")
     uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -882,6 +938,9 @@ def backfill_run(run_dir: str, tracking_uri: "str | None" = None, status: "str |
     prepare_server(uri)
     client = MlflowClient(tracking_uri=uri)
     run_id = state["run_id"]
+    if not run_id:  # the training's start never reached the store
+        run_id = create_backfill_run(client, uri, run_dir, state)
+        state.update(run_id=run_id, created_by="backfill")
     sent = backfill_metrics(client, run_id, os.path.join(run_dir, METRICS_FILE))
     final = status or state.get("status")
     if final == "RUNNING":
@@ -891,10 +950,44 @@ def backfill_run(run_dir: str, tracking_uri: "str | None" = None, status: "str |
         client.set_terminated(run_id, status=final.upper())
     else:
         note = f" (left RUNNING: its process ran on {state.get('host')}; pass --status KILLED once it is gone)"
+    state.pop("start_failed", None)
+    state.update(store_record(uri, run_id, run_dir))
     state.update(status=(final or "RUNNING").upper(), status_delivered=bool(final), undelivered_steps=0,
                  undelivered_from=None, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     _write_atomic(os.path.join(run_dir, STATE_FILE), json.dumps(state, indent=1) + "\n")
     return f"MLflow run {run_id}: backfilled {sent} steps from {METRICS_FILE}; status {final or 'RUNNING'}{note}"
+
+
+def create_backfill_run(client, uri: str, run_dir: str, state: dict) -> str:
+    """The MLflow run a training run never got (its start could not reach the store): created now in the
+    recorded experiment, named after the run dir, with the params of config.resolved.yaml, and recorded in
+    mlflow_run.json at once (`created_by: backfill`) so a retry or a resume uses it, never a second one."""
+    from mlflow.exceptions import MlflowException
+
+    name = state.get("experiment") or "ilvr"
+    exp = client.get_experiment_by_name(name)
+    try:
+        exp_id = exp.experiment_id if exp else client.create_experiment(name,
+                                                                        artifact_location=local_artifact_location(uri))
+    except MlflowException:  # created meanwhile
+        exp_id = client.get_experiment_by_name(name).experiment_id
+    tags = {"hostname": state.get("host") or "", "backfilled": "true", "start_failed": state.get("start_failed")}
+    run_id = client.create_run(exp_id, run_name=os.path.basename(os.path.abspath(run_dir)),
+                               tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
+    _write_atomic(os.path.join(run_dir, STATE_FILE),
+                  json.dumps({**state, **store_record(uri, run_id, run_dir), "created_by": "backfill"}, indent=1) + "\n")
+    config = os.path.join(run_dir, "config.resolved.yaml")  # ilvr.training.run_dir.RESOLVED_FILE
+    if os.path.isfile(config):
+        from mlflow.entities import Param
+
+        from ilvr.config import load_config
+
+        params = [Param(k, v) for k, v in _clean(load_config(config, [], check_paths=False).flat(),
+                                                  MAX_PARAM_VALUE).items()]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
+    logger.info("MLflow: created run %s for %s (its start never reached the store)", run_id, run_dir)
+    return run_id
 
 
 def summarize(output_dir: str) -> str:

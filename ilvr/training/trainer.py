@@ -60,6 +60,10 @@ class Trainer:
         self.fed_mean = MovingAverage()  # mean fed-back latent state (this rank): the constant-latent ablation
         self.latent_norm: "float | None" = None  # model.latent_rescale: fixed at the switch to stage 2
         self.stage2_checkpoint = False  # stage 2's per-call activation checkpointing (model.gradient_checkpointing)
+        from ilvr.training.health import LossWatch
+
+        self.losses = LossWatch()  # recent mean losses over ranks: the loss-spike check of each save (health.py)
+        self.grad_norm: "float | None" = None  # the last step's, for the same checks
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -273,6 +277,9 @@ class Trainer:
         self.step = self.saved_step = int(trainer_state["step"])
         self.history = list(trainer_state.get("history", []))
         self.latent_norm = trainer_state.get("latent_norm")
+        from ilvr.training.health import LossWatch
+
+        self.losses = LossWatch(trainer_state.get("loss_window"))
         saved_world = int(trainer_state.get("world_size", self.info.world_size))
         if saved_world == self.info.world_size and not self.loader.layout_changed(rank_state["loader"]):
             self.loader.load_state_dict(rank_state["loader"])
@@ -460,9 +467,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics, saving
     def _metrics(self, stage: int, parts: list, sums: dict, seconds: float, data_s: float, ema_ms: float) -> dict:
-        tokens, samples = all_reduce([sums["tokens"], sums["samples"]], "sum")
+        loss = sum(p["loss"] for p in parts) / len(parts)
+        tokens, samples, loss_sum = all_reduce([sums["tokens"], sums["samples"], loss], "sum")
+        self.losses.add(stage, loss_sum / self.info.world_size)
         m: dict[str, float] = {
-            "loss": sum(p["loss"] for p in parts) / len(parts),
+            "loss": loss,
             "ce": sum(p["ce"] for p in parts) / len(parts),
             "stage": float(stage),
             "lr": float(self.engine.get_lr()[0]),
@@ -477,6 +486,7 @@ class Trainer:
         if stage == 1:
             m["align"] = sum(p["align"] for p in parts) / len(parts)
         grad_norm = self.engine.get_global_grad_norm()
+        self.grad_norm = float(grad_norm) if grad_norm is not None else None
         if grad_norm is not None:
             m["grad_norm"] = float(grad_norm)
         m.update(self._latent_metrics(parts, stage))
@@ -562,16 +572,28 @@ class Trainer:
         return None if summed[-1] == 0 else [v / summed[-1] for v in summed[:-1]]
 
     def save(self) -> str:
+        from ilvr.training.health import HEALTH_KEY, verdict, weight_stats
+
+        # collective (ZeRO-3 partitions): judged before the save, recorded in trainer.json (hashed in COMPLETE)
+        health = verdict(weight_stats(self.engine.module), self.grad_norm, self.losses, self.cfg.train)
         trainer_state = {"stage": stage_at(self.cfg, max(self.step - 1, 0)), "mlflow_run_id": self.run_id,
                          "config": self.cfg.to_dict(), "history": self.history,
                          "latent_ids": list(self.latent_ids.as_tuple()),
-                         "latent_norm": self.latent_norm, "fed_mean": self._fed_mean_all_ranks()}
+                         "latent_norm": self.latent_norm, "fed_mean": self._fed_mean_all_ranks(),
+                         HEALTH_KEY: health, "loss_window": self.losses.state()}
         rank_state = {"loader": self.loader.state_dict(), "target_norm": self.target_norm.state(),
                       "fed_mean": self.fed_mean.state()}
         path = self.checkpoints.save(self.engine, self.step, extra_state=trainer_state, rank_state=rank_state,
                                      save_teacher=self._teacher_io("save"))
         self.saved_step = self.step
-        log.info("checkpoint saved: %s", path)
+        if health["healthy"]:
+            log.info("checkpoint saved: %s (healthy: weight RMS %.4g)", path, health["weight_rms"])
+        elif self.info.is_main:
+            from ilvr.training.checkpoint import latest
+
+            log.warning("checkpoint %s is marked unhealthy: %s. --resume auto and ilvr-export take the newest "
+                        "healthy one (%s); it is never pruned", path, "; ".join(health["problems"]),
+                        latest(self.cfg.train.output_dir) or "none yet")
         return path
 
     def _mark_finished(self) -> None:
