@@ -99,3 +99,21 @@ def test_stage1_reports_the_share_as_a_latent_metric(processor32):
     out = stage1_loss(model, model, batch, LossConfig(max_candidates=64), K)
     assert out.stats["changed_segments"] == 4
     assert 0.0 <= out.stats["changed_share"] <= 1.0 and 0.0 < out.stats["changed_chance"] < 1.0
+
+
+def test_recorded_picks_are_the_candidates_the_targets_came_from(processor32):
+    from ilvr.config import LossConfig
+    from ilvr.model.build import TinySize, build_tiny_model
+    from ilvr.model.selection import gather_picks, helper_candidates, pooled_targets, select_targets
+
+    processor, _ = processor32
+    model = build_tiny_model(processor.tokenizer, processor.image_processor, TinySize())
+    batch = vsp_batch(processor32, [PATH, [(0, 0), (1, 0)]], [MOVES, ["D"]])
+    for order in ("probability", "raster"):
+        sel = select_targets(model, batch, LossConfig(max_candidates=64, target_order=order), K)
+        cands, _ = helper_candidates(model, batch, sel.candidate_rows)
+        assert torch.equal(gather_picks(cands[batch["latent_segments"][:, 3]], sel.picks).float(), sel.targets.float())
+        assert torch.equal((sel.picks >= 0).sum(1), sel.counts)
+    pooled = pooled_targets(model, batch, K)
+    cands, _ = helper_candidates(model, batch, K)
+    assert torch.equal(gather_picks(cands[batch["latent_segments"][:, 3]], pooled.picks), pooled.targets)
