@@ -1,6 +1,7 @@
 """Probes of a tower's per-square features: known answers on made-up features."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ilvr.evaluation.tower_probe import same_type_cosine, square_probes
@@ -33,8 +34,11 @@ def test_same_type_cosine_is_one_without_position_and_drops_with_it():
     types, rows, cols = labels["type"], labels["row"], labels["col"]
     by_type = torch.randn(4, 16)[types]
     assert abs(same_type_cosine(by_type, types, rows, cols)["mean"] - 1.0) < 1e-5
-    position = torch.nn.functional.one_hot(rows * 3 + cols, 9).float() * 10
-    with_position = same_type_cosine(torch.cat([by_type, position], 1), types, rows, cols)
-    assert with_position["mean"] < 0.5
+    # unit type vector + orthogonal unit position vector: cosine 1/2 between two positions (1 at the same one,
+    # which must not be counted: 10 maps share every position)
+    position = torch.nn.functional.one_hot(rows * 3 + cols, 9).float()
+    unit_type = torch.nn.functional.normalize(by_type, dim=-1)
+    with_position = same_type_cosine(torch.cat([unit_type, position], 1), types, rows, cols)
+    assert with_position["mean"] == pytest.approx(0.5, abs=1e-6)
     same_place = same_type_cosine(position, types, torch.zeros_like(rows), torch.zeros_like(cols))
     assert same_place["mean"] != same_place["mean"]  # nan: every pair shares its square, none is counted
