@@ -27,7 +27,7 @@ def table(results: dict) -> list[str]:
     levels = sorted({lv for e in variants.values() for m in e["modes"].values()
                      for lv in (m.get("vsp_real_detail") or {}).get("per_level", {})})
     head = ["variant", "mode", "synthetic success % [95% CI]", "unparseable %"] + [f"real {lv} %" for lv in levels] \
-        + ["K* (end of stage 1)", "cos of consecutive targets, stage 1 start -> end", "fed-back norm"]
+        + ["K* (end of stage 1)", "cos of consecutive targets within a segment (`align_copy`), stage 1 start -> end", "fed-back norm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, e in variants.items():
         t = e.get("training", {})

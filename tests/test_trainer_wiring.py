@@ -75,8 +75,10 @@ def test_teacher_targets_and_one_ema_update_per_optimizer_step(tmp_path, shards,
     for r in stage1_rows:
         hist = r["latent/selected_hist"]
         assert isinstance(hist, list) and len(hist) == 4 and sum(hist) > 0
-        for key in ("latent/align_first", "latent/align_copy", "latent/selected_mean"):
+        for key in ("latent/align_first", "latent/align_copy", "latent/selected_mean", "latent/changed_share",
+                    "latent/changed_chance"):
             assert key in r
+        assert r["latent/changed_segments"] > 0  # VSP helpers share the previous image's grid: measured
     from ilvr.training.tracking import scalar_metrics
 
     scalars = scalar_metrics(stage1_rows[0])

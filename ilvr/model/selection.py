@@ -50,6 +50,11 @@ class Selection:
     max_prob: torch.Tensor  # [S] float, the largest candidate probability
     num_candidates: torch.Tensor  # [S] long, candidates after pooling
     queries: "torch.Tensor | None" = None  # [S, H] fp32, the context query of each segment
+    # [S, K] long: which of its helper's candidates each target is (-1 beyond counts[s]); the candidates are
+    # the helper's merged tokens pooled to at most `candidate_rows` (pool_rows), so diagnostics can map
+    # targets back to squares (ilvr/model/changed_squares.py)
+    picks: "torch.Tensor | None" = None
+    candidate_rows: int = 0
 
 
 def pool_rows(features: torch.Tensor, sizes: torch.Tensor, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,6 +112,22 @@ def select_by_coverage(cands: torch.Tensor, mask: torch.Tensor, query: torch.Ten
     cands [S, R, H] with mask [S, R] (padding never picked); cap [S] bounds K* (<= width).
     Picks come in decreasing probability (order="probability") or in raster order ("raster").
     """
+    picks, counts, max_prob = coverage_picks(cands, mask, query, cap, temperature, coverage_p, width, score_norm,
+                                             order)
+    return gather_picks(cands, picks), counts, max_prob
+
+
+def gather_picks(cands: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """The candidates [S, R, H] that `picks` [S, width] name, zero where a pick is -1. [S, width, H]."""
+    picked = cands.gather(1, picks.clamp(min=0)[..., None].expand(-1, -1, cands.shape[-1]))
+    return picked * (picks >= 0)[..., None]
+
+
+def coverage_picks(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, cap: torch.Tensor,
+                   temperature: float, coverage_p: float, width: int, score_norm: str = "none",
+                   order: str = "probability"):
+    """select_by_coverage's choice as candidate indices: (picks [S, width] long, -1 past counts; counts [S];
+    max prob [S])."""
     scores = candidate_scores(cands, mask, query, score_norm)
     probs = (scores / temperature).masked_fill(~mask, float("-inf")).softmax(-1)
     sorted_p, ranked = probs.sort(dim=-1, descending=True, stable=True)
@@ -120,8 +141,7 @@ def select_by_coverage(cands: torch.Tensor, mask: torch.Tensor, query: torch.Ten
         picks = picks.sort(-1).values
     elif order != "probability":
         raise ValueError(f"order must be 'probability' or 'raster', got {order!r}")
-    picked = cands.gather(1, picks.clamp(max=cands.shape[1] - 1)[..., None].expand(-1, -1, cands.shape[-1]))
-    return picked * keep[..., None], counts, sorted_p[:, 0]
+    return torch.where(keep, picks, -1), counts, sorted_p[:, 0]
 
 
 def sample_spans(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -242,7 +262,10 @@ def pooled_targets(model, batch: dict[str, Any], latent_size: int) -> Selection:
         counts = torch.minimum(mask.sum(1), seg[:, 2])
     else:
         counts = torch.zeros(0, dtype=torch.long, device=device)
-    return Selection(targets, counts, torch.ones(n_seg, device=device), counts.clone())
+    slots = torch.arange(latent_size, device=device)
+    picks = torch.where(slots < counts[:, None], slots, -1)
+    return Selection(targets, counts, torch.ones(n_seg, device=device), counts.clone(), picks=picks,
+                     candidate_rows=latent_size)
 
 
 @torch.no_grad()
@@ -266,8 +289,9 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
     targets = final.new_zeros(n_seg, latent_size, hidden, dtype=cands.dtype)
     counts = torch.zeros(n_seg, dtype=torch.long, device=device)
     max_prob = torch.zeros(n_seg, device=device)
+    picks = torch.full((n_seg, latent_size), -1, dtype=torch.long, device=device)
     if n_seg == 0:
-        return Selection(targets, counts, max_prob, counts.clone())
+        return Selection(targets, counts, max_prob, counts.clone(), picks=picks, candidate_rows=loss_cfg.max_candidates)
     if int(seg[:, 2].max()) > latent_size:
         raise ValueError(f"a latent segment has {int(seg[:, 2].max())} pads > latent_size {latent_size}")
     seg_row, first_pad, size, helper = seg.unbind(1)
@@ -283,9 +307,10 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
         parts = [user[owner[idx]], context[idx]] + ([unit(picked_mean[prev[idx]])] if t > 0 else [])
         query = torch.stack(parts).mean(0)
         h = helper[idx]
-        tg, cnt, mp = select_by_coverage(cands[h], cmask[h].to(device), query, size[idx], loss_cfg.temperature,
-                                         loss_cfg.coverage_p, latent_size, loss_cfg.score_norm,
-                                         loss_cfg.target_order)
-        targets[idx], counts[idx], max_prob[idx], queries[idx] = tg.to(targets.dtype), cnt, mp, query
+        pk, cnt, mp = coverage_picks(cands[h], cmask[h].to(device), query, size[idx], loss_cfg.temperature,
+                                     loss_cfg.coverage_p, latent_size, loss_cfg.score_norm, loss_cfg.target_order)
+        tg = gather_picks(cands[h], pk)
+        targets[idx], counts[idx], max_prob[idx], queries[idx], picks[idx] = tg.to(targets.dtype), cnt, mp, query, pk
         picked_mean[idx] = tg.float().sum(1) / cnt[:, None]
-    return Selection(targets, counts, max_prob, cmask.to(device)[helper].sum(1), queries)
+    return Selection(targets, counts, max_prob, cmask.to(device)[helper].sum(1), queries, picks,
+                     loss_cfg.max_candidates)

@@ -13,8 +13,11 @@ target (the noise is on the input side only): at inference h_{i-1} is what gets 
 Padded and packed batches give the same loss (latent_segments are in batch coordinates).
 
 Reading the alignment: at pad i > 0 of a segment the input already holds e_{i-1}, so a
-student that copies its input scores cos(e_{i-1}, e_i) (`align_copy`, the copy baseline);
-at the first pad no copy is possible (`align_first`).
+student that copies its input scores cos(e_{i-1}, e_i) (`align_copy`, the copy baseline: two
+consecutive targets WITHIN one segment, not two consecutive helper images); at the first pad no
+copy is possible (`align_first`). Whether the targets can carry the state at all:
+`changed_share` (changed_squares.py), the share of segments whose picks include a square that
+changed since the previous image, against `changed_chance` for random picks.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.encode import IGNORE_INDEX
+from ilvr.model.changed_squares import changed_stats
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
 from ilvr.model.latent_scale import rescale
 from ilvr.model.selection import Selection, select_targets
@@ -139,4 +143,6 @@ def stage1_loss(student, teacher, batch: dict[str, Any], loss_cfg, latent_size: 
     cos = F.cosine_similarity(h_prev.float(), e.float(), dim=-1)
     align = (1.0 - cos).mean() if cos.numel() else hidden.sum() * 0.0
     loss = loss_cfg.w_ce * ce + loss_cfg.w_align * align
-    return Stage1Output(loss, ce, align, _stats(selection, sites, h_prev, cos, latent_size, latent_norm))
+    stats = _stats(selection, sites, h_prev, cos, latent_size, latent_norm)
+    stats.update(changed_stats(batch, selection, student.config.vision_config.spatial_merge_size))
+    return Stage1Output(loss, ce, align, stats)
