@@ -91,13 +91,16 @@ def test_fewer_samples_than_loader_workers_says_so():
 
 def _step_metrics(rank: int, world_size: int) -> dict:
     """One step's metrics from the trainer's own `_metrics`, on a stand-in trainer whose rank 1 lost data."""
+    from ilvr.training.health import LossWatch
     from ilvr.training.trainer import Trainer
 
     skipped = Counter({"shard_read_error": 24} if rank == 1 else {"corrupt_image": 1})
     stand_in = SimpleNamespace(
         engine=SimpleNamespace(get_lr=lambda: [0.1], get_global_grad_norm=lambda: None),
         loader=SimpleNamespace(epoch=0, skips=SimpleNamespace(skipped=skipped)),
-        comm=SimpleNamespace(step=lambda: {}), _latent_metrics=lambda parts, stage: {})
+        comm=SimpleNamespace(step=lambda: {}), _latent_metrics=lambda parts, stage: {}, _part_lrs=lambda: {},
+        losses=LossWatch(),
+        info=SimpleNamespace(world_size=world_size, rank=rank))
     return Trainer._metrics(stand_in, 2, [{"loss": 1.0, "ce": 1.0}], {"tokens": 10.0, "samples": 2.0}, 1.0, 0.0, 0.0)
 
 
