@@ -232,7 +232,7 @@ def write_summary(sweep_dir: str) -> tuple[list[dict], list[int]]:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(os.path.join(sweep_dir, "summary.csv"), table.getvalue())
-    lines = [f"# Sweep {sweep['name']}", "", f"{len(sweep['tasks'])} tasks (checkpoints), {len(rows)} evaluations, "
+    lines = [f"# Sweep summary: {sweep['name']}", "", f"{len(sweep['tasks'])} tasks (checkpoints), {len(rows)} evaluations, "
              f"{ok} with results; MLflow parent run `{sweep['parent_run_id']}`.", "",
              "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]

@@ -705,15 +705,12 @@ class CheckpointManager:
             os.replace(final, self._trash_name(final))
         os.replace(tmp, final)
         _fsync_path(self.root)
-        if not healthy:
-            log.info("checkpoint saved: %s (marked unhealthy: %s keeps naming %s)", final, LATEST,
-                     latest(self.output_dir))
+        if not healthy:  # the trainer logs the save and why it is unhealthy
             return
         pointer = os.path.join(self.root, LATEST)
         if os.path.isdir(pointer) and not os.path.islink(pointer):  # a bad pointer that no file can replace
             os.replace(pointer, self._trash_name(pointer))
-        write_text_atomic(pointer, os.path.basename(final) + "\n")
-        log.info("checkpoint saved: %s", final)
+        write_text_atomic(pointer, os.path.basename(final) + "\n")  # the trainer logs the save
 
     def _trash_name(self, path: str) -> str:  # a name `latest()` and the pruner never take for a checkpoint
         return os.path.join(self.root, f".trash-{os.path.basename(path)}-{self._tag or os.getpid()}")
