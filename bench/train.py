@@ -242,17 +242,17 @@ def reference_ema(engine, teacher, decay: float) -> None:
 
 def resident_persistent(*modules) -> list:
     """The persistent parameters of `modules` whose full copy is resident now."""
-    from ilvr.training.teacher import _materialised
+    from ilvr.training.teacher import materialised
 
-    return [p for m in modules for p in m.parameters() if hasattr(p, "ds_id") and p.ds_persist and _materialised(p)]
+    return [p for m in modules for p in m.parameters() if hasattr(p, "ds_id") and p.ds_persist and materialised(p)]
 
 
 def rematerialise(params: list) -> int:
     """Gather those of `params` that are no longer resident (GatheredParameters freed them), as the next training
     forward would, and leave them resident. Collective: every rank calls it. Returns how many."""
-    from ilvr.training.teacher import _materialised
+    from ilvr.training.teacher import materialised
 
-    missing = [p for p in params if not _materialised(p)]
+    missing = [p for p in params if not materialised(p)]
     if missing:
         missing[0].all_gather(param_list=missing)
     return len(missing)
@@ -287,7 +287,7 @@ def timed(fn) -> float:
 
 def teacher_memory(teacher, world_size: int) -> dict[str, Any]:
     """Bytes this rank holds for the teacher: local partitions, resident full copies, fp32 EMA buffers."""
-    from ilvr.training.teacher import _materialised
+    from ilvr.training.teacher import materialised
 
     shard = full_copies = unpartitioned = n_params = n_persistent = persistent = resident = 0
     for p in teacher.module.parameters():
@@ -297,7 +297,7 @@ def teacher_memory(teacher, world_size: int) -> dict[str, Any]:
             if p.ds_persist:
                 n_persistent += p.ds_numel
                 persistent += 1
-            if p.ds_persist and _materialised(p):
+            if p.ds_persist and materialised(p):
                 full_copies += p.data.numel() * p.data.element_size()
                 resident += 1
         else:

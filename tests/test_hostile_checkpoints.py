@@ -46,7 +46,7 @@ class Planted:
 
 def rehash(checkpoint: str) -> None:
     """Rewrite COMPLETE with the current files' hashes: an attacker who controls every file."""
-    files = ckpt._payload_files(checkpoint)
+    files = ckpt.payload_files(checkpoint)
     hashes = {rel: sha256_file(os.path.join(checkpoint, rel)) for rel in files}
     with open(os.path.join(checkpoint, COMPLETE), "w") as f:
         json.dump({"format": ckpt.MANIFEST_FORMAT, "sha256": hashes}, f)

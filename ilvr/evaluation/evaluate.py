@@ -238,7 +238,7 @@ def timing_metrics(rows: list[dict], wall_s: float) -> dict[str, float]:
 
 def write_json_atomic(path: str, data, lines: bool = False) -> None:
     """JSON (or JSON lines) written whole or not at all."""
-    from ilvr.training.checkpoint import write_text_atomic
+    from ilvr.fileio import write_text_atomic
 
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in data) if lines else \
         json.dumps(data, indent=2, sort_keys=True)

@@ -32,7 +32,7 @@ from typing import Sequence
 
 from ilvr.evaluation.scorers import BENCHMARKS  # display order
 from ilvr.model.generate import MODES  # display order; other modes follow alphabetically
-from ilvr.training.checkpoint import write_text_atomic
+from ilvr.fileio import write_text_atomic
 from ilvr.training.tracking import artifact_dir, prepare_server, read_metrics, redact_uri, run_store
 
 PAGE_SIZE = 1000

@@ -30,7 +30,7 @@ from ilvr.evaluation.data import load_records
 from ilvr.evaluation.evaluate import (METRICS_FILE, DecodeSettings, EvalRequest, check_references, eval_store,
                                       run_evaluation, training_origin, write_json_atomic)
 from ilvr.evaluation.loading import load_eval_model, model_step, resolve_model_path
-from ilvr.training.checkpoint import write_text_atomic
+from ilvr.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -36,24 +36,23 @@ job per output dir) removes other jobs' leftovers.
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
-import importlib.util
 import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
+
+from ilvr.fileio import fsync_path, fsync_tree, sha256_file, write_text_atomic
+from ilvr.training.distributed import all_gather_json, all_true, barrier, is_distributed, rank_world
+from ilvr.training.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -79,115 +78,10 @@ class OutputDirBusy(RuntimeError):
     """Another live job holds `<output_dir>/.lock`; the message names it."""
 
 
-# ----------------------------------------------------------------------------- RNG state
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(bytes(t.cpu().tolist())).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states of python, numpy (if installed), torch CPU and CUDA, as JSON-safe values."""
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": _b64(torch.get_rng_state())}
-    if importlib.util.find_spec("numpy"):
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned (CUDA only when the device count matches)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
-    elif cuda:
-        log.warning("%d CUDA RNG states saved, %d devices here: not restored", len(cuda), torch.cuda.device_count())
-
-
-# ----------------------------------------------------------------------------- collectives
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank_world() -> tuple[int, int]:
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
-
-
-def _barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()
-
-
-def _device() -> torch.device:
-    nccl = _distributed() and torch.distributed.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
-def _all_true(flag: bool) -> bool:
-    """True on every rank iff `flag` is true on every rank (so all ranks take the same branch)."""
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-    if _distributed():
-        t = t.to(_device())
-        torch.distributed.all_reduce(t)
-    return int(t.item()) == 0
-
-
-def _all_gather_json(obj) -> list:
-    """Every rank's JSON-serialisable `obj`, in rank order ([obj] alone); JSON bytes, never pickle."""
-    from ilvr.training.distributed import all_gather_json
-
-    return all_gather_json(obj)
-
-
 # ----------------------------------------------------------------------------- files
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write and fsync a small file, rename it into place (readers see old or new, never half), fsync the dir."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(path) or ".")
-
-
-def _fsync_tree(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
-
-
-def _payload_files(root: str) -> list[str]:
+def payload_files(root: str) -> list[str]:
     """Every file under `root` but COMPLETE, as sorted relative paths (symlinks included, to be refused).
     Derived forms beside the files (`universal/`, the elastic-resume cache, verified on its own) are not
     the checkpoint's."""
@@ -199,12 +93,12 @@ def _payload_files(root: str) -> list[str]:
     return sorted(p for p in out if p != COMPLETE)
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):  # python 3.10 has no hashlib.file_digest
-            digest.update(block)
-    return digest.hexdigest()
+def write_manifest(directory: str, hashes: dict[str, str]) -> None:
+    """fsync every file of `directory`, then write its COMPLETE marker with the files' sha256 (`hashes`):
+    the last write of a checkpoint (or of a form derived from one) before it is renamed into place."""
+    fsync_tree(directory)
+    write_text_atomic(os.path.join(directory, COMPLETE),
+                      json.dumps({"format": MANIFEST_FORMAT, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- never unpickle
@@ -244,7 +138,7 @@ def weights_only_loading():
                 os.environ[key] = value
 
 
-def _refusal(e: BaseException) -> str:
+def refusal_reason(e: BaseException) -> str:
     """The useful sentence of torch's weights-only error (it is long and tells you to unpickle)."""
     text = str(e)
     m = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
@@ -257,7 +151,7 @@ def _check_pickle(path: str) -> str | None:
         with weights_only_loading():
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 -- anything that does not load weights-only is refused
-        return (f"{path}: refused by weights-only loading ({_refusal(e)}); it may hold pickled code "
+        return (f"{path}: refused by weights-only loading ({refusal_reason(e)}); it may hold pickled code "
                 "and is never unpickled")
     return None
 
@@ -332,7 +226,7 @@ def _plan(path: str) -> dict:
         hashes = recorded_hashes(path)
     except CheckpointError as e:
         return {"files": [], "hashes": None, "problems": [str(e)]}
-    present = _payload_files(path)
+    present = payload_files(path)
     files = sorted(hashes) if hashes is not None else present
     extra = [] if hashes is None else sorted(set(present) - set(hashes))
     problems = [f"{os.path.join(path, rel)}: not recorded in {COMPLETE} (added after the save)" for rel in extra]
@@ -345,15 +239,15 @@ def verify_checkpoint(path: str, collective: bool = False) -> None:
     the allow-list, every safetensors file is whole. Checkpoints saved before hashes were recorded
     get the format checks only (warning). `collective`: every rank calls it, the files are split
     over the ranks and all ranks get the same answer."""
-    rank, world = _rank_world() if collective else (0, 1)
+    rank, world = rank_world() if collective else (0, 1)
     plan = _plan(path) if rank == 0 else None
     if collective:
-        plan = _all_gather_json(plan)[0]  # rank 0's view: every rank decides alike
+        plan = all_gather_json(plan)[0]  # rank 0's view: every rank decides alike
     files = [] if plan["problems"] else plan["files"][rank::world]  # a bad marker: nothing else to check
     problems = list(plan["problems"]) if rank == 0 else []
     problems += [p for p in (_check_file(path, rel, plan["hashes"]) for rel in files) if p]
     if collective:
-        problems = [p for part in _all_gather_json(problems) for p in part]
+        problems = [p for part in all_gather_json(problems) for p in part]
     if problems:
         raise CheckpointError(f"checkpoint {path} is not safe to load:\n  - " + "\n  - ".join(problems[:10])
                               + "\nIt was changed or damaged after it was saved: resume from another "
@@ -418,7 +312,7 @@ def lock_output_dir(output_dir: str, setting: str = "train.output_dir") -> str:
 def claim_output_dir(output_dir: str, setting: str = "train.output_dir") -> None:
     """Collective: rank 0 takes the output dir's lock and every rank learns the outcome, so on a refusal
     all ranks raise OutputDirBusy with rank 0's message (none waits for the others)."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     error = None
     if rank == 0:
         try:
@@ -427,7 +321,7 @@ def claim_output_dir(output_dir: str, setting: str = "train.output_dir") -> None
             error = str(e)
         except OSError as e:
             error = f"cannot create the lock in {setting}={output_dir!r}: {e}"
-    error = _all_gather_json(error)[0]
+    error = all_gather_json(error)[0]
     if error:
         raise OutputDirBusy(error)
 
@@ -516,8 +410,8 @@ def newest_verified(output_dir: str, collective: bool = False) -> str | None:
     reason. None when the run has none; CheckpointError when it has some and none verifies."""
     candidates, marked = _candidates(output_dir), unhealthy(output_dir)
     if collective:
-        candidates, marked = _all_gather_json([candidates, marked])[0]
-    main = _rank_world()[0] == 0 or not collective
+        candidates, marked = all_gather_json([candidates, marked])[0]
+    main = rank_world()[0] == 0 or not collective
     if marked and not candidates:
         raise CheckpointError(no_healthy_checkpoint(output_dir, marked))
     if marked and main:
@@ -568,7 +462,7 @@ def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -
         return newest_verified(output_dir, collective)
     if is_complete(arg):
         verify_checkpoint(arg, collective)
-        if _rank_world()[0] == 0 or not collective:
+        if rank_world()[0] == 0 or not collective:
             _warn_unknown_health(arg)
         return arg
     if os.path.isdir(os.path.join(arg, "checkpoints")):
@@ -582,10 +476,10 @@ def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def _job_tag() -> str:
+def job_tag() -> str:
     """This job, for names of its temporary dirs: rank 0's host and pid (file-name safe)."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
-    return _all_gather_json(f"{host}-{os.getpid()}")[0]
+    return all_gather_json(f"{host}-{os.getpid()}")[0]
 
 
 class CheckpointManager:
@@ -609,7 +503,7 @@ class CheckpointManager:
         extra_state (rank 0's is kept) goes to trainer.json, rank_state to rank<r>.json; both
         must be JSON-serialisable, which is checked on every rank before anything is written.
         """
-        rank, world = _rank_world()
+        rank, world = rank_world()
         final = os.path.join(self.root, f"step-{step}")
         trainer_json = None  # stays None if either state is not JSON
         try:
@@ -618,17 +512,17 @@ class CheckpointManager:
             trainer_json = json.dumps({**(extra_state or {}), "step": step, "world_size": world}, indent=2)
         except (TypeError, ValueError) as e:
             log.error("checkpoint state is not JSON-serialisable: %s", e)
-        if not _all_true(trainer_json is not None):
+        if not all_true(trainer_json is not None):
             raise TypeError("extra_state / rank_state must be JSON-serialisable (see the log of the failing rank)")
         if self._tag is None:
-            self._tag = _job_tag()
+            self._tag = job_tag()
         tmp = f"{final}.tmp-{self._tag}"  # per job: no other process ever touches it
 
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step by this job
             os.makedirs(tmp)
-        _barrier()
+        barrier()
         failed = self._attempt(final, lambda: self._write_payload(engine, tmp, rank, rank_json, trainer_json,
                                                                   save_teacher))
         self._agree(failed, tmp)  # every rank, instead of a barrier: one rank's failure ends the save on all
@@ -650,7 +544,7 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 -- reported to every rank, then raised
             condition = disk_full_condition(e)
             if condition is None:
-                return f"rank {_rank_world()[0]}: {type(e).__name__}: {e}", e
+                return f"rank {rank_world()[0]}: {type(e).__name__}: {e}", e
             message = (f"saving checkpoint {final} failed: {condition} ({free_space(self.root)} on the file system "
                        f"of {self.root}). The unfinished save was removed; the last checkpoint "
                        f"({latest(self.output_dir) or 'none yet'}) is intact. Free space there (or lower train.keep_last, or move train.output_dir), "
@@ -663,10 +557,10 @@ class CheckpointManager:
     def _agree(self, failed: "tuple[str, BaseException] | None", tmp: str) -> None:
         """Collective: if any rank's part failed, remove the unfinished dir (never marked complete) and raise
         on every rank: the failing rank its error (a disk-full one as DiskFull), the others one naming it."""
-        messages = [m for m in _all_gather_json(failed[0] if failed else None) if m]
+        messages = [m for m in all_gather_json(failed[0] if failed else None) if m]
         if not messages:
             return
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if failed is not None:
             raise failed[1]
@@ -691,20 +585,18 @@ class CheckpointManager:
     @staticmethod
     def _hash_payload(tmp: str, rank: int, world: int) -> dict[str, str]:
         """sha256 of every file (collective: rank 0 lists them, each rank hashes its share)."""
-        files = _all_gather_json(_payload_files(tmp) if rank == 0 else [])[0]
+        files = all_gather_json(payload_files(tmp) if rank == 0 else [])[0]
         mine = {rel: sha256_file(os.path.join(tmp, rel)) for rel in files[rank::world]}
-        return {rel: digest for part in _all_gather_json(mine) for rel, digest in part.items()}
+        return {rel: digest for part in all_gather_json(mine) for rel, digest in part.items()}
 
     def _commit(self, tmp: str, final: str, hashes: dict[str, str], healthy: bool = True) -> None:
         """Rank 0, after every rank wrote: fsync, COMPLETE (with the hashes), rename into place, point `latest`
         at it unless it is marked unhealthy (then `latest` keeps naming the newest healthy checkpoint)."""
-        _fsync_tree(tmp)
-        write_text_atomic(os.path.join(tmp, COMPLETE),
-                          json.dumps({"format": MANIFEST_FORMAT, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
+        write_manifest(tmp, hashes)
         if os.path.exists(final):  # the same step saved again (e.g. a signal right after a save)
             os.replace(final, self._trash_name(final))
         os.replace(tmp, final)
-        _fsync_path(self.root)
+        fsync_path(self.root)
         if not healthy:  # the trainer logs the save and why it is unhealthy
             return
         pointer = os.path.join(self.root, LATEST)
@@ -741,9 +633,10 @@ class CheckpointManager:
         """Load a complete checkpoint into `engine` (collective); return (trainer_state, rank_state).
 
         trainer_state: trainer.json (step, world_size, the saved extra_state); rank_state: this rank's
-        saved rank_state, or {} when the checkpoint was saved on another world size (elastic resume:
-        ilvr/training/elastic.py converts it once and re-partitions it; the caller re-plans per-rank
-        state from elastic.saved_rank_states). RNG states are restored unless restore_rng=False (new
+        saved rank_state, or {} when the checkpoint was saved on another world size (elastic resume, by
+        load_other_world_size: this manager refuses, ilvr/training/elastic.py's ElasticCheckpointManager
+        converts it once and re-partitions it; the caller re-plans per-rank state from
+        elastic.saved_rank_states). RNG states are restored unless restore_rng=False (new
         ranks of an elastic resume get derived ones). The checkpoint is verified first (verify_checkpoint;
         verify=False when resolve_resume just did) and DeepSpeed reads it weights-only. Pass a freshly
         built engine: DeepSpeed cannot load ZeRO-3 state into one that has
@@ -752,19 +645,13 @@ class CheckpointManager:
         if not is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         if verify:
-            verify_checkpoint(path, collective=_distributed())
+            verify_checkpoint(path, collective=is_distributed())
         with open(os.path.join(path, TRAINER_FILE), encoding="utf-8") as f:
             trainer_state = json.load(f)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         saved_world = int(trainer_state.get("world_size", world))
-        if saved_world != world:  # ZeRO partitions of another world size: converted once, then re-partitioned
-            from ilvr.training.elastic import load_resharded, restore_rng as restore_elastic_rng
-
-            load_resharded(engine, path, load_teacher)
-            if restore_rng:
-                restore_elastic_rng(path, saved_world, int(trainer_state.get("step", 0)))
-            log.info("resumed from %s (step %s) on %d ranks instead of %d", path, trainer_state.get("step"), world,
-                     saved_world)
+        if saved_world != world:  # ZeRO partitions of another world size
+            self.load_other_world_size(engine, path, trainer_state, load_teacher, restore_rng)
             return trainer_state, {}
         self._load_same_size(engine, path, load_teacher)
         with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
@@ -773,6 +660,15 @@ class CheckpointManager:
             set_rng_state(saved["rng"])
         log.info("resumed from %s (step %s)", path, trainer_state.get("step"))
         return trainer_state, saved["state"]
+
+    def load_other_world_size(self, engine, path: str, trainer_state: dict,
+                              load_teacher: Callable[[str], None] | None, restore_rng: bool) -> None:
+        """Load a checkpoint saved on another world size into `engine` (collective). Elastic resume
+        (ilvr/training/elastic.py, ElasticCheckpointManager) converts it once and re-partitions it; this
+        manager refuses."""
+        raise CheckpointError(f"{path} was saved by {trainer_state.get('world_size')} ranks, this run has "
+                              f"{rank_world()[1]}: loading it on another world size needs elastic resume "
+                              "(ilvr.training.elastic.ElasticCheckpointManager)")
 
     @staticmethod
     def _load_same_size(engine, path: str, load_teacher: Callable[[str], None] | None) -> None:
@@ -783,7 +679,7 @@ class CheckpointManager:
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{os.path.join(path, DS_TAG)}: a file there was refused by weights-only "
-                                  f"loading ({_refusal(e)}); it is never unpickled") from None
+                                  f"loading ({refusal_reason(e)}); it is never unpickled") from None
         if load_path is None:  # DeepSpeed only logs a warning
             raise RuntimeError(f"DeepSpeed could not load {path}/{DS_TAG}")
         if load_teacher is not None:

@@ -302,7 +302,7 @@ def relocate_artifacts(uri: "str | None") -> int:
 # ---------------------------------------------------------------------- metrics.jsonl and the state file
 def _write_atomic(path: str, text: str) -> None:
     """Readers (and a crash) see the old file or the new one, never half of one."""
-    from ilvr.training.checkpoint import write_text_atomic
+    from ilvr.fileio import write_text_atomic
 
     write_text_atomic(path, text)
 

@@ -93,10 +93,10 @@ class Trainer:
         from ilvr.training.comm_stats import CommStats
 
         self.comm = CommStats(self.info.world_size)
-        from ilvr.training.checkpoint import CheckpointManager
+        from ilvr.training.elastic import ElasticCheckpointManager
         from ilvr.training.tracking import Tracker
 
-        self.checkpoints = CheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
+        self.checkpoints = ElasticCheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
@@ -600,7 +600,7 @@ class Trainer:
         """Rank 0 writes <output_dir>/finished.json once train.max_steps is reached: how a job script
         (slurm/train.sh) tells a finished run from a stopped one."""
         if self.info.is_main:
-            from ilvr.training.checkpoint import write_text_atomic
+            from ilvr.fileio import write_text_atomic
 
             write_text_atomic(os.path.join(self.cfg.train.output_dir, FINISHED_FILE),
                               json.dumps({"step": self.step, "max_steps": self.cfg.train.max_steps,
