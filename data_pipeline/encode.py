@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.latent_tokens import LatentTokenIds
 from data_pipeline.limits import MAX_IMAGE_PIXELS
 from data_pipeline.records import IMAGE_PLACEHOLDER, Record, RecordError, decode_image, with_image_placeholders
-from ilvr.model.tokens import LatentTokenIds
 
 IGNORE_INDEX = -100
 IM_END = "<|im_end|>"

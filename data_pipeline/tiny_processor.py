@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Iterable
 
-from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
+from data_pipeline.latent_tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
 
 # Qwen2.5-VL's added tokens in id order; the last eight are ordinary (non-special) added tokens.
 QWEN_SPECIAL_TOKENS = (

@@ -35,7 +35,7 @@ import shutil
 
 import torch
 
-from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds
+from data_pipeline.latent_tokens import LATENT_TOKENS, LatentTokenIds
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 from tests.conftest import REPO
 
@@ -40,3 +42,15 @@ def test_checkpoints_do_not_import_elastic_resume():
     found = [f"{p.name}:{line}: {module}" for p in below for module, name, line in _imports(p)
              if module == "ilvr.training.elastic" or (module == "ilvr.training" and name == "elastic")]
     assert not found, found
+
+
+def test_the_data_pipeline_imports_nothing_of_the_trainer():
+    """data_pipeline/ is the lower layer (batch format, latent tokens, loader): no import of ilvr anywhere in
+    it, function-level ones included; and importing its entry modules loads no ilvr module."""
+    found = [f"{p.relative_to(REPO)}:{line}: {module}" for p in _modules("data_pipeline")
+             for module, _, line in _imports(p) if module == "ilvr" or module.startswith("ilvr.")]
+    assert not found, found
+    code = ("import data_pipeline.loader, data_pipeline.pipeline, data_pipeline.prepare, data_pipeline.tiny_processor, "
+            "data_pipeline.preview, sys; print([m for m in sys.modules if m.startswith('ilvr')])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
