@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from ilvr.training.checkpoint import COMPLETE, verify_checkpoint
+from ilvr.training.checkpoint_verify import COMPLETE, verify_checkpoint
 from ilvr.training.elastic import ElasticCheckpointManager as CheckpointManager
 from ilvr.training.elastic import UNIVERSAL, _join_pieces, mean_moving_average, saved_rank_states
 from ilvr.training.rng import derived_seed

@@ -26,7 +26,7 @@ from ilvr.evaluation.data import BenchmarkData, load_records
 from ilvr.evaluation.loading import EvalModel, load_eval_model, resolve_model_path
 from ilvr.evaluation.scorers import aggregate, category_key, get_scorer, infer_benchmark
 from ilvr.model.generate import MODES, generate
-from ilvr.training.checkpoint import claim_output_dir
+from ilvr.training.run_lock import claim_output_dir
 from ilvr.training.distributed import format_duration
 from ilvr.training.distributed import all_gather_json
 

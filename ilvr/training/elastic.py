@@ -44,9 +44,9 @@ from typing import Any, Callable
 import torch
 
 from ilvr.fileio import fsync_path, sha256_file, write_text_atomic
-from ilvr.training.checkpoint import (DS_TAG, CheckpointError, CheckpointManager, is_complete, job_tag,
-                                      payload_files, refusal_reason, verify_checkpoint, weights_only_loading,
-                                      write_manifest)
+from ilvr.training.checkpoint import DS_TAG, CheckpointManager, job_tag
+from ilvr.training.checkpoint_verify import (CheckpointError, is_complete, payload_files, refusal_reason,
+                                             verify_checkpoint, weights_only_loading, write_manifest)
 from ilvr.training.distributed import all_gather_json, is_distributed, rank_world
 from ilvr.training.rng import derived_seed, seed_all, set_rng_state
 

@@ -290,7 +290,7 @@ class MomentumTeacher:
         (whole buffers, written by an elastic conversion) when that is there (safetensors: nothing is
         unpickled). A damaged file is a CheckpointError naming it (resume normally catches it earlier,
         by its hash)."""
-        from ilvr.training.checkpoint import CheckpointError
+        from ilvr.training.checkpoint_verify import CheckpointError
 
         consolidated = os.path.join(directory, CONSOLIDATED_FILE)
         if os.path.isfile(consolidated):
@@ -312,7 +312,7 @@ class MomentumTeacher:
         tensor for persistent and unpartitioned parameters."""
         from safetensors import safe_open
 
-        from ilvr.training.checkpoint import CheckpointError
+        from ilvr.training.checkpoint_verify import CheckpointError
 
         state = {}
         with _readable(path, CheckpointError), safe_open(path, framework="pt", device=str(self._device())) as f:

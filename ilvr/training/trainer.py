@@ -74,7 +74,7 @@ class Trainer:
         if threads is not None:
             log.info("OMP_NUM_THREADS unset: %d torch threads per rank (torch's count / local ranks)", threads)
         init_distributed(self.info, cfg.train.collective_timeout)
-        from ilvr.training.checkpoint import claim_output_dir
+        from ilvr.training.run_lock import claim_output_dir
 
         # one job per output dir, before anything (MLflow's store included) is written there: rank 0 locks
         # <output_dir>/.lock for the process's life; on a refusal every rank raises OutputDirBusy at once
