@@ -207,7 +207,8 @@ def checkpoint_settings(trainer_state: dict) -> dict:
 def mlflow_settings(checkpoint: str, trainer_state: dict, out_dir: str) -> "dict | None":
     """The training run's MLflow run id and store, for ilvr_settings.json: evaluations of the export then log
     beside their training run. The store comes from the run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
-    from ilvr.training.tracking import connectable_uri, read_state, store_record
+    from ilvr.training.mlflow_store import connectable_uri, store_record
+    from ilvr.training.run_record import read_state
 
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
     state = read_state(run_dir) or {}

@@ -168,7 +168,7 @@ def test_evaluations_log_beside_their_training_run(training_run, tmp_path, tiny,
     import mlflow
 
     from ilvr.evaluation.evaluate import training_origin
-    from ilvr.training.tracking import store_record
+    from ilvr.training.mlflow_store import store_record
 
     run = training_run
     processor, _ = tiny

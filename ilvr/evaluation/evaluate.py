@@ -265,7 +265,8 @@ def training_origin(model: str) -> TrainingOrigin:
     """Where the training run of `model` logged: an export's ilvr_settings.json `mlflow`, or a checkpoint's
     trainer.json `mlflow_run_id` with its run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
     from ilvr.export import SETTINGS_FILE
-    from ilvr.training.tracking import connectable_uri, read_state
+    from ilvr.training.mlflow_store import connectable_uri
+    from ilvr.training.run_record import read_state
 
     kind, directory = resolve_model_path(model)
     if kind == "exported":
@@ -288,7 +289,7 @@ def experiment_of(uri: str | None, run_id: str | None) -> str | None:
         return None
     from mlflow import MlflowClient
 
-    from ilvr.training.tracking import prepare_server
+    from ilvr.training.mlflow_store import prepare_server
 
     try:
         prepare_server(uri, check=False)
@@ -303,7 +304,7 @@ def experiment_of(uri: str | None, run_id: str | None) -> str | None:
 def eval_store(tracking_uri: str | None, experiment: str | None, origin: TrainingOrigin) -> tuple[str | None, str]:
     """(store, experiment) of an evaluation: given ones, else the training run's store and experiment, else
     MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (a None store: the Tracker's default), else "ilvr-eval"."""
-    from ilvr.training.tracking import redact_uri
+    from ilvr.training.mlflow_store import redact_uri
 
     if origin.run_id and not origin.tracking_uri and not tracking_uri:
         log.warning("MLflow: the training run %s logged to %s, which cannot be opened from here (moved, or its "

@@ -33,7 +33,8 @@ from typing import Sequence
 from ilvr.evaluation.scorers import BENCHMARKS  # display order
 from ilvr.model.generate import MODES  # display order; other modes follow alphabetically
 from ilvr.fileio import write_text_atomic
-from ilvr.training.tracking import artifact_dir, prepare_server, read_metrics, redact_uri, run_store
+from ilvr.training.mlflow_store import artifact_dir, prepare_server, redact_uri
+from ilvr.training.run_record import read_metrics, run_store
 
 PAGE_SIZE = 1000
 EVAL_FILTER = "tags.`ilvr.kind` = 'eval' and attributes.status = 'FINISHED'"

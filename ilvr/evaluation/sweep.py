@@ -89,7 +89,7 @@ def training_store(origins: dict) -> "str | None":
     """The one store the checkpoints' training runs logged to (None: none recorded); several: an error."""
     stores = sorted({o.tracking_uri for o in origins.values() if o.tracking_uri})
     if len(stores) > 1:
-        from ilvr.training.tracking import redact_uri
+        from ilvr.training.mlflow_store import redact_uri
 
         raise ValueError(f"the checkpoints come from training runs in {len(stores)} MLflow stores "
                          f"({', '.join(redact_uri(u) for u in stores)}): pass --tracking-uri to choose one")

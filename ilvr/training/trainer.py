@@ -293,7 +293,7 @@ class Trainer:
             self.target_norm.load(mean_moving_average([s.get("target_norm") for s in states]))
             self.fed_mean.load(mean_moving_average([s.get("fed_mean") for s in states]))
         if self.info.is_main:  # steps past the checkpoint are trained (and logged) again
-            from ilvr.training.tracking import METRICS_FILE, truncate_metrics
+            from ilvr.training.run_record import METRICS_FILE, truncate_metrics
 
             truncate_metrics(os.path.join(self.cfg.train.output_dir, METRICS_FILE), self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -545,7 +545,7 @@ class Trainer:
             log.info("step %d/%d %s %s", self.step, self.cfg.train.max_steps, self._progress(metrics), shown)
             with open(os.path.join(self.cfg.train.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        from ilvr.training.tracking import scalar_metrics
+        from ilvr.training.mlflow_store import scalar_metrics
 
         self.tracker.log_metrics(scalar_metrics(metrics), step=self.step)
 
