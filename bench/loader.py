@@ -218,11 +218,11 @@ def reference_pass(jsonl: str, image_root: str, encoder, collator, batch_size: i
 def stage_split(urls: list[str], jsonl: str, image_root: str, processor, encoder, collator, batch_size: int,
                 n: int) -> dict[str, float]:
     """Seconds per stage for the first `n` samples, each stage timed on its own, in pipeline order."""
-    from data_pipeline.encode import _assistant_tokens, _user_content
+    from data_pipeline.encode import assistant_tokens, user_content
     from data_pipeline.records import RecordError, decode_image, sample_to_record
     from data_pipeline.shard_reader import read_samples
     from data_pipeline.sources import ilvr_jsonl
-    from data_pipeline.tiny_processor import _expand_placeholders
+    from data_pipeline.tiny_processor import expand_placeholders
 
     times: dict[str, float] = {}
 
@@ -260,11 +260,11 @@ def stage_split(urls: list[str], jsonl: str, image_root: str, processor, encoder
 
     def tokenize() -> None:
         for rec, (a, _) in zip(records, processed, strict=True):
-            messages = [{"role": "user", "content": _user_content(rec.question, len(rec.images))}]
+            messages = [{"role": "user", "content": user_content(rec.question, len(rec.images))}]
             text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             counts = (a["image_grid_thw"].prod(-1) // merge).tolist()
-            tokenizer(_expand_placeholders([text], image_token, counts), padding=True, return_tensors="pt")
-            _assistant_tokens(rec, tokenizer, encoder.latent_ids, encoder.latent_size)
+            tokenizer(expand_placeholders([text], image_token, counts), padding=True, return_tensors="pt")
+            assistant_tokens(rec, tokenizer, encoder.latent_ids, encoder.latent_size)
 
     timed("tokenization", tokenize)
     encoded = timed("(whole encode, for reference)", lambda: [encoder(rec) for rec in records])

@@ -144,7 +144,7 @@ def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
     batch (vision tower on the input images + decoder), then the user summary, the context of segment t and its
     selection from that pass. Same queries and selection rule as `select_targets`, so the same targets."""
     from ilvr.model.selection import (
-        Selection, _segment_order, helper_candidates, prompt_ends, prompt_image_weights, sample_spans,
+        Selection, helper_candidates, prompt_ends, prompt_image_weights, sample_spans, segment_order,
         select_by_coverage, span_means, teacher_states,
     )
 
@@ -157,7 +157,7 @@ def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
     seg_row, first_pad, size, helper = seg.unbind(1)
     inside = (rows[None] == seg_row[:, None]) & (starts[None] <= first_pad[:, None]) & (first_pad[:, None] < ends[None])
     owner = inside.float().argmax(1)
-    ordinal, prev, prev_end = _segment_order(owner, first_pad, size)
+    ordinal, prev, prev_end = segment_order(owner, first_pad, size)
 
     n_seg, hidden = seg.shape[0], teacher.config.text_config.hidden_size
     targets = torch.zeros(n_seg, latent_size, hidden, dtype=cands.dtype, device=device)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.latent_tokens import LatentTokenIds
 from data_pipeline.limits import MAX_IMAGE_PIXELS
 from data_pipeline.records import IMAGE_PLACEHOLDER, Record, RecordError, decode_image, with_image_placeholders
-from ilvr.model.tokens import LatentTokenIds
 
 IGNORE_INDEX = -100
 IM_END = "<|im_end|>"
@@ -72,7 +72,7 @@ def patch_dim(image_processor) -> int:
     return 3 * image_processor.temporal_patch_size * image_processor.patch_size**2
 
 
-def _user_content(question: str, num_images: int) -> list[dict]:
+def user_content(question: str, num_images: int) -> list[dict]:
     """The user turn as chat content: text pieces and one image entry per placeholder, in order."""
     pieces = with_image_placeholders(question, num_images).split(IMAGE_PLACEHOLDER)
     content = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
@@ -118,7 +118,7 @@ def encode_prompt(record: Record, processor, max_image_pixels: int = MAX_IMAGE_P
     if found:
         raise RecordError("malformed_record", f"record {record.id!r}: question contains control tokens {found}")
     images = [decode_image(ref.load(), max_image_pixels) for ref in record.images]
-    messages = [{"role": "user", "content": _user_content(record.question, len(images))}]
+    messages = [{"role": "user", "content": user_content(record.question, len(images))}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     batch = processor(text=[text], images=images or None, return_tensors="pt")
     input_ids = batch["input_ids"][0].to(torch.long)
@@ -134,7 +134,7 @@ def encode_prompt(record: Record, processor, max_image_pixels: int = MAX_IMAGE_P
     return EncodedPrompt(record.id, input_ids, is_image.to(torch.long), pixel_values, grid)
 
 
-def _assistant_tokens(record: Record, tokenizer, latent_ids: LatentTokenIds, latent_size: int):
+def assistant_tokens(record: Record, tokenizer, latent_ids: LatentTokenIds, latent_size: int):
     """(ids, labels, first-pad offsets within the turn) for the steps plus the closing <|im_end|>\\n."""
     ids: list[int] = []
     labels: list[int] = []
@@ -172,7 +172,7 @@ def encode_record(
     if not record.steps:
         raise RecordError("no_target", f"record {record.id!r} has no steps (evaluation-only row)")
     prompt = encode_prompt(record, processor, max_image_pixels)
-    ids, labels, pad_offsets = _assistant_tokens(record, processor.tokenizer, latent_ids, latent_size)
+    ids, labels, pad_offsets = assistant_tokens(record, processor.tokenizer, latent_ids, latent_size)
     start = prompt.input_ids.numel()
     length = start + len(ids)
     if length > max_length:

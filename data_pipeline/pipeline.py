@@ -1,18 +1,37 @@
-"""The training data pipeline assembled from the config: shards -> loader -> encoded, collated batches."""
+"""The training data pipeline assembled from its settings: shards -> loader -> encoded, collated batches.
+
+The settings are any object with the fields of `DataSettings` (the trainer passes its config's `data`
+section, ilvr.config.DataConfig); the data pipeline imports nothing of the trainer's."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from data_pipeline.collate import collate_packed, collate_padded
 from data_pipeline.encode import EncodedSample, encode_record
+from data_pipeline.latent_tokens import LatentTokenIds
 from data_pipeline.limits import MAX_IMAGE_PIXELS, Limits
 from data_pipeline.loader import StreamingLoader, build_loader
 from data_pipeline.records import Record
 from data_pipeline.shards import expand_shards, shard_sample_counts
-from ilvr.config import DataConfig
-from ilvr.model.tokens import LatentTokenIds
+
+
+class DataSettings(Protocol):
+    """What build_train_loader reads (the trainer's `data` config section has these fields and more)."""
+
+    train_shards: str  # brace pattern, a comma list, or a shard dir
+    processor: str  # local HF processor directory, used when no processor is passed
+    batch_size: int
+    num_workers: int
+    shuffle_buffer: int
+    mode: str  # "exact" or "resampled"
+    samples_per_epoch: int
+    max_length: int
+    packing: bool
+    max_skip_fraction: float
+    seed: int
+    # optional: max_image_pixels, max_member_bytes, max_sample_bytes (Limits.from_config; defaults otherwise)
 
 
 @dataclass
@@ -43,7 +62,7 @@ class BatchCollator:
         return collate_padded(samples, self.pad_token_id)
 
 
-def build_train_loader(data: DataConfig, latent_size: int, rank: int, world_size: int,
+def build_train_loader(data: DataSettings, latent_size: int, rank: int, world_size: int,
                        processor: Any = None, latent_ids: "LatentTokenIds | None" = None,
                        shards: "str | None" = None) -> StreamingLoader:
     """The per-rank training loader described by `data` (processor loaded from data.processor if not given)."""

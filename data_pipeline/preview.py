@@ -1,4 +1,4 @@
-"""`python -m data_pipeline.preview --config CFG [overrides]`: stream training batches and summarise them.
+"""Stream training batches and summarise them (the command: `python -m ilvr.data_preview --config CFG`).
 
 Builds each rank's loader exactly as training does (here all ranks in this one process),
 streams up to `--batches` batches per rank and prints batch counts, sequence lengths,
@@ -7,11 +7,7 @@ any GPU is spent on it.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
-
-from ilvr.config import ConfigError, load_config
 
 
 def summarise(rank: int, loader, batches: int) -> dict:
@@ -37,30 +33,17 @@ def summarise(rank: int, loader, batches: int) -> dict:
     return {"batches_per_epoch": len(loader), "streamed": n}
 
 
-def main(argv: "list[str] | None" = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.preview", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", required=True, help="YAML config (repeatable)")
-    parser.add_argument("--world-size", type=int, default=2, help="ranks to plan for (default 2)")
-    parser.add_argument("--batches", type=int, default=4, help="batches to stream per rank")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=8")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+def preview(data, latent_size: int, world_size: int, batches: int) -> int:
+    """Summarise up to `batches` batches of each of `world_size` ranks' loaders (`data`: the loader's settings,
+    data_pipeline.pipeline.DataSettings); 0 when every rank has as many batches per epoch, else 1."""
     from data_pipeline.pipeline import build_train_loader
     from data_pipeline.tiny_processor import load_processor
 
-    processor, latent_ids = load_processor(cfg.data.processor)
+    processor, latent_ids = load_processor(data.processor)
     counts = []
-    for rank in range(args.world_size):
-        loader = build_train_loader(cfg.data, cfg.model.latent_size, rank, args.world_size, processor, latent_ids)
-        counts.append(summarise(rank, loader, args.batches)["batches_per_epoch"])
+    for rank in range(world_size):
+        loader = build_train_loader(data, latent_size, rank, world_size, processor, latent_ids)
+        counts.append(summarise(rank, loader, batches)["batches_per_epoch"])
     same = len(set(counts)) == 1
     print(f"batches per epoch on every rank: {counts} ({'equal' if same else 'NOT EQUAL: ZeRO-3 would hang'})")
     return 0 if same else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

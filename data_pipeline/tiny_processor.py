@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Iterable
 
-from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
+from data_pipeline.latent_tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
 
 # Qwen2.5-VL's added tokens in id order; the last eight are ordinary (non-special) added tokens.
 QWEN_SPECIAL_TOKENS = (
@@ -122,7 +122,7 @@ class ImageTextProcessor:
         if images:
             out = dict(self.image_processor(images=list(images), return_tensors=return_tensors))
             counts = (out["image_grid_thw"].prod(-1) // self.image_processor.merge_size**2).tolist()
-            texts = _expand_placeholders(texts, self.image_token, counts)
+            texts = expand_placeholders(texts, self.image_token, counts)
         elif any(self.image_token in t for t in texts):
             raise ValueError(f"text has {self.image_token} placeholders but no images were given")
         tokens = self.tokenizer(texts, padding=True, return_tensors=return_tensors)
@@ -147,7 +147,7 @@ class ImageTextProcessor:
             f.write(self.chat_template)
 
 
-def _expand_placeholders(texts: list[str], token: str, counts: list[int]) -> list[str]:
+def expand_placeholders(texts: list[str], token: str, counts: list[int]) -> list[str]:
     """Replace the i-th `token` over all texts by `counts[i]` copies of it."""
     if sum(t.count(token) for t in texts) != len(counts):
         raise ValueError(f"{sum(t.count(token) for t in texts)} {token} placeholders for {len(counts)} images")

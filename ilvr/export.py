@@ -35,7 +35,7 @@ import shutil
 
 import torch
 
-from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds
+from data_pipeline.latent_tokens import LATENT_TOKENS, LatentTokenIds
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from ilvr.training.checkpoint import CheckpointError, verify_checkpoint, weights_only_loading
+    from ilvr.training.checkpoint_verify import CheckpointError, verify_checkpoint, weights_only_loading
 
     verify_checkpoint(checkpoint)
     try:
@@ -150,7 +150,7 @@ def consolidated_state_dict(checkpoint: str) -> dict[str, torch.Tensor]:
 def refuse_nonfinite(state: dict[str, torch.Tensor], checkpoint: str) -> None:
     """CheckpointError naming the weights that hold NaN/Inf: a diverged model is never exported or evaluated,
     whatever its health record says (checkpoints saved before health records have none)."""
-    from ilvr.training.checkpoint import CheckpointError
+    from ilvr.training.checkpoint_verify import CheckpointError
 
     bad = {name: int((~torch.isfinite(t)).sum()) for name, t in state.items() if t.is_floating_point()}
     bad = {name: n for name, n in bad.items() if n}
@@ -207,7 +207,8 @@ def checkpoint_settings(trainer_state: dict) -> dict:
 def mlflow_settings(checkpoint: str, trainer_state: dict, out_dir: str) -> "dict | None":
     """The training run's MLflow run id and store, for ilvr_settings.json: evaluations of the export then log
     beside their training run. The store comes from the run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
-    from ilvr.training.tracking import connectable_uri, read_state, store_record
+    from ilvr.training.mlflow_store import connectable_uri, store_record
+    from ilvr.training.run_record import read_state
 
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
     state = read_state(run_dir) or {}
@@ -229,7 +230,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, processor_dir: str | None =
 
     why = unhealthy_reason(checkpoint)
     if why is not None and not allow_unhealthy:
-        from ilvr.training.checkpoint import CheckpointError
+        from ilvr.training.checkpoint_verify import CheckpointError
 
         raise CheckpointError(f"{checkpoint} was marked unhealthy when it was saved ({why}): not exported. Export "
                               "the run dir instead (its newest healthy checkpoint), or pass --allow-unhealthy to "
@@ -329,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from ilvr.training.checkpoint import CheckpointError, describe_unhealthy, is_complete, latest, \
-        no_healthy_checkpoint, unhealthy
+    from ilvr.training.checkpoint import describe_unhealthy, latest, no_healthy_checkpoint, unhealthy
+    from ilvr.training.checkpoint_verify import CheckpointError, is_complete
 
     checkpoint = args.checkpoint if is_complete(args.checkpoint) else latest(args.checkpoint)
     marked = [] if is_complete(args.checkpoint) else unhealthy(args.checkpoint)

@@ -60,7 +60,8 @@ def main(argv: "list[str] | None" = None) -> int:
         return 2
     import torch.distributed as dist
 
-    from ilvr.training.checkpoint import CheckpointError, OutputDirBusy
+    from ilvr.training.checkpoint_verify import CheckpointError
+    from ilvr.training.run_lock import OutputDirBusy
     from ilvr.training.distributed import end_process
     from ilvr.training.run_dir import RunDirRefused
     from ilvr.training.trainer import Trainer

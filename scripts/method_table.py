@@ -261,7 +261,7 @@ class Experiment:
 
 
 def wilson(k: float, n: float) -> list:
-    from ilvr.evaluation.report import wilson as w
+    from ilvr.evaluation.report_data import wilson as w
 
     lo, hi = w(k, n)
     return [round(lo, 4), round(hi, 4)]

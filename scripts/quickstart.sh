@@ -25,7 +25,7 @@ echo "   no default system message: docs/method.md says why)"
   --patch-size 32 --min-pixels 36864 --max-pixels 262144 --system-prompt ""
 
 echo "== 3. the batches each of 2 ranks will stream"
-"$PY" -m data_pipeline.preview --config "$CONFIG" --world-size 2 --batches 2
+"$PY" -m ilvr.data_preview --config "$CONFIG" --world-size 2 --batches 2
 
 echo "== 4. DeepSpeed ZeRO-3 training on 2 ranks: stage 1 (momentum teacher) then stage 2"
 echo "   (the trainer's lines: step N/M with ETA and samples/s; everything rank 0 logs: $OUT/train/train.log)"

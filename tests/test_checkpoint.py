@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ilvr.training.checkpoint import CheckpointManager, is_complete, latest, resolve_resume, rng_state, set_rng_state
+from ilvr.training.checkpoint import CheckpointManager, latest, resolve_resume
+from ilvr.training.checkpoint_verify import is_complete
+from ilvr.training.rng import rng_state, set_rng_state
 from ilvr.training.spawn import run_on_ranks
 
 
@@ -139,7 +141,7 @@ def test_resolve_resume(tmp_path):
 
 
 def test_the_elastic_cache_beside_a_checkpoint_is_not_one_of_its_files(tmp_path):
-    from ilvr.training.checkpoint import CheckpointError, verify_checkpoint
+    from ilvr.training.checkpoint_verify import CheckpointError, verify_checkpoint
 
     path = CheckpointManager(str(tmp_path)).save(FakeEngine(), 4)
     for derived in ("universal", "universal.tmp-host-1", "universal.trash-host-1"):  # elastic.py's, own COMPLETE

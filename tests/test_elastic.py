@@ -23,9 +23,10 @@ import sys
 import pytest
 import torch
 
-from ilvr.training.checkpoint import COMPLETE, CheckpointManager, verify_checkpoint
-from ilvr.training.elastic import (UNIVERSAL, _join_pieces, derived_seed, mean_moving_average,
-                                   saved_rank_states)
+from ilvr.training.checkpoint_verify import COMPLETE, verify_checkpoint
+from ilvr.training.elastic import ElasticCheckpointManager as CheckpointManager
+from ilvr.training.elastic import UNIVERSAL, _join_pieces, mean_moving_average, saved_rank_states
+from ilvr.training.rng import derived_seed
 from ilvr.training.spawn import run_on_ranks
 
 # per-step |loss - uninterrupted 2-rank loss| after a world-size change: the global batch and the samples

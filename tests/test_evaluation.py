@@ -168,7 +168,7 @@ def test_evaluations_log_beside_their_training_run(training_run, tmp_path, tiny,
     import mlflow
 
     from ilvr.evaluation.evaluate import training_origin
-    from ilvr.training.tracking import store_record
+    from ilvr.training.mlflow_store import store_record
 
     run = training_run
     processor, _ = tiny
@@ -389,10 +389,10 @@ def test_a_recipes_held_out_shards_are_the_default_when_eval_shards_is_empty(tmp
 def test_a_second_evaluation_into_the_same_out_is_refused_naming_the_holder(tmp_path, exported, eval_shards,
                                                                              monkeypatch, capsys):
     from ilvr.evaluation.cli import main as eval_main
-    from ilvr.training.checkpoint import OutputDirBusy
+    from ilvr.training.run_lock import OutputDirBusy
 
     out = str(tmp_path / "eval")
-    code = ("import sys, time; from ilvr.training.checkpoint import lock_output_dir; "
+    code = ("import sys, time; from ilvr.training.run_lock import lock_output_dir; "
             "lock_output_dir(sys.argv[1], 'ilvr-eval --out'); print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
     try:

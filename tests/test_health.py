@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ilvr.config import TrainConfig
-from ilvr.training.checkpoint import CheckpointError, CheckpointManager, latest, resolve_resume, unhealthy,\
-    verify_checkpoint
+from ilvr.training.checkpoint import CheckpointManager, latest, resolve_resume, unhealthy
+from ilvr.training.checkpoint_verify import CheckpointError, verify_checkpoint
 from ilvr.training.health import LossWatch, read_health, verdict, weight_stats
 from tests.test_checkpoint import FakeEngine
 

@@ -21,10 +21,12 @@ import time
 import pytest
 import torch
 
-from ilvr.training import checkpoint as ckpt
-from ilvr.training.checkpoint import (COMPLETE, CheckpointError, CheckpointManager, OutputDirBusy, latest,
-                                      lock_output_dir, resolve_resume, sha256_file, verify_checkpoint,
-                                      weights_only_loading)
+from ilvr.fileio import sha256_file
+from ilvr.training import checkpoint_verify as ckpt
+from ilvr.training import run_lock
+from ilvr.training.checkpoint import CheckpointManager, latest, resolve_resume
+from ilvr.training.checkpoint_verify import COMPLETE, CheckpointError, verify_checkpoint, weights_only_loading
+from ilvr.training.run_lock import OutputDirBusy, lock_output_dir
 from ilvr.training.spawn import run_on_ranks
 from tests.conftest import REPO
 from tests.test_checkpoint import CrashingManager, FakeEngine
@@ -46,7 +48,7 @@ class Planted:
 
 def rehash(checkpoint: str) -> None:
     """Rewrite COMPLETE with the current files' hashes: an attacker who controls every file."""
-    files = ckpt._payload_files(checkpoint)
+    files = ckpt.payload_files(checkpoint)
     hashes = {rel: sha256_file(os.path.join(checkpoint, rel)) for rel in files}
     with open(os.path.join(checkpoint, COMPLETE), "w") as f:
         json.dump({"format": ckpt.MANIFEST_FORMAT, "sha256": hashes}, f)
@@ -332,7 +334,7 @@ def test_temporary_dirs_are_per_job_and_only_the_lock_holder_removes_others(tmp_
 def lock_holder(tmp_path):
     """A separate process holding <tmp>/run/.lock, as a running job does; killed at the end."""
     out = str(tmp_path / "run")
-    code = ("import sys, time; from ilvr.training.checkpoint import lock_output_dir; lock_output_dir(sys.argv[1]); "
+    code = ("import sys, time; from ilvr.training.run_lock import lock_output_dir; lock_output_dir(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, out], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
     try:
@@ -359,7 +361,7 @@ def test_a_second_process_is_refused_naming_the_holder(lock_holder):
 def claim(rank, world_size, out_dir: str):
     started = time.monotonic()
     try:
-        ckpt.claim_output_dir(out_dir)
+        run_lock.claim_output_dir(out_dir)
     except OutputDirBusy as e:
         return {"refused": str(e), "seconds": time.monotonic() - started}
     return {"refused": None}

@@ -15,9 +15,9 @@ import shutil
 
 import pytest
 
-from ilvr.evaluation import report
-from ilvr.evaluation.report import (EvalRow, ReportData, ReportMeta, TrainingRun, main, render_html, render_markdown,
-                                    stage_switch, wilson)
+from ilvr.evaluation import report, report_data
+from ilvr.evaluation.report import main, render_html, render_markdown
+from ilvr.evaluation.report_data import EvalRow, ReportData, ReportMeta, TrainingRun, stage_switch, wilson
 
 N = 40
 # (benchmark, mode, step) -> accuracy of the run that must win (multiples of 1/N)
@@ -278,9 +278,9 @@ def test_report_of_a_moved_training_run(store, tmp_path, capsys):
 def test_gold_comes_from_the_benchmark_data_when_predictions_lack_it(store):
     rows = [{"id": "synvsp-s3-000000", "prediction": "\\boxed{R}"}, {"id": "not-in-data", "prediction": ""},
             {"id": "synvsp-s3-000001", "prediction": "", "gold": "kept"}]
-    report.fill_gold(rows, str(store["tmp"] / "shards"), "vsp", {})
+    report_data.fill_gold(rows, str(store["tmp"] / "shards"), "vsp", {})
     assert rows[0]["gold"] == "L,D,L" and "gold" not in rows[1] and rows[2]["gold"] == "kept"
-    report.fill_gold(rows[1:], str(store["tmp"] / "no-such-shards"), "vsp", {})  # data gone: left without
+    report_data.fill_gold(rows[1:], str(store["tmp"] / "no-such-shards"), "vsp", {})  # data gone: left without
     assert "gold" not in rows[1]
 
 
@@ -293,7 +293,7 @@ def test_parent_filter_and_all_runs(store, monkeypatch, capsys):
     assert "| 300 | 40 | 55.0% [39.8-69.3] |" in out.read_text()
 
     everything = store["tmp"] / "all.html"
-    monkeypatch.setattr(report, "PAGE_SIZE", 4)  # 15 finished eval runs: four pages
+    monkeypatch.setattr(report_data, "PAGE_SIZE", 4)  # 15 finished eval runs: four pages
     assert main(["--tracking-uri", store["uri"], "--experiment", "ilvr", "--out", str(everything)]) == 0
     page = everything.read_text()
     assert "Evaluation runs</dt><dd>14<" in page and "1 duplicate run(s) dropped" in page and "zebra" in page

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from data_pipeline.latent_tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
 from data_pipeline.tiny_processor import (
     QWEN_SPECIAL_TOKENS,
     QWEN_VL_CHAT_TEMPLATE,
@@ -17,7 +18,6 @@ from data_pipeline.tiny_processor import (
     qwen_vl_chat_template,
     torchvision_available,
 )
-from ilvr.model.tokens import LATENT_TOKENS, LatentTokenIds, add_latent_tokens
 from tests.factories import VSP_QUESTION, png_bytes
 
 # ----------------------------------------------------------------------------- tests

@@ -16,8 +16,9 @@ import pytest
 
 from ilvr.config import load_config
 from ilvr.training.loss_curve import plot_loss_curve
-from ilvr.training import tracking
-from ilvr.training.tracking import Tracker, truncate_metrics
+from ilvr.training import mlflow_store, run_record, tracking
+from ilvr.training.run_record import truncate_metrics
+from ilvr.training.tracking import Tracker
 from ilvr.training.spawn import free_port
 
 MLFLOW_ENV = ["MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_TAGS", "MLFLOW_NESTED_RUN"]
@@ -209,7 +210,7 @@ def log_step(tracker: Tracker, out: Path, step: int) -> float:
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
     t0 = time.perf_counter()
-    tracker.log_metrics(tracking.scalar_metrics(metrics), step=step)
+    tracker.log_metrics(mlflow_store.scalar_metrics(metrics), step=step)
     return time.perf_counter() - t0
 
 
@@ -565,11 +566,11 @@ def test_a_moved_run_dir_still_opens_its_store_and_artifacts(tmp_path):
 
     os.rename(tmp_path / "a", tmp_path / "b")
     moved = tmp_path / "b" / "run"
-    uri, found_id = tracking.run_store(str(moved))
+    uri, found_id = run_record.run_store(str(moved))
     assert (uri, found_id) == (f"sqlite:///{moved}/mlflow.db", run_id)
     stale = MlflowClient(tracking_uri=uri).get_run(run_id).info.artifact_uri
     assert "/a/run/mlartifacts/" in stale  # what MLflow recorded: the old place
-    assert (Path(tracking.artifact_dir(stale, uri)) / "notes.txt").read_text() == "hello"  # read-time resolution
+    assert (Path(mlflow_store.artifact_dir(stale, uri)) / "notes.txt").read_text() == "hello"  # read-time resolution
 
     later = Tracker(rank=0, output_dir=str(tmp_path / "eval"), tracking_uri=uri, experiment="ilvr")
     later.start({"mode": "latent"})  # a writer (an evaluation) relocates the store once
@@ -585,13 +586,13 @@ def test_a_moved_run_dir_still_opens_its_store_and_artifacts(tmp_path):
 
 def test_connectable_uri_never_uses_a_redacted_or_missing_store(tmp_path, monkeypatch):
     recorded = tracking.redact_uri("https://alice:pw@mlflow.example")
-    assert tracking.connectable_uri(recorded) is None  # credentials are not recorded: no way to connect
+    assert mlflow_store.connectable_uri(recorded) is None  # credentials are not recorded: no way to connect
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:pw@mlflow.example")
-    assert tracking.connectable_uri(recorded) == "https://alice:pw@mlflow.example"
+    assert mlflow_store.connectable_uri(recorded) == "https://alice:pw@mlflow.example"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:pw@other.example")
-    assert tracking.connectable_uri(recorded) is None  # another server's credentials
-    assert tracking.connectable_uri(f"sqlite:///{tmp_path}/gone.db") is None  # MLflow would create an empty one
-    assert tracking.connectable_uri("http://mlflow:5000") == "http://mlflow:5000"
+    assert mlflow_store.connectable_uri(recorded) is None  # another server's credentials
+    assert mlflow_store.connectable_uri(f"sqlite:///{tmp_path}/gone.db") is None  # MLflow would create an empty one
+    assert mlflow_store.connectable_uri("http://mlflow:5000") == "http://mlflow:5000"
     record = tracking.store_record(f"sqlite:///{tmp_path}/run/mlflow.db", "abc", str(tmp_path / "export"))
     assert record == {"run_id": "abc", "tracking_uri": f"sqlite:///{tmp_path}/run/mlflow.db",
                       "tracking_db": "../run/mlflow.db"}

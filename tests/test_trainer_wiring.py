@@ -79,7 +79,7 @@ def test_teacher_targets_and_one_ema_update_per_optimizer_step(tmp_path, shards,
                     "latent/changed_chance"):
             assert key in r
         assert r["latent/changed_segments"] > 0  # VSP helpers share the previous image's grid: measured
-    from ilvr.training.tracking import scalar_metrics
+    from ilvr.training.mlflow_store import scalar_metrics
 
     scalars = scalar_metrics(stage1_rows[0])
     assert abs(sum(scalars[f"latent/selected_k{j}"] for j in range(1, 5)) - 1.0) < 1e-9

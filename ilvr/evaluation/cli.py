@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from ilvr.training.checkpoint import OutputDirBusy
+    from ilvr.training.run_lock import OutputDirBusy
     from ilvr.training.distributed import end_process
 
     if not (args.command == "run"):  # run sets up rank-aware logging itself

@@ -26,7 +26,7 @@ from ilvr.evaluation.data import BenchmarkData, load_records
 from ilvr.evaluation.loading import EvalModel, load_eval_model, resolve_model_path
 from ilvr.evaluation.scorers import aggregate, category_key, get_scorer, infer_benchmark
 from ilvr.model.generate import MODES, generate
-from ilvr.training.checkpoint import claim_output_dir
+from ilvr.training.run_lock import claim_output_dir
 from ilvr.training.distributed import format_duration
 from ilvr.training.distributed import all_gather_json
 
@@ -238,7 +238,7 @@ def timing_metrics(rows: list[dict], wall_s: float) -> dict[str, float]:
 
 def write_json_atomic(path: str, data, lines: bool = False) -> None:
     """JSON (or JSON lines) written whole or not at all."""
-    from ilvr.training.checkpoint import write_text_atomic
+    from ilvr.fileio import write_text_atomic
 
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in data) if lines else \
         json.dumps(data, indent=2, sort_keys=True)
@@ -265,7 +265,8 @@ def training_origin(model: str) -> TrainingOrigin:
     """Where the training run of `model` logged: an export's ilvr_settings.json `mlflow`, or a checkpoint's
     trainer.json `mlflow_run_id` with its run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
     from ilvr.export import SETTINGS_FILE
-    from ilvr.training.tracking import connectable_uri, read_state
+    from ilvr.training.mlflow_store import connectable_uri
+    from ilvr.training.run_record import read_state
 
     kind, directory = resolve_model_path(model)
     if kind == "exported":
@@ -288,7 +289,7 @@ def experiment_of(uri: str | None, run_id: str | None) -> str | None:
         return None
     from mlflow import MlflowClient
 
-    from ilvr.training.tracking import prepare_server
+    from ilvr.training.mlflow_store import prepare_server
 
     try:
         prepare_server(uri, check=False)
@@ -303,7 +304,7 @@ def experiment_of(uri: str | None, run_id: str | None) -> str | None:
 def eval_store(tracking_uri: str | None, experiment: str | None, origin: TrainingOrigin) -> tuple[str | None, str]:
     """(store, experiment) of an evaluation: given ones, else the training run's store and experiment, else
     MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME (a None store: the Tracker's default), else "ilvr-eval"."""
-    from ilvr.training.tracking import redact_uri
+    from ilvr.training.mlflow_store import redact_uri
 
     if origin.run_id and not origin.tracking_uri and not tracking_uri:
         log.warning("MLflow: the training run %s logged to %s, which cannot be opened from here (moved, or its "

@@ -4,299 +4,50 @@
     ilvr-report --sweep runs/x/sweep --out report.html        # one sweep
     ilvr-report --tracking-uri URI [--experiment NAME] [--parent-run-id ID] --out report.html
 
-Gathering (collect_*, the only part that talks to MLflow or reads files) is kept apart from rendering
-(render_markdown / render_html: a ReportData in, text out), so a report can be tested and re-rendered without
-a store. Both formats are built from the same blocks, so their tables agree. Accuracies are fractions in [0, 1],
-shown as percents with 95% Wilson intervals: with n = 32 samples an accuracy near 50% is only known to about
-+-16 points, near 0% the interval is [0, 10.7%]. Figures are matplotlib PNGs (matplotlib comes with mlflow)
-embedded as data URIs: the HTML has no JavaScript and loads nothing, so it opens offline; the only links are to
-the MLflow UI (`mlflow ui`, --mlflow-ui).
+Gathering (report_data.py: collect_*, the only part that talks to MLflow or reads files) is kept apart from
+rendering (here: render_markdown / render_html, a ReportData in, text out), so a report can be tested and
+re-rendered without a store. Both formats are built from the same blocks, so their tables agree. Accuracies
+are fractions in [0, 1], shown as percents with 95% Wilson intervals: with n = 32 samples an accuracy near 50%
+is only known to about +-16 points, near 0% the interval is [0, 10.7%]. Figures (report_figures.py) are
+matplotlib PNGs (matplotlib comes with mlflow) embedded as data URIs: the HTML has no JavaScript and loads
+nothing, so it opens offline; the only links are to the MLflow UI (`mlflow ui`, --mlflow-ui).
 """
 from __future__ import annotations
 
 import argparse
-import base64
 import html
-import io
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ilvr.evaluation.scorers import BENCHMARKS  # display order
+from ilvr.evaluation.report_data import (MLFLOW_UI, SAMPLES_PER_MODE, TRAINING_PANELS, EvalRow, ReportData, ReportMeta,
+                                         TrainingRun, accuracy_ci, by_benchmark, collect_predictions, collect_runs,
+                                         collect_training, dedupe, grid_rows, is_number, latest_per_mode, mode_key,
+                                         n_label, order_names, sample_runs, split_stepped, stage_switch)
+from ilvr.evaluation.report_figures import accuracy_figure, category_figure, training_figure
+from ilvr.fileio import write_text_atomic
 from ilvr.model.generate import MODES  # display order; other modes follow alphabetically
-from ilvr.training.checkpoint import write_text_atomic
-from ilvr.training.tracking import artifact_dir, prepare_server, read_metrics, redact_uri, run_store
+from ilvr.training.mlflow_store import prepare_server, redact_uri
+from ilvr.training.run_record import run_store
 
-PAGE_SIZE = 1000
-EVAL_FILTER = "tags.`ilvr.kind` = 'eval' and attributes.status = 'FINISHED'"
-MLFLOW_UI = "http://127.0.0.1:5000"  # `mlflow ui`'s default address
-Z95 = 1.959964
-SAMPLES_PER_MODE = 3
 MAX_PREDICTION_CHARS = 700
-# training curves: (panel title, [(metric key, label, line style)])
-TRAINING_PANELS = (
-    ("loss terms", [("loss", "loss", "-"), ("ce", "CE", "-"), ("align", "align (1 - cos)", "-")]),
-    ("alignment cosine (stage 1)", [("latent/align_cos", "all pads", "-"), ("latent/align_first", "first pad", "-"),
-                                    ("latent/align_later", "later pads", "-"),
-                                    ("latent/align_copy", "copy baseline", "--")]),
-    ("K* (selected features per segment)", [("latent/selected_mean", "K* mean", "-")]),
-    ("learning rate", [("lr", "lr", "-")]),
-    ("grad norm (before clipping)", [("grad_norm", "grad norm", "-")]),
-    ("throughput", [("samples_per_s", "samples/s", "-")]),
-)
-TRAINING_KEYS = tuple(k for _, lines in TRAINING_PANELS for k, _, _ in lines) + ("stage",)
 KEY_PARAMS = ("model.name_or_path", "model.latent_size", "train.stage", "train.stage1_steps", "train.max_steps",
               "train.lr", "train.lr_schedule", "train.warmup_steps", "data.batch_size", "loss.w_align")
 
 
-@dataclass
-class EvalRow:
-    """One finished evaluation run, flattened to what the report needs (nothing MLflow-specific)."""
-
-    run_id: str
-    benchmark: str
-    mode: str
-    step: "int | None"  # None: a model whose checkpoint step is unknown
-    model: str
-    metrics: dict = field(default_factory=dict)
-    start_time: int = 0  # ms since the epoch; among duplicates the newest wins
-    run_name: str = ""
-    parent_run_id: "str | None" = None
-    experiment_id: str = ""
-    train_run_id: "str | None" = None  # tag ilvr.train_run_id
-    model_kind: str = "checkpoint"  # tag ilvr.model_kind: "checkpoint" | "exported"
-    artifact_uri: str = ""
-    shards: str = ""
-
-    @property
-    def accuracy(self) -> "float | None":
-        return self.metrics.get("accuracy")
-
-    @property
-    def n(self) -> "int | None":
-        n = self.metrics.get("num_samples")
-        return int(n) if _ok(n) else None
-
-    def categories(self) -> dict:
-        """category -> (accuracy, count), from the accuracy/<category> and count/<category> metrics."""
-        return {k[len("accuracy/"):]: (v, self.metrics.get("count/" + k[len("accuracy/"):]))
-                for k, v in self.metrics.items() if k.startswith("accuracy/")}
-
-
-@dataclass
-class TrainingRun:
-    """The training run the evaluations came from: its curves, config and where they were read."""
-
-    run_id: "str | None"
-    curves: dict = field(default_factory=dict)  # metric key -> [(step, value)]
-    params: dict = field(default_factory=dict)
-    source: str = ""
-    experiment_id: str = ""
-    name: str = ""
-    status: str = ""
-
-
-@dataclass
-class ReportMeta:
-    """What the header says about where the rows came from."""
-
-    store: str
-    filter: str = "all experiments"
-    generated_at: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    mlflow_ui: str = MLFLOW_UI
-
-
-@dataclass
-class ReportData:
-    rows: list
-    meta: ReportMeta
-    training: "TrainingRun | None" = None
-    predictions: dict = field(default_factory=dict)  # run id -> predictions rows (a few)
-
-
-# ----------------------------------------------------------------------------------------- gathering
-
-def _experiment_ids(client, names: "Sequence[str] | None") -> list:
-    if names:
-        ids = []
-        for name in names:
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                raise LookupError(f"no MLflow experiment named {name!r} in this store")
-            ids.append(exp.experiment_id)
-        return ids
-    ids, token = [], None
-    while token != "":  # MLflow pages end with an empty or None token
-        page = client.search_experiments(max_results=PAGE_SIZE, page_token=token)
-        ids += [e.experiment_id for e in page]
-        token = page.token or ""
-    return ids
-
-
-def _row(run) -> EvalRow:
-    params, tags = run.data.params, run.data.tags
-    step_text = params.get("checkpoint_step", "").strip()
-    model = params.get("model", "")
-    kind = tags.get("ilvr.model_kind") or ("checkpoint" if re.search(r"step-\d+/?$", model) else "exported")
-    return EvalRow(run_id=run.info.run_id, benchmark=params.get("benchmark") or "unknown",
-                   mode=params.get("mode") or "unknown",
-                   step=int(step_text) if re.fullmatch(r"-?\d+", step_text) else None,
-                   model=model, metrics=dict(run.data.metrics),
-                   start_time=run.info.start_time or 0, run_name=tags.get("mlflow.runName", ""),
-                   parent_run_id=tags.get("mlflow.parentRunId"), experiment_id=run.info.experiment_id,
-                   train_run_id=tags.get("ilvr.train_run_id"), model_kind=kind,
-                   artifact_uri=run.info.artifact_uri or "", shards=params.get("shards", ""))
-
-
-def _safe_id(run_id: str) -> str:
-    if not re.fullmatch(r"[\w-]+", run_id):  # it goes into a filter string
-        raise ValueError(f"not a run id: {run_id!r}")
-    return run_id
-
-
-def collect_runs(client, experiment_names: "Sequence[str] | None" = None, parent_run_id: "str | None" = None,
-                 train_run_id: "str | None" = None) -> list:
-    """All FINISHED eval runs (tag ilvr.kind = eval) of the experiments, optionally children of one parent
-    and/or evaluations of one training run (tag ilvr.train_run_id)."""
-    query = EVAL_FILTER
-    if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{_safe_id(parent_run_id)}'"
-    if train_run_id:
-        query += f" and tags.`ilvr.train_run_id` = '{_safe_id(train_run_id)}'"
-    ids = _experiment_ids(client, experiment_names)
-    rows, token = [], None
-    while ids and token != "":
-        page = client.search_runs(ids, filter_string=query, max_results=PAGE_SIZE, page_token=token,
-                                  order_by=["attributes.start_time DESC"])
-        rows += [_row(run) for run in page]
-        token = page.token or ""
-    return rows
-
-
-def curves_from_jsonl(path: str) -> dict:
-    """The training curves of a run dir's metrics.jsonl (the trainer's per-step log)."""
-    curves: dict = {}
-    for step, values in sorted(read_metrics(path).items()):
-        for key, value in values:
-            if key in TRAINING_KEYS:
-                curves.setdefault(key, []).append((step, value))
-    return curves
-
-
-def collect_training(client, run_id: "str | None", run_dir: "str | None" = None) -> "TrainingRun | None":
-    """The training run: curves from `run_dir`/metrics.jsonl when given, else from its MLflow run; its config
-    (params) from MLflow. None when neither is available."""
-    from mlflow.exceptions import MlflowException
-
-    run = None
-    if run_id:
-        try:
-            run = client.get_run(run_id)
-        except MlflowException:
-            run = None
-    jsonl = os.path.join(run_dir, "metrics.jsonl") if run_dir else None
-    if jsonl and os.path.isfile(jsonl):
-        curves, source = curves_from_jsonl(jsonl), jsonl
-    elif run is not None:
-        curves = {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
-                  for k in TRAINING_KEYS if k in run.data.metrics}
-        source = "its MLflow run"
-    else:
-        return None
-    if run is None:
-        return TrainingRun(run_id, curves, source=source)
-    return TrainingRun(run_id, curves, dict(run.data.params), source, run.info.experiment_id,
-                       run.data.tags.get("mlflow.runName", ""), run.info.status)
-
-
-def _read_predictions(client, uri: str, row: EvalRow) -> list:
-    """The run's predictions.jsonl artifact (local files read in place, a moved SQLite store too)."""
-    local = artifact_dir(row.artifact_uri, uri) if row.artifact_uri else None
-    path = os.path.join(local, "predictions.jsonl") if local else None
-    with tempfile.TemporaryDirectory() as tmp:
-        if path is None:
-            try:
-                path = client.download_artifacts(row.run_id, "predictions.jsonl", tmp)
-            except Exception:  # not logged, or the artifact store is unreachable: the report goes on
-                return []
-        if not os.path.isfile(path):
-            return []
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-
-def fill_gold(rows: list, shards: str, benchmark: str, cache: dict) -> None:
-    """Rows written before predictions had a `gold` field: take it from the benchmark data, if still there."""
-    missing = [r for r in rows if "gold" not in r]
-    if not missing or not shards:
-        return
-    if shards not in cache:
-        from ilvr.evaluation.data import load_records
-
-        try:
-            cache[shards] = load_records(shards).by_id()
-        except (OSError, ValueError):
-            cache[shards] = {}
-    from ilvr.evaluation.scorers import get_scorer
-
-    scorer, records = get_scorer(benchmark), cache[shards]
-    for r in missing:
-        if r.get("id") in records:
-            s = scorer(r.get("prediction", ""), records[r["id"]])
-            r["gold"] = s.gold if s.gold is not None else records[r["id"]].answer
-
-
-def collect_predictions(client, uri: str, rows: Sequence[EvalRow]) -> dict:
-    """A few predictions of the runs the samples section shows (the same ids in every mode)."""
-    out, cache = {}, {}
-    for picks in _sample_runs(rows).values():
-        ids = None
-        for r in picks:
-            preds = _read_predictions(client, uri, r)
-            ids = ids or [p.get("id") for p in preds[:SAMPLES_PER_MODE]]
-            chosen = [p for p in preds if p.get("id") in ids]
-            fill_gold(chosen, r.shards, r.benchmark, cache)
-            out[r.run_id] = chosen
-    return out
-
-
-# ------------------------------------------------------------------------------------------ statistics
-
-def wilson(k: float, n: float, z: float = Z95) -> "tuple[float, float]":
-    """Wilson score interval of k successes in n trials: sane at 0% and 100%, unlike the normal one."""
-    if not n:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _ci(acc, n) -> "tuple[float, float] | None":
-    return wilson(round(acc * n), n) if _ok(acc) and _ok(n) and n > 0 else None
-
-
-# ------------------------------------------------------------------------------------------ formatting
-
-def _ok(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def pct(v) -> str:
-    return f"{100 * v:.1f}%" if _ok(v) else "-"
+    return f"{100 * v:.1f}%" if is_number(v) else "-"
 
 
 def pct_ci(acc, n, with_n: bool = False) -> str:
     """"12.5% [4.9-28.1]": the accuracy and its 95% Wilson interval in percent."""
-    ci = _ci(acc, n)
+    ci = accuracy_ci(acc, n)
     if ci is None:
         return pct(acc)
     text = f"{100 * acc:.1f}% [{100 * ci[0]:.1f}-{100 * ci[1]:.1f}]"
@@ -305,16 +56,11 @@ def pct_ci(acc, n, with_n: bool = False) -> str:
 
 def delta_pp(a, b) -> str:
     """Difference of two accuracies in percentage points, signed."""
-    return f"{100 * (a - b):+.1f} pp" if _ok(a) and _ok(b) else "-"
+    return f"{100 * (a - b):+.1f} pp" if is_number(a) and is_number(b) else "-"
 
 
 def num(v, spec: str = ".1f") -> str:
-    return format(v, spec) if _ok(v) else "-"
-
-
-def _order(names, known: Sequence[str]) -> list:
-    names = set(names)
-    return [n for n in known if n in names] + sorted(names - set(known))
+    return format(v, spec) if is_number(v) else "-"
 
 
 @dataclass
@@ -332,221 +78,6 @@ def run_link(meta: ReportMeta, experiment_id: str, run_id: str, text: "str | Non
     return Link(text or run_id[:8], f"{meta.mlflow_ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
 
 
-# ------------------------------------------------------------------------------------------ selection
-
-def dedupe(rows: Sequence[EvalRow]) -> "tuple[list, int]":
-    """Keep the newest run per (benchmark, mode, step, model); returns (kept, number dropped)."""
-    best: dict = {}
-    for r in rows:
-        key = (r.benchmark, r.mode, r.step, r.model)
-        if key not in best or (r.start_time, r.run_id) > (best[key].start_time, best[key].run_id):
-            best[key] = r
-    return list(best.values()), len(rows) - len(best)
-
-
-def _split(rows: Sequence[EvalRow]) -> "tuple[list, list]":
-    """(checkpoint runs with a step: the curves over training, everything else: exported or step-less models)."""
-    stepped = [r for r in rows if r.model_kind != "exported" and r.step is not None]
-    return stepped, [r for r in rows if r not in stepped]
-
-
-def _grid(rows: Sequence[EvalRow]) -> list:
-    """Table rows [(label, {mode: row})] by step; the model is added to the label when a step has several."""
-    cells: dict = {}
-    for r in rows:
-        cells.setdefault((r.step, r.model), {})[r.mode] = r
-    keys = sorted(cells, key=lambda k: (k[0] is None, k[0] or 0, k[1]))
-    steps = [step for step, _ in keys]
-    return [(f"{model or '?'} (step unknown)" if step is None
-             else f"{step} ({model})" if steps.count(step) > 1 else str(step), cells[(step, model)])
-            for step, model in keys]
-
-
-def _latest(rows: Sequence[EvalRow]) -> "tuple[dict, str]":
-    """{mode: newest row at the highest step} (step-less rows only if nothing has a step), and a caption."""
-    stepped = [r for r in rows if r.step is not None]
-    top = max((r.step for r in stepped), default=None)
-    pool = [r for r in stepped if r.step == top] if stepped else list(rows)
-    pick: dict = {}
-    for r in sorted(pool, key=lambda r: (r.start_time, r.run_id)):
-        pick[r.mode] = r
-    caption = f"At step {top}." if stepped else "No run has a checkpoint step; newest run per mode."
-    return pick, caption
-
-
-def _mode_key(mode: str) -> tuple:
-    return (MODES.index(mode) if mode in MODES else len(MODES), mode)
-
-
-def _by_bench(rows: Sequence[EvalRow]) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault(r.benchmark, []).append(r)
-    return {b: out[b] for b in _order(out, BENCHMARKS)}
-
-
-def _sample_runs(rows: Sequence[EvalRow]) -> dict:
-    """benchmark -> the runs whose predictions are shown: the latest checkpoint's, one per mode."""
-    kept, _ = dedupe(rows)
-    stepped, other = _split(kept)
-    out = {}
-    for b, rs in _by_bench(stepped or other).items():
-        pick, _ = _latest(rs)
-        out[b] = [pick[m] for m in _order(pick, MODES)]
-    return out
-
-
-def _n_label(rows: Sequence[EvalRow]) -> str:
-    ns = sorted({r.n for r in rows if r.n})
-    return "/".join(str(n) for n in ns) or "?"
-
-
-def stage_switch(curves: dict, params: dict) -> "float | None":
-    """The x of the stage-1 -> stage-2 switch: where the `stage` metric first exceeds 1, else the recipe's
-    train.stage1_steps of a "1+2" schedule (between its last stage-1 step and the next)."""
-    stage = curves.get("stage") or []
-    for (s0, v0), (s1, v1) in zip(stage, stage[1:]):
-        if v0 < 2 <= v1:
-            return (s0 + s1) / 2
-    if params.get("train.stage") == "1+2" and str(params.get("train.stage1_steps", "")).isdigit():
-        return int(params["train.stage1_steps"]) + 0.5
-    return None
-
-
-# ------------------------------------------------------------------------------------------ figures
-
-def _png(fig) -> str:
-    """A matplotlib figure as a PNG data URI (embedded: the report stays one file)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(rows: int, cols: int, width: float, height: float):
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, no display needed
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False)
-
-
-def _percent_axis(ax) -> None:
-    from matplotlib.ticker import PercentFormatter
-
-    ax.set_ylim(-0.04, 1.04)
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.grid(alpha=0.3)
-
-
-MARKERS = ("o", "s", "^", "D", "v", "P")
-LINESTYLES = ("-", "--", "-.", ":")
-
-
-def training_figure(training: TrainingRun, eval_steps: Sequence[int] = ()) -> "str | None":
-    """Loss terms, alignment vs its copy baseline, K*, lr, grad norm and throughput over steps, with the
-    stage switch and the evaluated checkpoints marked."""
-    panels = [(t, [(k, lab, ls) for k, lab, ls in lines if training.curves.get(k)]) for t, lines in TRAINING_PANELS]
-    panels = [(t, lines) for t, lines in panels if lines]
-    if not panels:
-        return None
-    cols = 3
-    fig, axes = _figure(math.ceil(len(panels) / cols), cols, 13, 3.3 * math.ceil(len(panels) / cols))
-    switch = stage_switch(training.curves, training.params)
-    trained = [s for pts in training.curves.values() for s, _ in pts]
-    eval_steps = [s for s in eval_steps if min(trained) <= s <= max(trained)]  # others belong to another run
-    for ax, (title, lines) in zip(axes.flat, panels):
-        for key, label, style in lines:
-            xs, ys = zip(*training.curves[key])
-            ax.plot(xs, ys, style, label=label, color="grey" if style == "--" else None, lw=1.5)
-        if title.startswith("K*") and str(training.params.get("model.latent_size", "")).isdigit():
-            ax.axhline(int(training.params["model.latent_size"]), color="grey", ls=":", label="K")
-        if switch is not None:
-            ax.axvline(switch, color="black", ls="--", lw=1, label="stage 1 -> 2")
-        for s in eval_steps if title == "loss terms" else ():
-            ax.axvline(s, color="tab:purple", ls=":", lw=1)
-        ax.set_title(title + (" (dotted: evaluated checkpoints)" if title == "loss terms" and eval_steps else ""),
-                     fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
-    return _png(fig)
-
-
-def _dodge(modes: Sequence[str], steps: Sequence[int]) -> "tuple[dict, float]":
-    """A small x offset per mode (and the unit), so equal accuracies (0% in every mode) do not hide one another."""
-    unit = 0.015 * ((max(steps) - min(steps)) if len(steps) > 1 else 1.0)
-    return {m: (i - (len(modes) - 1) / 2) * 2 * unit for i, m in enumerate(modes)}, unit
-
-
-def accuracy_figure(benchmark: str, stepped: Sequence[EvalRow], other: Sequence[EvalRow]) -> "str | None":
-    """Accuracy vs checkpoint step, one line per mode with 95% Wilson intervals; exported models as stars."""
-    pts = [r for r in stepped if _ok(r.accuracy)]
-    stars = [r for r in other if _ok(r.accuracy) and r.step is not None]
-    if not pts and not stars:
-        return None
-    modes = _order({r.mode for r in pts + stars}, MODES)
-    steps = sorted({r.step for r in pts + stars})
-    dx, unit = _dodge(modes, steps)
-    fig, axes = _figure(1, 1, 9, 4.2)
-    ax = axes[0][0]
-    for i, m in enumerate(modes):
-        for rs, kind in (([r for r in pts if r.mode == m], "line"), ([r for r in stars if r.mode == m], "star")):
-            rs = sorted(rs, key=lambda r: r.step)
-            if not rs:
-                continue
-            shift = dx[m] if kind == "line" else max(dx.values()) + 2 * unit * (i + 1)  # stars right of the lines
-            xs = [r.step + shift for r in rs]
-            ys = [r.accuracy for r in rs]
-            cis = [_ci(r.accuracy, r.n) or (r.accuracy, r.accuracy) for r in rs]
-            err = [[y - lo for y, (lo, _) in zip(ys, cis)], [hi - y for y, (_, hi) in zip(ys, cis)]]
-            color = f"C{i}"
-            if kind == "line":
-                ax.errorbar(xs, ys, yerr=err, fmt=MARKERS[i % len(MARKERS)], ls=LINESTYLES[i % len(LINESTYLES)],
-                            color=color, capsize=4, lw=1.5, ms=6, label=m)
-            else:
-                ax.errorbar(xs, ys, yerr=err, fmt="*", color=color, ms=14, capsize=4, mec="black",
-                            label=f"{m} (exported model)")
-    chance = [r.metrics["baseline"] for r in pts + stars if _ok(r.metrics.get("baseline"))]
-    if chance:
-        ax.axhline(sum(chance) / len(chance), color="gray", ls="--", lw=1, label="chance (random valid plan)")
-    _percent_axis(ax)
-    ax.set_xticks(steps)
-    ax.set_xlabel("checkpoint step")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{benchmark}: accuracy vs checkpoint step (95% Wilson CI, n = {_n_label(pts + stars)} per point; "
-                 "modes offset sideways)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
-
-
-def category_figure(benchmark: str, stepped: Sequence[EvalRow]) -> "str | None":
-    """Accuracy per category (VSP: level = grid size) x checkpoint step as heatmaps, one panel per mode; each
-    cell says its accuracy and n (a heatmap: equal values cannot hide one another as lines would)."""
-    modes = _order({r.mode for r in stepped if r.categories()}, MODES)
-    if not modes:
-        return None
-    cats = sorted({c for r in stepped for c in r.categories()})
-    steps = sorted({r.step for r in stepped})
-    fig, axes = _figure(1, len(modes), 1.2 + len(modes) * (1.2 + 0.55 * len(steps)), 1.2 + 0.42 * len(cats))
-    image = None
-    for ax, m in zip(axes[0], modes):
-        cells = {(c, r.step): r.categories()[c] for r in stepped if r.mode == m for c in r.categories()}
-        grid = [[cells[(c, s)][0] if _ok(cells.get((c, s), (None,))[0]) else math.nan for s in steps] for c in cats]
-        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for (i, c), (j, s) in ((ic, js) for ic in enumerate(cats) for js in enumerate(steps)):
-            acc, n = cells.get((c, s), (None, None))
-            if _ok(acc) and len(steps) <= 12:
-                ax.text(j, i, f"{100 * acc:.0f}%" + (f"\nn={n:.0f}" if _ok(n) else ""), ha="center", va="center",
-                        fontsize=7, color="white" if acc < 0.6 else "black")
-        ax.set_xticks(range(len(steps)), [str(s) for s in steps])
-        ax.set_yticks(range(len(cats)), cats)
-        ax.set_title(f"{benchmark} / {m}", fontsize=10)
-        ax.set_xlabel("checkpoint step")
-    fig.colorbar(image, ax=list(axes[0]), label="accuracy", shrink=0.9)
-    return _png(fig)
-
-
 # ------------------------------------------------------------------------------------ report content
 
 def _blocks(data: ReportData, figures: bool = True) -> list:
@@ -554,7 +85,7 @@ def _blocks(data: ReportData, figures: bool = True) -> list:
     (code, text), (samples, [...]), (details, summary, block)."""
     meta = data.meta
     kept, dropped = dedupe(data.rows)
-    stepped, other = _split(kept)
+    stepped, other = split_stepped(kept)
     out: list = [("h1", "ILVR report"), ("kv", _header(data, kept))]
     if dropped:
         out.append(("p", f"{dropped} duplicate run(s) dropped: for the same benchmark, mode, checkpoint step "
@@ -606,29 +137,29 @@ def _training_blocks(data: ReportData, stepped: list, figures: bool) -> list:
 
 def _accuracy_blocks(stepped: list, other: list, figures: bool) -> list:
     out: list = [("h2", "Accuracy by checkpoint")]
-    benches = _by_bench(stepped)
+    benches = by_benchmark(stepped)
     if not benches:
         return out + [("p", "No checkpoint evaluations (only exported or step-less models).")]
     out.append(("p", "Accuracy with its 95% Wilson interval; in the figures the modes are offset sideways so "
                      "equal values stay visible, exported models are stars."))
-    others = _by_bench(other)
+    others = by_benchmark(other)
     for b, rs in benches.items():
-        modes = _order({r.mode for r in rs}, MODES)
+        modes = order_names({r.mode for r in rs}, MODES)
         out.append(("h3", b))
         uri = accuracy_figure(b, rs, others.get(b, [])) if figures else None
         if uri:
             out.append(("img", uri, f"{b}: accuracy vs checkpoint step per mode with 95% intervals"))
-        chance = any(_ok(r.metrics.get("baseline")) for r in rs)
+        chance = any(is_number(r.metrics.get("baseline")) for r in rs)
         out.append(("table", ["step", "n"] + modes + (["chance: random valid plan"] if chance else []),
-                    [[label, _n_label(list(c.values()))] + [pct_ci(c[m].accuracy, c[m].n) if m in c else "-"
+                    [[label, n_label(list(c.values()))] + [pct_ci(c[m].accuracy, c[m].n) if m in c else "-"
                                                            for m in modes] + ([_chance(c.values())] if chance else [])
-                     for label, c in _grid(rs)]))
+                     for label, c in grid_rows(rs)]))
     return out
 
 
 def _chance(rows) -> str:
     """The no-skill reference of the rows' maps (VSP: a random valid plan's success), as a percentage."""
-    values = [r.metrics["baseline"] for r in rows if _ok(r.metrics.get("baseline"))]
+    values = [r.metrics["baseline"] for r in rows if is_number(r.metrics.get("baseline"))]
     return pct(sum(values) / len(values)) if values else "-"
 
 
@@ -636,8 +167,8 @@ def _exported_blocks(meta: ReportMeta, other: list) -> list:
     if not other:
         return []
     table = []
-    for b, rs in _by_bench(other).items():
-        for r in sorted(rs, key=lambda r: (r.model, _mode_key(r.mode))):
+    for b, rs in by_benchmark(other).items():
+        for r in sorted(rs, key=lambda r: (r.model, mode_key(r.mode))):
             table.append([b, r.mode, "-" if r.step is None else str(r.step), pct_ci(r.accuracy, r.n),
                           _chance([r]), num(r.n, ".0f"), pct(r.metrics.get("unparseable_rate")), r.model,
                           run_link(meta, r.experiment_id, r.run_id)])
@@ -651,9 +182,9 @@ def _exported_blocks(meta: ReportMeta, other: list) -> list:
 
 def _category_blocks(rows: list, figures: bool) -> list:
     out: list = [("h2", "Accuracy per category")]
-    for b, rs in _by_bench(rows).items():
-        pick, caption = _latest(rs)
-        modes = _order(pick, MODES)
+    for b, rs in by_benchmark(rows).items():
+        pick, caption = latest_per_mode(rs)
+        modes = order_names(pick, MODES)
         cats = sorted({c for r in pick.values() for c in r.categories()})
         out.append(("h3", b))
         uri = category_figure(b, [r for r in rs if r.step is not None]) if figures else None
@@ -675,9 +206,9 @@ def _mode_blocks(rows: list) -> list:
                  ("p", "Accuracy per mode; deltas in percentage points (pp). \"-\": mode not evaluated. "
                        "constant-latent and shuffled-latent replace the latent contents: if latent does not beat "
                        "them, the latents carry no information the answer uses.")]
-    for b, rs in _by_bench(rows).items():
+    for b, rs in by_benchmark(rows).items():
         table = []
-        for label, c in _grid(rs):
+        for label, c in grid_rows(rs):
             acc = {m: c[m].accuracy if m in c else None for m in MODES}
             table.append([label] + [pct(acc[m]) for m in MODES] + [delta_pp(acc["latent"], acc[m]) for m in MODES[1:]])
         out += [("h3", b), ("table", ["step", *MODES, *(f"latent - {m}" for m in MODES[1:])], table)]
@@ -689,7 +220,7 @@ def _sample_blocks(data: ReportData) -> list:
                  ("p", f"The first {SAMPLES_PER_MODE} records of the latest checkpoint, in every mode; each latent "
                        "segment of a prediction is marked [latent].")]
     found = False
-    for b, picks in _sample_runs(data.rows).items():
+    for b, picks in sample_runs(data.rows).items():
         preds = {r.mode: {p.get("id"): p for p in data.predictions.get(r.run_id, [])} for r in picks}
         ids = list(next((p for p in preds.values() if p), {}).keys())
         if not ids:
@@ -707,9 +238,9 @@ def _sample_blocks(data: ReportData) -> list:
 
 def _latency_blocks(kept: list) -> list:
     table = []
-    for b, rs in _by_bench(kept).items():
-        for m in _order({r.mode for r in rs}, MODES):
-            r = _latest([r for r in rs if r.mode == m])[0][m]
+    for b, rs in by_benchmark(kept).items():
+        for m in order_names({r.mode for r in rs}, MODES):
+            r = latest_per_mode([r for r in rs if r.mode == m])[0][m]
             g = r.metrics.get
             table.append([b, m, "-" if r.step is None else str(r.step), num(g("latency_ms_mean")),
                           num(g("latency_ms_p50")), num(g("latency_ms_p90")), num(g("tokens_per_s")),
@@ -737,7 +268,7 @@ def _run_blocks(meta: ReportMeta, training: "TrainingRun | None", kept: list) ->
     if training and training.run_id and training.experiment_id:
         table.append([run_link(meta, training.experiment_id, training.run_id), "training", training.name, "-", "-",
                       training.status])
-    for r in sorted(kept, key=lambda r: (r.benchmark, r.step is None, r.step or 0, _mode_key(r.mode))):
+    for r in sorted(kept, key=lambda r: (r.benchmark, r.step is None, r.step or 0, mode_key(r.mode))):
         table.append([run_link(meta, r.experiment_id, r.run_id), f"eval ({r.model_kind})", r.run_name, r.benchmark,
                       "-" if r.step is None else str(r.step), r.mode])
     return [("h2", "MLflow runs"),

@@ -30,7 +30,7 @@ from ilvr.evaluation.data import load_records
 from ilvr.evaluation.evaluate import (METRICS_FILE, DecodeSettings, EvalRequest, check_references, eval_store,
                                       run_evaluation, training_origin, write_json_atomic)
 from ilvr.evaluation.loading import load_eval_model, model_step, resolve_model_path
-from ilvr.training.checkpoint import write_text_atomic
+from ilvr.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def training_store(origins: dict) -> "str | None":
     """The one store the checkpoints' training runs logged to (None: none recorded); several: an error."""
     stores = sorted({o.tracking_uri for o in origins.values() if o.tracking_uri})
     if len(stores) > 1:
-        from ilvr.training.tracking import redact_uri
+        from ilvr.training.mlflow_store import redact_uri
 
         raise ValueError(f"the checkpoints come from training runs in {len(stores)} MLflow stores "
                          f"({', '.join(redact_uri(u) for u in stores)}): pass --tracking-uri to choose one")
@@ -232,7 +232,7 @@ def write_summary(sweep_dir: str) -> tuple[list[dict], list[int]]:
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(os.path.join(sweep_dir, "summary.csv"), table.getvalue())
-    lines = [f"# Sweep {sweep['name']}", "", f"{len(sweep['tasks'])} tasks (checkpoints), {len(rows)} evaluations, "
+    lines = [f"# Sweep summary: {sweep['name']}", "", f"{len(sweep['tasks'])} tasks (checkpoints), {len(rows)} evaluations, "
              f"{ok} with results; MLflow parent run `{sweep['parent_run_id']}`.", "",
              "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + " --- |" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(str(r[c]) for c in SUMMARY_COLUMNS) + " |" for r in rows]

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from data_pipeline.latent_tokens import LatentTokenIds
 from ilvr.config import ModelConfig
 from ilvr.model.patch_embed import use_patch_matmul
-from ilvr.model.tokens import LatentTokenIds
 
 log = logging.getLogger(__name__)
 

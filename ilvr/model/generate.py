@@ -27,9 +27,9 @@ import torch
 from transformers import DynamicCache
 
 from data_pipeline.encode import IM_END
+from data_pipeline.latent_tokens import LatentTokenIds
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
 from ilvr.model.latent_scale import rescale
-from ilvr.model.tokens import LatentTokenIds
 
 MODES = ("latent", "text", "constant-latent", "shuffled-latent")
 LATENT_MARKER = "<latent>"  # stands for one latent segment in GenerationResult.text

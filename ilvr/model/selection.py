@@ -233,7 +233,7 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1, eps=1e-12)
 
 
-def _segment_order(owner, first_pad, size):
+def segment_order(owner, first_pad, size):
     """Per segment: its ordinal t within its sample, the previous segment (index) and that one's end marker."""
     before = (owner[:, None] == owner[None, :]) & (first_pad[None, :] < first_pad[:, None])
     ordinal = before.sum(1)
@@ -297,7 +297,7 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
     seg_row, first_pad, size, helper = seg.unbind(1)
     inside = (rows[None] == seg_row[:, None]) & (starts[None] <= first_pad[:, None]) & (first_pad[:, None] < ends[None])
     owner = inside.float().argmax(1)
-    ordinal, prev, prev_end = _segment_order(owner, first_pad, size)
+    ordinal, prev, prev_end = segment_order(owner, first_pad, size)
     context = unit(span_means(final, seg_row, torch.where(ordinal > 0, prev_end, prompt_end[owner]), first_pad))
 
     picked_mean = torch.zeros(n_seg, hidden, device=device)

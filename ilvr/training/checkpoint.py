@@ -23,420 +23,38 @@ Old checkpoints are renamed to `.trash-*` before removal: a half-deleted one nev
 A checkpoint whose trainer.json marks it unhealthy is kept but not taken: `latest` stays on the newest
 healthy one, which pruning never removes, and `latest()` / `--resume auto` skip it (logged).
 
-Hostile files (docs/reliability.md): nothing is ever unpickled. Our files are JSON; DeepSpeed
-0.19 calls torch.load(weights_only=False) on its own, so every load we trigger runs inside
-`weights_only_loading()` (TORCH_FORCE_WEIGHTS_ONLY_LOAD=1 + an allow-list of the few DeepSpeed
-classes its files hold). COMPLETE records a sha256 per file (`{"format": 2, "sha256": {...}}`);
-`verify_checkpoint` checks them and dry-loads every pickle weights-only before anything is loaded,
-naming the file that fails. COMPLETE files written before the hashes ("ok") are accepted with a
-warning (still weights-only). `--resume auto` skips checkpoints that fail (logged) for the newest
-that verifies; an explicit checkpoint that fails is an error. Temporary dirs are named per job
-(`step-<N>.tmp-<host>-<pid>`); only the holder of `<output_dir>/.lock` (`lock_output_dir`, one
-job per output dir) removes other jobs' leftovers.
+Nothing is ever unpickled: every file is verified and loaded weights-only (checkpoint_verify.py,
+docs/reliability.md). Temporary dirs are named per job (`step-<N>.tmp-<host>-<pid>`); only the holder
+of `<output_dir>/.lock` (run_lock.py, one job per output dir) removes other jobs' leftovers.
 """
 from __future__ import annotations
 
-import base64
-import contextlib
-import fcntl
-import hashlib
-import importlib.util
 import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import socket
-import time
 from collections.abc import Callable
-from typing import Any
 
-import torch
+from ilvr.fileio import fsync_path, sha256_file, write_text_atomic
+from ilvr.training.checkpoint_verify import (COMPLETE, CheckpointError, is_complete, payload_files, refusal_reason,
+                                             verify_checkpoint, weights_only_loading, write_manifest)
+from ilvr.training.distributed import all_gather_json, all_true, barrier, is_distributed, rank_world
+from ilvr.training.rng import rng_state, set_rng_state
+from ilvr.training.run_lock import holds_lock
 
 log = logging.getLogger(__name__)
 
 DS_TAG = "ds"
 LATEST = "latest"
-COMPLETE = "COMPLETE"
 TRAINER_FILE = "trainer.json"
-LOCK_FILE = ".lock"
-MANIFEST_FORMAT = 2  # COMPLETE as JSON with a sha256 per file; before: the text "ok"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")  # files torch.load may be pointed at
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^(step-\d+\.tmp(-.*)?|\.trash-.*)$")  # crashed saves, half-removed checkpoints
-# derived from a checkpoint after its save, with their own COMPLETE (ilvr/training/elastic.py): not its files
-_DERIVED = re.compile(r"^universal(\.(tmp|trash)-.+)?$")
-_FORCE, _FORCE_NO = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that must not be loaded (changed, truncated, or holding pickled code); names the file."""
-
-
-class OutputDirBusy(RuntimeError):
-    """Another live job holds `<output_dir>/.lock`; the message names it."""
-
-
-# ----------------------------------------------------------------------------- RNG state
-
-
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(bytes(t.cpu().tolist())).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
-def rng_state() -> dict[str, Any]:
-    """The RNG states of python, numpy (if installed), torch CPU and CUDA, as JSON-safe values."""
-    version, internal, gauss = random.getstate()
-    state: dict[str, Any] = {"python": [version, list(internal), gauss], "torch": _b64(torch.get_rng_state())}
-    if importlib.util.find_spec("numpy"):
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned (CUDA only when the device count matches)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(_unb64(state["torch"]))
-    if "numpy" in state:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([_unb64(s) for s in cuda])
-    elif cuda:
-        log.warning("%d CUDA RNG states saved, %d devices here: not restored", len(cuda), torch.cuda.device_count())
-
-
-# ----------------------------------------------------------------------------- collectives
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank_world() -> tuple[int, int]:
-    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
-
-
-def _barrier() -> None:
-    if _distributed():
-        torch.distributed.barrier()
-
-
-def _device() -> torch.device:
-    nccl = _distributed() and torch.distributed.get_backend() == "nccl"
-    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-
-
-def _all_true(flag: bool) -> bool:
-    """True on every rank iff `flag` is true on every rank (so all ranks take the same branch)."""
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-    if _distributed():
-        t = t.to(_device())
-        torch.distributed.all_reduce(t)
-    return int(t.item()) == 0
-
-
-def _all_gather_json(obj) -> list:
-    """Every rank's JSON-serialisable `obj`, in rank order ([obj] alone); JSON bytes, never pickle."""
-    from ilvr.training.distributed import all_gather_json
-
-    return all_gather_json(obj)
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write and fsync a small file, rename it into place (readers see old or new, never half), fsync the dir."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(os.path.dirname(path) or ".")
-
-
-def _fsync_tree(root: str) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
-
-
-def _payload_files(root: str) -> list[str]:
-    """Every file under `root` but COMPLETE, as sorted relative paths (symlinks included, to be refused).
-    Derived forms beside the files (`universal/`, the elastic-resume cache, verified on its own) are not
-    the checkpoint's."""
-    out = []
-    for dirpath, dirs, files in os.walk(root):
-        if dirpath == root:
-            dirs[:] = [d for d in dirs if not _DERIVED.match(d)]
-        out += [os.path.relpath(os.path.join(dirpath, name), root) for name in files]
-    return sorted(p for p in out if p != COMPLETE)
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):  # python 3.10 has no hashlib.file_digest
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------- never unpickle
-
-
-def deepspeed_checkpoint_types() -> list[type]:
-    """The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors and containers.
-
-    Found by loading real checkpoints (ZeRO 0/1/2/3, fp32/bf16/fp16, 1-2 ranks) with weights_only=True:
-    the ZeRO stage enum, the static and dynamic loss scalers, ZeRO-1/2 fragment addresses. Unpickling
-    them only sets attributes (an enum lookup, dataclass fields): no code of the file's choosing runs.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def weights_only_loading():
-    """Inside: every torch.load is weights-only, whatever its caller passes (DeepSpeed passes
-    weights_only=False), and accepts tensors, containers and `deepspeed_checkpoint_types()` only.
-    The environment and torch's allow-list are restored on exit."""
-    saved = {k: os.environ.get(k) for k in (_FORCE, _FORCE_NO)}
-    os.environ[_FORCE] = "1"
-    os.environ.pop(_FORCE_NO, None)  # torch refuses to load when both are set
-    added = [t for t in deepspeed_checkpoint_types() if t not in torch.serialization.get_safe_globals()]
-    try:
-        with torch.serialization.safe_globals(added):
-            yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def _refusal(e: BaseException) -> str:
-    """The useful sentence of torch's weights-only error (it is long and tells you to unpickle)."""
-    text = str(e)
-    m = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", text)
-    return (m.group(1) if m else text.strip().splitlines()[0] if text.strip() else type(e).__name__)[:300]
-
-
-def _check_pickle(path: str) -> str | None:
-    """Dry-load one torch file weights-only (mmap: tensor data is not read); the problem, or None."""
-    try:
-        with weights_only_loading():
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # noqa: BLE001 -- anything that does not load weights-only is refused
-        return (f"{path}: refused by weights-only loading ({_refusal(e)}); it may hold pickled code "
-                "and is never unpickled")
-    return None
-
-
-def _check_safetensors(path: str) -> str | None:
-    """A safetensors file's header must parse and its data must end exactly at the end of the file."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"the header describes {8 + n + end} bytes, the file has {size}")
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
-        return f"{path}: unreadable safetensors file ({e}); truncated or damaged"
-    return None
-
-
-def _check_file(root: str, rel: str, hashes: dict | None) -> str | None:
-    """The problem with one file of a checkpoint (hash first, then its format), or None."""
-    path = os.path.join(root, rel)
-    if os.path.islink(path) or not os.path.isfile(path):
-        return f"{path}: missing or not a regular file (checkpoints hold plain files only)"
-    if hashes is not None:
-        try:
-            digest = sha256_file(path)
-        except OSError as e:
-            return f"{path}: unreadable ({e})"
-        if digest != hashes[rel]:
-            return (f"{path}: sha256 {digest[:16]}... differs from the {str(hashes[rel])[:16]}... recorded in "
-                    f"{COMPLETE} when it was saved (changed, truncated or replaced since)")
-    if rel.endswith(PICKLE_SUFFIXES):
-        return _check_pickle(path)
-    if rel.endswith(".safetensors"):
-        return _check_safetensors(path)
-    return None
-
-
-def recorded_hashes(path: str) -> dict[str, str] | None:
-    """{relative path: sha256} from `<path>/COMPLETE`; None for a checkpoint saved before hashes ("ok")."""
-    marker = os.path.join(path, COMPLETE)
-    try:
-        with open(marker, "rb") as f:
-            raw = f.read(64 << 20)
-        text = raw.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{marker}: unreadable ({e})") from None
-    if text.strip() == "ok":
-        return None
-    try:
-        data = json.loads(text)
-        hashes = data["sha256"]
-        if data.get("format") != MANIFEST_FORMAT or not isinstance(hashes, dict):
-            raise ValueError("unknown format")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{marker}: not a COMPLETE marker this version writes ({e})") from None
-    for rel, digest in hashes.items():
-        inside = not os.path.isabs(rel) and ".." not in rel.split(os.sep) and rel != COMPLETE
-        if not (inside and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise CheckpointError(f"{marker}: bad entry {rel!r}: {digest!r}")
-    return hashes
-
-
-def _plan(path: str) -> dict:
-    """What verify_checkpoint checks: the files, their hashes, and problems with the marker itself."""
-    if not is_complete(path):
-        return {"files": [], "hashes": None, "problems": [f"{path}: not a complete checkpoint (no {COMPLETE})"]}
-    try:
-        hashes = recorded_hashes(path)
-    except CheckpointError as e:
-        return {"files": [], "hashes": None, "problems": [str(e)]}
-    present = _payload_files(path)
-    files = sorted(hashes) if hashes is not None else present
-    extra = [] if hashes is None else sorted(set(present) - set(hashes))
-    problems = [f"{os.path.join(path, rel)}: not recorded in {COMPLETE} (added after the save)" for rel in extra]
-    return {"files": files, "hashes": hashes, "problems": problems}
-
-
-def verify_checkpoint(path: str, collective: bool = False) -> None:
-    """Raise CheckpointError naming each bad file unless checkpoint `path` is safe to load: every file
-    matches the sha256 recorded in COMPLETE (no file added), every torch file loads weights-only with
-    the allow-list, every safetensors file is whole. Checkpoints saved before hashes were recorded
-    get the format checks only (warning). `collective`: every rank calls it, the files are split
-    over the ranks and all ranks get the same answer."""
-    rank, world = _rank_world() if collective else (0, 1)
-    plan = _plan(path) if rank == 0 else None
-    if collective:
-        plan = _all_gather_json(plan)[0]  # rank 0's view: every rank decides alike
-    files = [] if plan["problems"] else plan["files"][rank::world]  # a bad marker: nothing else to check
-    problems = list(plan["problems"]) if rank == 0 else []
-    problems += [p for p in (_check_file(path, rel, plan["hashes"]) for rel in files) if p]
-    if collective:
-        problems = [p for part in _all_gather_json(problems) for p in part]
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is not safe to load:\n  - " + "\n  - ".join(problems[:10])
-                              + "\nIt was changed or damaged after it was saved: resume from another "
-                              "checkpoint (--resume auto picks the newest that verifies) or re-save it.")
-    if plan["hashes"] is None and rank == 0:
-        log.warning("%s was saved before per-file hashes were recorded: its files are not checked against "
-                    "tampering or truncation (loading is still weights-only)", path)
-
-
-# ----------------------------------------------------------------------------- one job per output dir
-
-_HELD: dict[str, int] = {}  # realpath of an output dir -> the open, flock'ed lock file (kept for the process life)
-
-
-def _lock_holder() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-
-
-def _describe_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode("utf-8", errors="replace"))
-        job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
-        return f"pid {holder['pid']} on {holder['host']}{job}, started {holder['started']}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "a process that has not recorded itself yet"
-
-
-def holds_lock(output_dir: str) -> bool:
-    """Whether this process holds `<output_dir>/.lock`."""
-    return os.path.realpath(output_dir) in _HELD
-
-
-def lock_output_dir(output_dir: str, setting: str = "train.output_dir") -> str:
-    """Take `<output_dir>/.lock` (flock, exclusive, non-blocking) for the rest of this process's life and
-    record the holder (host, pid, start time) in it; raise OutputDirBusy naming the holder if another
-    process has it. The OS releases it when the process ends, however it ends. `setting` is the option
-    that named the dir (`train.output_dir`, `ilvr-eval --out`), for the message."""
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, LOCK_FILE)
-    if holds_lock(output_dir):
-        return path
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _describe_holder(fd)
-        os.close(fd)
-        raise OutputDirBusy(f"{setting}={output_dir!r} is in use by another job ({holder}; lock file "
-                            f"{path}). Two jobs in one output dir overwrite each other's files (checkpoints, "
-                            f"metrics, predictions): wait for it to end, stop it, or choose another {setting}") from None
-    except OSError as e:
-        os.close(fd)
-        raise OutputDirBusy(f"cannot lock {path} ({e}); the file system must support flock") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(_lock_holder()) + "\n").encode("utf-8"), 0)
-    os.fsync(fd)
-    _HELD[os.path.realpath(output_dir)] = fd
-    return path
-
-
-def claim_output_dir(output_dir: str, setting: str = "train.output_dir") -> None:
-    """Collective: rank 0 takes the output dir's lock and every rank learns the outcome, so on a refusal
-    all ranks raise OutputDirBusy with rank 0's message (none waits for the others)."""
-    rank, _ = _rank_world()
-    error = None
-    if rank == 0:
-        try:
-            lock_output_dir(output_dir, setting)
-        except OutputDirBusy as e:
-            error = str(e)
-        except OSError as e:
-            error = f"cannot create the lock in {setting}={output_dir!r}: {e}"
-    error = _all_gather_json(error)[0]
-    if error:
-        raise OutputDirBusy(error)
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, COMPLETE))
 
 
 def _is_step_dir(root: str, name: str) -> bool:
@@ -516,8 +134,8 @@ def newest_verified(output_dir: str, collective: bool = False) -> str | None:
     reason. None when the run has none; CheckpointError when it has some and none verifies."""
     candidates, marked = _candidates(output_dir), unhealthy(output_dir)
     if collective:
-        candidates, marked = _all_gather_json([candidates, marked])[0]
-    main = _rank_world()[0] == 0 or not collective
+        candidates, marked = all_gather_json([candidates, marked])[0]
+    main = rank_world()[0] == 0 or not collective
     if marked and not candidates:
         raise CheckpointError(no_healthy_checkpoint(output_dir, marked))
     if marked and main:
@@ -568,7 +186,7 @@ def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -
         return newest_verified(output_dir, collective)
     if is_complete(arg):
         verify_checkpoint(arg, collective)
-        if _rank_world()[0] == 0 or not collective:
+        if rank_world()[0] == 0 or not collective:
             _warn_unknown_health(arg)
         return arg
     if os.path.isdir(os.path.join(arg, "checkpoints")):
@@ -582,10 +200,10 @@ def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -
 # ----------------------------------------------------------------------------- saving and loading
 
 
-def _job_tag() -> str:
+def job_tag() -> str:
     """This job, for names of its temporary dirs: rank 0's host and pid (file-name safe)."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
-    return _all_gather_json(f"{host}-{os.getpid()}")[0]
+    return all_gather_json(f"{host}-{os.getpid()}")[0]
 
 
 class CheckpointManager:
@@ -609,7 +227,7 @@ class CheckpointManager:
         extra_state (rank 0's is kept) goes to trainer.json, rank_state to rank<r>.json; both
         must be JSON-serialisable, which is checked on every rank before anything is written.
         """
-        rank, world = _rank_world()
+        rank, world = rank_world()
         final = os.path.join(self.root, f"step-{step}")
         trainer_json = None  # stays None if either state is not JSON
         try:
@@ -618,17 +236,17 @@ class CheckpointManager:
             trainer_json = json.dumps({**(extra_state or {}), "step": step, "world_size": world}, indent=2)
         except (TypeError, ValueError) as e:
             log.error("checkpoint state is not JSON-serialisable: %s", e)
-        if not _all_true(trainer_json is not None):
+        if not all_true(trainer_json is not None):
             raise TypeError("extra_state / rank_state must be JSON-serialisable (see the log of the failing rank)")
         if self._tag is None:
-            self._tag = _job_tag()
+            self._tag = job_tag()
         tmp = f"{final}.tmp-{self._tag}"  # per job: no other process ever touches it
 
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save of this step by this job
             os.makedirs(tmp)
-        _barrier()
+        barrier()
         failed = self._attempt(final, lambda: self._write_payload(engine, tmp, rank, rank_json, trainer_json,
                                                                   save_teacher))
         self._agree(failed, tmp)  # every rank, instead of a barrier: one rank's failure ends the save on all
@@ -650,7 +268,7 @@ class CheckpointManager:
         except Exception as e:  # noqa: BLE001 -- reported to every rank, then raised
             condition = disk_full_condition(e)
             if condition is None:
-                return f"rank {_rank_world()[0]}: {type(e).__name__}: {e}", e
+                return f"rank {rank_world()[0]}: {type(e).__name__}: {e}", e
             message = (f"saving checkpoint {final} failed: {condition} ({free_space(self.root)} on the file system "
                        f"of {self.root}). The unfinished save was removed; the last checkpoint "
                        f"({latest(self.output_dir) or 'none yet'}) is intact. Free space there (or lower train.keep_last, or move train.output_dir), "
@@ -663,10 +281,10 @@ class CheckpointManager:
     def _agree(self, failed: "tuple[str, BaseException] | None", tmp: str) -> None:
         """Collective: if any rank's part failed, remove the unfinished dir (never marked complete) and raise
         on every rank: the failing rank its error (a disk-full one as DiskFull), the others one naming it."""
-        messages = [m for m in _all_gather_json(failed[0] if failed else None) if m]
+        messages = [m for m in all_gather_json(failed[0] if failed else None) if m]
         if not messages:
             return
-        if _rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if failed is not None:
             raise failed[1]
@@ -691,29 +309,24 @@ class CheckpointManager:
     @staticmethod
     def _hash_payload(tmp: str, rank: int, world: int) -> dict[str, str]:
         """sha256 of every file (collective: rank 0 lists them, each rank hashes its share)."""
-        files = _all_gather_json(_payload_files(tmp) if rank == 0 else [])[0]
+        files = all_gather_json(payload_files(tmp) if rank == 0 else [])[0]
         mine = {rel: sha256_file(os.path.join(tmp, rel)) for rel in files[rank::world]}
-        return {rel: digest for part in _all_gather_json(mine) for rel, digest in part.items()}
+        return {rel: digest for part in all_gather_json(mine) for rel, digest in part.items()}
 
     def _commit(self, tmp: str, final: str, hashes: dict[str, str], healthy: bool = True) -> None:
         """Rank 0, after every rank wrote: fsync, COMPLETE (with the hashes), rename into place, point `latest`
         at it unless it is marked unhealthy (then `latest` keeps naming the newest healthy checkpoint)."""
-        _fsync_tree(tmp)
-        write_text_atomic(os.path.join(tmp, COMPLETE),
-                          json.dumps({"format": MANIFEST_FORMAT, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
+        write_manifest(tmp, hashes)
         if os.path.exists(final):  # the same step saved again (e.g. a signal right after a save)
             os.replace(final, self._trash_name(final))
         os.replace(tmp, final)
-        _fsync_path(self.root)
-        if not healthy:
-            log.info("checkpoint saved: %s (marked unhealthy: %s keeps naming %s)", final, LATEST,
-                     latest(self.output_dir))
+        fsync_path(self.root)
+        if not healthy:  # the trainer logs the save and why it is unhealthy
             return
         pointer = os.path.join(self.root, LATEST)
         if os.path.isdir(pointer) and not os.path.islink(pointer):  # a bad pointer that no file can replace
             os.replace(pointer, self._trash_name(pointer))
-        write_text_atomic(pointer, os.path.basename(final) + "\n")
-        log.info("checkpoint saved: %s", final)
+        write_text_atomic(pointer, os.path.basename(final) + "\n")  # the trainer logs the save
 
     def _trash_name(self, path: str) -> str:  # a name `latest()` and the pruner never take for a checkpoint
         return os.path.join(self.root, f".trash-{os.path.basename(path)}-{self._tag or os.getpid()}")
@@ -744,9 +357,10 @@ class CheckpointManager:
         """Load a complete checkpoint into `engine` (collective); return (trainer_state, rank_state).
 
         trainer_state: trainer.json (step, world_size, the saved extra_state); rank_state: this rank's
-        saved rank_state, or {} when the checkpoint was saved on another world size (elastic resume:
-        ilvr/training/elastic.py converts it once and re-partitions it; the caller re-plans per-rank
-        state from elastic.saved_rank_states). RNG states are restored unless restore_rng=False (new
+        saved rank_state, or {} when the checkpoint was saved on another world size (elastic resume, by
+        load_other_world_size: this manager refuses, ilvr/training/elastic.py's ElasticCheckpointManager
+        converts it once and re-partitions it; the caller re-plans per-rank state from
+        elastic.saved_rank_states). RNG states are restored unless restore_rng=False (new
         ranks of an elastic resume get derived ones). The checkpoint is verified first (verify_checkpoint;
         verify=False when resolve_resume just did) and DeepSpeed reads it weights-only. Pass a freshly
         built engine: DeepSpeed cannot load ZeRO-3 state into one that has
@@ -755,19 +369,13 @@ class CheckpointManager:
         if not is_complete(path):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
         if verify:
-            verify_checkpoint(path, collective=_distributed())
+            verify_checkpoint(path, collective=is_distributed())
         with open(os.path.join(path, TRAINER_FILE), encoding="utf-8") as f:
             trainer_state = json.load(f)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         saved_world = int(trainer_state.get("world_size", world))
-        if saved_world != world:  # ZeRO partitions of another world size: converted once, then re-partitioned
-            from ilvr.training.elastic import load_resharded, restore_rng as restore_elastic_rng
-
-            load_resharded(engine, path, load_teacher)
-            if restore_rng:
-                restore_elastic_rng(path, saved_world, int(trainer_state.get("step", 0)))
-            log.info("resumed from %s (step %s) on %d ranks instead of %d", path, trainer_state.get("step"), world,
-                     saved_world)
+        if saved_world != world:  # ZeRO partitions of another world size
+            self.load_other_world_size(engine, path, trainer_state, load_teacher, restore_rng)
             return trainer_state, {}
         self._load_same_size(engine, path, load_teacher)
         with open(os.path.join(path, f"rank{rank}.json"), encoding="utf-8") as f:
@@ -776,6 +384,15 @@ class CheckpointManager:
             set_rng_state(saved["rng"])
         log.info("resumed from %s (step %s)", path, trainer_state.get("step"))
         return trainer_state, saved["state"]
+
+    def load_other_world_size(self, engine, path: str, trainer_state: dict,
+                              load_teacher: Callable[[str], None] | None, restore_rng: bool) -> None:
+        """Load a checkpoint saved on another world size into `engine` (collective). Elastic resume
+        (ilvr/training/elastic.py, ElasticCheckpointManager) converts it once and re-partitions it; this
+        manager refuses."""
+        raise CheckpointError(f"{path} was saved by {trainer_state.get('world_size')} ranks, this run has "
+                              f"{rank_world()[1]}: loading it on another world size needs elastic resume "
+                              "(ilvr.training.elastic.ElasticCheckpointManager)")
 
     @staticmethod
     def _load_same_size(engine, path: str, load_teacher: Callable[[str], None] | None) -> None:
@@ -786,7 +403,7 @@ class CheckpointManager:
                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{os.path.join(path, DS_TAG)}: a file there was refused by weights-only "
-                                  f"loading ({_refusal(e)}); it is never unpickled") from None
+                                  f"loading ({refusal_reason(e)}); it is never unpickled") from None
         if load_path is None:  # DeepSpeed only logs a warning
             raise RuntimeError(f"DeepSpeed could not load {path}/{DS_TAG}")
         if load_teacher is not None:

@@ -192,3 +192,33 @@ def all_gather_json(obj) -> list:
     buffers = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
     dist.all_gather(buffers, padded)
     return [json.loads(bytes(b[:int(n)].cpu().tolist()).decode("utf-8")) for b, n in zip(buffers, sizes)]
+
+
+def is_distributed() -> bool:
+    """Whether a process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    return (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+
+
+def barrier() -> None:
+    """A barrier of the default group (a no-op without one)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def _collective_device() -> torch.device:
+    nccl = is_distributed() and torch.distributed.get_backend() == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank iff `flag` is true on every rank (so all ranks take the same branch)."""
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    if is_distributed():
+        t = t.to(_collective_device())
+        torch.distributed.all_reduce(t)
+    return int(t.item()) == 0

@@ -33,23 +33,22 @@ import argparse
 import contextlib
 import datetime
 import glob
-import hashlib
 import io
 import json
 import logging
 import os
 import pickle
-import random
 import shutil
 from typing import Any, Callable
 
 import torch
 
-from ilvr.training.checkpoint import (COMPLETE, DS_TAG, MANIFEST_FORMAT, CheckpointError, _distributed,
-                                      _fsync_path, _fsync_tree, _job_tag, _payload_files, _rank_world, _refusal,
-                                      is_complete, set_rng_state, sha256_file, verify_checkpoint,
-                                      weights_only_loading, write_text_atomic)
-from ilvr.training.distributed import all_gather_json
+from ilvr.fileio import fsync_path, sha256_file, write_text_atomic
+from ilvr.training.checkpoint import DS_TAG, CheckpointManager, job_tag
+from ilvr.training.checkpoint_verify import (CheckpointError, is_complete, payload_files, refusal_reason,
+                                             verify_checkpoint, weights_only_loading, write_manifest)
+from ilvr.training.distributed import all_gather_json, is_distributed, rank_world
+from ilvr.training.rng import derived_seed, seed_all, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def _convert_deepspeed(src: str, out: str) -> None:
         with weights_only_loading(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal(args)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{src}: a file was refused by weights-only loading ({_refusal(e)}); it is never "
+        raise CheckpointError(f"{src}: a file was refused by weights-only loading ({refusal_reason(e)}); it is never "
                               "unpickled") from None
     except Exception as e:
         log.error("ds_to_universal output:\n%s", chatter.getvalue()[-4000:])
@@ -200,17 +199,14 @@ def _write_source(tmp: str, checkpoint: str, saved_world: int, parts: list[str])
 
 def _commit(tmp: str, target: str) -> None:
     """Hash every file into COMPLETE, then rename tmp into place (a concurrent job's copy wins)."""
-    hashes = {rel: sha256_file(os.path.join(tmp, rel)) for rel in _payload_files(tmp)}
-    _fsync_tree(tmp)
-    write_text_atomic(os.path.join(tmp, COMPLETE),
-                      json.dumps({"format": MANIFEST_FORMAT, "sha256": hashes}, indent=1, sort_keys=True) + "\n")
+    write_manifest(tmp, {rel: sha256_file(os.path.join(tmp, rel)) for rel in payload_files(tmp)})
     try:
         os.rename(tmp, target)
     except OSError:
         if not is_complete(target):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another job converted it meanwhile: use that one (verified next)
-    _fsync_path(os.path.dirname(target))
+    fsync_path(os.path.dirname(target))
 
 
 def convert(checkpoint: str, numels: dict[str, int], tag: str) -> list[str]:
@@ -251,9 +247,9 @@ def _on_rank0(fn: Callable[[], Any]) -> None:
 
     The others wait in a gloo barrier of a group made for it, with CONVERT_TIMEOUT_S: a conversion of
     a large model may outlast train.collective_timeout, the default group's limit."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     group = None
-    if _distributed():  # made by every rank before rank 0 starts (creating a group is itself collective)
+    if is_distributed():  # made by every rank before rank 0 starts (creating a group is itself collective)
         group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONVERT_TIMEOUT_S))
     error = None
     if rank == 0:
@@ -274,8 +270,8 @@ def ensure_universal(checkpoint: str, numels: dict[str, int]) -> str:
     """`<checkpoint>/universal`, converted by rank 0 if it is not there yet, verified on every rank
     (collective). A cache that fails verification is moved aside and converted once more."""
     target = universal_path(checkpoint)
-    tag = _job_tag()
-    rank, _ = _rank_world()
+    tag = job_tag()
+    rank, _ = rank_world()
     for attempt in (1, 2):
         def work() -> None:
             if is_complete(target):
@@ -288,7 +284,7 @@ def ensure_universal(checkpoint: str, numels: dict[str, int]) -> str:
 
         _on_rank0(work)
         try:
-            verify_checkpoint(target, collective=_distributed())
+            verify_checkpoint(target, collective=is_distributed())
             return target
         except CheckpointError as e:
             if attempt == 2:
@@ -334,8 +330,8 @@ def parameter_numels(engine) -> dict[str, int]:
 def load_resharded(engine, checkpoint: str, load_teacher: "Callable[[str], None] | None") -> str:
     """Load `checkpoint` (saved on another world size) into `engine` and the teacher (collective)."""
     saved_world = saved_world_size(checkpoint)
-    _, world = _rank_world()
-    if _rank_world()[0] == 0:
+    _, world = rank_world()
+    if rank_world()[0] == 0:
         log.warning("elastic resume: %s was saved by %d ranks, this run has %d: converting and re-partitioning",
                     checkpoint, saved_world, world)
     source = ensure_universal(checkpoint, parameter_numels(engine))
@@ -344,14 +340,14 @@ def load_resharded(engine, checkpoint: str, load_teacher: "Callable[[str], None]
             load_path, _ = engine.load_checkpoint(source, tag=DS_TAG, load_module_strict=True,
                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{source}: a file was refused by weights-only loading ({_refusal(e)}); it is "
+        raise CheckpointError(f"{source}: a file was refused by weights-only loading ({refusal_reason(e)}); it is "
                               "never unpickled") from None
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {source}/{DS_TAG}")
     restore_frozen(engine, os.path.join(source, FROZEN_FILE))
     if load_teacher is not None:  # after the frozen parameters: the teacher copies those from the student
         load_teacher(source)
-    if _rank_world()[0] == 0:
+    if rank_world()[0] == 0:
         log.warning("elastic resume from %d to %d ranks; carried over exactly: student weights, optimizer state "
                     "(fp32 master weights, Adam moments, step), LR schedule, momentum teacher (fp32 EMA buffers), "
                     "step, MLflow run. Not exactly:\n  - %s", saved_world, world, "\n  - ".join(NOT_EXACT))
@@ -377,27 +373,14 @@ def restore_frozen(engine, path: str) -> None:
                 target.data.copy_(value.view(target.data.shape))
 
 
-def derived_seed(step: int, rank: int) -> int:
-    """A seed for a rank the checkpoint has no RNG state for, the same on every run."""
-    return int.from_bytes(hashlib.sha256(f"ilvr-elastic/{step}/{rank}".encode()).digest()[:8], "little")
-
-
-def restore_rng(checkpoint: str, saved_world: int, step: int) -> None:
+def restore_rank_rng(checkpoint: str, saved_world: int, step: int) -> None:
     """This rank's saved RNG states if the checkpoint has them (rank < saved world size), else derived ones."""
-    rank, _ = _rank_world()
+    rank, _ = rank_world()
     if rank < saved_world:
         with open(os.path.join(checkpoint, f"rank{rank}.json"), encoding="utf-8") as f:
             set_rng_state(json.load(f)["rng"])
         return
-    seed = derived_seed(step, rank)
-    random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every CUDA device
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (1 << 32))
-    except ImportError:
-        pass
+    seed_all(derived_seed(step, rank))
 
 
 def saved_rank_states(checkpoint: str, saved_world: int) -> list[dict]:
@@ -409,13 +392,28 @@ def saved_rank_states(checkpoint: str, saved_world: int) -> list[dict]:
     return states
 
 
+class ElasticCheckpointManager(CheckpointManager):
+    """A CheckpointManager that also loads a checkpoint saved on another world size: converted once into
+    `<checkpoint>/universal` and re-partitioned (load_resharded); RNG of old ranks restored, new ranks
+    derive theirs from the step (restore_rank_rng). The trainer's manager."""
+
+    def load_other_world_size(self, engine, path: str, trainer_state: dict,
+                              load_teacher: "Callable[[str], None] | None", restore_rng: bool) -> None:
+        saved_world = int(trainer_state["world_size"])
+        load_resharded(engine, path, load_teacher)
+        if restore_rng:
+            restore_rank_rng(path, saved_world, int(trainer_state.get("step", 0)))
+        log.info("resumed from %s (step %s) on %d ranks instead of %d", path, trainer_state.get("step"),
+                 rank_world()[1], saved_world)
+
+
 # ----------------------------------------------------------------------------- data and statistics
 
 
 def replan_loader(loader, states: list[dict]) -> None:
     """Carry the data position of `states` (every old rank's loader state) to this loader's layout
     (collective). Each rank replays a share of the old workers' streams; all learn what was consumed."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     fp = states[0]["fingerprint"]
     workers = [(r, w) for r in range(int(fp["world_size"])) for w in range(int(fp["num_workers"]))]
     mine = [list(rg) for r, w in workers[rank::world] for rg in loader.replay_consumed(states[r], r, w)]

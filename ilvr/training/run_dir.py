@@ -140,7 +140,8 @@ def recorded_config(checkpoint: "str | None", output_dir: str) -> "dict | None":
 
 def _explicit_checkpoint(path: str) -> str:
     """The checkpoint `--resume PATH` names: the dir itself, or a run dir's latest."""
-    from ilvr.training.checkpoint import is_complete, latest
+    from ilvr.training.checkpoint import latest
+    from ilvr.training.checkpoint_verify import is_complete
 
     found = path if is_complete(path) else latest(path) if os.path.isdir(os.path.join(path, "checkpoints")) else None
     if found is None:

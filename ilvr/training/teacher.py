@@ -115,7 +115,7 @@ def _local_bytes(param) -> int:
     return param.numel() * param.element_size()
 
 
-def _materialised(param) -> bool:
+def materialised(param) -> bool:
     """Whether `param.data` holds the full tensor (always true for a parameter that is not partitioned)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -221,7 +221,7 @@ class MomentumTeacher:
 
         import deepspeed
 
-        missing = [s.student for s in slots if s.partitioned and s.full and not _materialised(s.student)]
+        missing = [s.student for s in slots if s.partitioned and s.full and not materialised(s.student)]
         if not missing:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(missing, modifier_rank=None)  # read only
@@ -235,7 +235,7 @@ class MomentumTeacher:
             if s.partitioned:
                 dst.append(s.shard(s.teacher))
                 src.append(v.narrow(0, s.start, s.valid) if s.full else v)
-            if s.full and _materialised(s.teacher):
+            if s.full and materialised(s.teacher):
                 dst.append(s.teacher.data.view(-1))
                 src.append(v)
         if dst:
@@ -290,7 +290,7 @@ class MomentumTeacher:
         (whole buffers, written by an elastic conversion) when that is there (safetensors: nothing is
         unpickled). A damaged file is a CheckpointError naming it (resume normally catches it earlier,
         by its hash)."""
-        from ilvr.training.checkpoint import CheckpointError
+        from ilvr.training.checkpoint_verify import CheckpointError
 
         consolidated = os.path.join(directory, CONSOLIDATED_FILE)
         if os.path.isfile(consolidated):
@@ -312,7 +312,7 @@ class MomentumTeacher:
         tensor for persistent and unpartitioned parameters."""
         from safetensors import safe_open
 
-        from ilvr.training.checkpoint import CheckpointError
+        from ilvr.training.checkpoint_verify import CheckpointError
 
         state = {}
         with _readable(path, CheckpointError), safe_open(path, framework="pt", device=str(self._device())) as f:
@@ -341,7 +341,7 @@ class MomentumTeacher:
         import deepspeed
 
         params = dict(self.module.named_parameters())
-        missing = [p for p in params.values() if not _materialised(p)]
+        missing = [p for p in params.values() if not materialised(p)]
         with deepspeed.zero.GatheredParameters(missing, modifier_rank=None, enabled=bool(missing)):
             return {name: p.detach().cpu().clone() for name, p in params.items()}
 
@@ -417,6 +417,6 @@ class AdapterTeacher(MomentumTeacher):
         import deepspeed
 
         params = [s.teacher for s in self._slots]
-        missing = [p for p in params if not _materialised(p)]
+        missing = [p for p in params if not materialised(p)]
         with deepspeed.zero.GatheredParameters(missing, modifier_rank=None, enabled=bool(missing)):
             return {s.name: s.teacher.detach().cpu().clone() for s in self._slots}

@@ -23,36 +23,25 @@ from __future__ import annotations
 
 import atexit
 import collections
-import functools
 import json
 import logging
 import os
-import re
 import socket
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from ilvr.fileio import write_text_atomic
+from ilvr.training.mlflow_store import (MAX_KEY, MAX_METRICS_PER_BATCH, MAX_PARAM_VALUE, MAX_PARAMS_PER_BATCH,
+                                        clean_values, local_artifact_location, metric_values, prepare_server,
+                                        redact_uri, relocate_artifacts, run_tags, store_record, unique_run_name)
+from ilvr.training.run_record import (METRICS_FILE, STATE_FILE, backfill_metrics, backfill_run, last_step,
+                                      read_metrics, read_state)
 
 logger = logging.getLogger(__name__)
 
-MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for params/tags in one log_batch
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAM_VALUE = 6000
-MAX_KEY = 250
-METRICS_FILE = "metrics.jsonl"  # written by the trainer on rank 0: {"step": N, ...metrics} per logged step
-STATE_FILE = "mlflow_run.json"  # run id, recorded status, whether it and all steps reached MLflow
 END_TIMEOUT_S = 30.0  # default; ILVR_MLFLOW_END_TIMEOUT_S overrides
 MAX_PENDING = 4096  # queued calls kept in memory (a metric step is ~1-2 KB)
-_SECRET = re.compile(r"pass(word|wd)|secret|api[_-]?key|access[_-]?key|credential|authorization"
-                     r"|(^|[^a-z])token($|[^a-z])", re.I)  # "token" as a word: not max_new_tokens
-_BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
-# A dead server would otherwise block each call for minutes (7 retries, 120 s timeout by default).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def _env_int(name: str) -> "int | None":
@@ -65,343 +54,6 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ[name])
     except (KeyError, ValueError):
         return default
-
-
-def redact_uri(uri: str) -> str:
-    """Drop user:password@ from a URI before it goes into a log line."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
-
-
-def _clean(items: Mapping[str, Any], limit: int) -> dict[str, str]:
-    """str values, legal keys, no secret-looking keys, no secret env values, MLflow's length limits."""
-    secrets = [v for k, v in os.environ.items() if _SECRET.search(k) and len(v) >= 8]
-    out = {}
-    for key, value in items.items():
-        if _SECRET.search(str(key)):
-            continue
-        text = str(value)
-        for s in secrets:
-            text = text.replace(s, "***")
-        out[_BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]] = text[:limit]
-    return out
-
-
-@functools.lru_cache(maxsize=4096)
-def _metric_key(key: str) -> str:
-    return _BAD_KEY_CHARS.sub("_", str(key))[:MAX_KEY]
-
-
-def _numbers(metrics: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """(legal key, float) for numbers and 1-element tensors; other values are skipped."""
-    out = []
-    for key, value in metrics.items():
-        if hasattr(value, "item"):
-            value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out.append((_metric_key(key), float(value)))
-    return out
-
-
-def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """What MLflow can plot of a metrics.jsonl line: numbers as they are, a histogram (list) as one
-    fraction per bucket (`x_hist` -> `x_k1 .. x_kK`). The trainer's conversion: a backfill must match it."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, (list, tuple)):
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-                continue
-            total = sum(value) or 1
-            stem = key[:-len("_hist")] if key.endswith("_hist") else key
-            out.update({f"{stem}_k{j + 1}": v / total for j, v in enumerate(value)})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[key] = float(value)
-    return out
-
-
-def git_sha(path: str) -> "str | None":
-    try:
-        res = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (res.stdout.strip() or None) if res.returncode == 0 else None
-
-
-def run_tags(world_size: int) -> dict[str, Any]:
-    """Where and what ran: host, world size, Slurm job, git commit, plus MLFLOW_TAGS (a JSON object)."""
-    tags: dict[str, Any] = {"world_size": str(world_size), "hostname": socket.gethostname()}
-    sha = git_sha(os.path.dirname(os.path.abspath(__file__)))
-    if sha:
-        tags["mlflow.source.git.commit"] = sha
-    if os.environ.get("SLURM_JOB_ID"):
-        tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-    raw = os.environ.get("MLFLOW_TAGS")
-    try:
-        extra = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        extra = None
-    if not isinstance(extra, dict):
-        logger.warning("MLFLOW_TAGS must be a JSON object like '{\"team\": \"vision\"}'; ignored")
-        extra = {}
-    return {**tags, **extra}
-
-
-def unique_run_name(client, experiment_id: str, name: "str | None") -> "str | None":
-    """`name`, or `name-2`, `name-3`, ...: the first that no run of the experiment has. MLflow allows
-    duplicates, and two runs both called vsp-latent-step600 cannot be told apart in its UI or a report."""
-    if not name:
-        return name
-    from mlflow.entities import ViewType
-
-    prefix = re.split("[\"'\\\\]", name)[0]  # LIKE on the part before any quote or backslash (only widens)
-    runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{prefix}%'",
-                              run_view_type=ViewType.ALL, max_results=50000)
-    taken = {r.info.run_name for r in runs}
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}-{n}"
-    return candidate
-
-
-def check_reachable(uri: str) -> None:
-    """Fail fast on a server that is down: any HTTP answer counts as up (auth may guard /health)."""
-    url = re.sub(r"//[^/@]*@", "//", uri.rstrip("/")) + "/health"  # urllib cannot take user:password@
-    try:
-        urllib.request.urlopen(url, timeout=5).close()
-    except urllib.error.HTTPError:
-        pass
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(f"MLflow server {redact_uri(uri)} unreachable: {e}") from None
-
-
-def prepare_server(uri: "str | None", check: bool = True) -> None:
-    """For an http(s) store: short MLflow HTTP retries/timeouts (unless set), and fail fast when it is down."""
-    if not (uri and uri.startswith(("http://", "https://"))):
-        return
-    for k, v in HTTP_DEFAULTS.items():
-        os.environ.setdefault(k, v)
-    if redact_uri(uri) != uri:  # MLflow prints run links with the URI's user:password@ to stdout
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    if check:
-        check_reachable(uri)
-
-
-def local_artifact_location(uri: str) -> "str | None":
-    """For a SQLite store, artifacts beside the database file (MLflow's default is ./mlruns of the cwd)."""
-    if not uri.startswith("sqlite:///"):
-        return None  # a server or another store decides
-    db = uri[len("sqlite:///"):]
-    os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
-    return Path(os.path.dirname(os.path.abspath(db)), "mlartifacts").as_uri()
-
-
-# ---------------------------------------------------------------------- the store of a run
-# MLflow keeps absolute artifact URIs (per experiment and per run) in its database, so a SQLite store whose
-# directory was moved or copied would point at the old place. Our SQLite stores keep their artifacts in
-# `<db dir>/mlartifacts`; readers map a stale `.../mlartifacts/<rest>` there (artifact_dir), writers
-# rewrite the stale URIs once (relocate_artifacts, also `python -m ilvr.training.tracking RUN_DIR --relocate`).
-ARTIFACTS_DIR = "mlartifacts"
-
-
-def sqlite_path(uri: "str | None") -> "str | None":
-    """The database file of a sqlite:/// URI (absolute), else None."""
-    if not (uri and uri.startswith("sqlite:///")):
-        return None
-    return os.path.abspath(uri[len("sqlite:///"):])
-
-
-def connectable_uri(recorded: "str | None", db_relative: "str | None" = None, base: "str | None" = None) \
-        -> "str | None":
-    """A URI to connect with from what a run recorded: its SQLite file relative to `base` (the store moved or
-    was copied with the run), else the recorded URI if its file exists; a URI recorded without its credentials
-    (`//***@`) only as MLFLOW_TRACKING_URI, when that names the same server. None: no usable store."""
-    if db_relative and base and os.path.isfile(os.path.join(base, db_relative)):
-        return "sqlite:///" + os.path.abspath(os.path.join(base, db_relative))
-    if not recorded:
-        return None
-    if "//***@" in recorded:
-        env = os.environ.get("MLFLOW_TRACKING_URI", "")
-        return env if env and redact_uri(env) == recorded else None
-    db = sqlite_path(recorded)
-    return recorded if db is None or os.path.isfile(db) else None
-
-
-def store_record(uri: "str | None", run_id: "str | None", base: str) -> "dict | None":
-    """What a run dir or an export records about its MLflow run: the id, the URI without credentials and,
-    for SQLite, the database path relative to `base` (so a moved directory still finds its store)."""
-    if not run_id:
-        return None
-    record = {"run_id": run_id, "tracking_uri": redact_uri(uri or "")}
-    db = sqlite_path(uri)
-    if db:
-        record["tracking_db"] = os.path.relpath(db, os.path.abspath(base))
-    return record
-
-
-def run_store(run_dir: str) -> "tuple[str | None, str] | None":
-    """(URI to connect with or None, run id) of the MLflow run a training run dir logged to (mlflow_run.json);
-    None when the dir has no record."""
-    state = read_state(run_dir)
-    if state is None:
-        return None
-    return connectable_uri(state.get("tracking_uri"), state.get("tracking_db"), run_dir), state["run_id"]
-
-
-def artifact_dir(artifact_uri: str, tracking_uri: "str | None") -> "str | None":
-    """The local directory of a run's artifacts, or None when they are not local files. A SQLite store that
-    moved: the recorded `.../mlartifacts/<rest>` is looked up beside the database instead."""
-    if not artifact_uri.startswith("file:"):
-        return None
-    from mlflow.utils.file_utils import local_file_uri_to_path
-
-    path = local_file_uri_to_path(artifact_uri)
-    db = sqlite_path(tracking_uri)
-    marker = f"/{ARTIFACTS_DIR}/"
-    if os.path.isdir(path) or db is None or marker not in path:
-        return path
-    return os.path.join(os.path.dirname(db), ARTIFACTS_DIR, path.rpartition(marker)[2])
-
-
-def relocate_artifacts(uri: "str | None") -> int:
-    """Point a moved or copied SQLite store's artifact URIs at `<db dir>/mlartifacts` (where ours keep them);
-    returns the number of experiments rewritten. Only `.../mlartifacts` roots that are not this one and either
-    no longer exist or are shadowed by a local `mlartifacts` are touched; other stores are left alone."""
-    import sqlite3
-
-    from mlflow.utils.file_utils import local_file_uri_to_path
-
-    db = sqlite_path(uri)
-    if db is None or not os.path.isfile(db):
-        return 0
-    here = os.path.join(os.path.dirname(db), ARTIFACTS_DIR)
-    root = Path(here).as_uri()
-    con = sqlite3.connect(db, timeout=60)
-    try:
-        with con:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not {"experiments", "runs"} <= tables:
-                return 0
-            olds = {r[0] for r in con.execute("SELECT artifact_location FROM experiments WHERE artifact_location "
-                                              "LIKE 'file:%/" + ARTIFACTS_DIR + "'")}
-            olds = {o for o in olds if o != root and (os.path.isdir(here) or
-                                                      not os.path.isdir(local_file_uri_to_path(o)))}
-            for old in olds:
-                con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (root, old))
-                for table, column in (("runs", "artifact_uri"), ("logged_models", "artifact_location")):
-                    if table in tables:
-                        con.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
-                                    f"WHERE substr({column}, 1, ?) = ?", (root, len(old) + 1, len(old) + 1,
-                                                                          old + "/"))
-    finally:
-        con.close()
-    if olds:
-        logger.info("MLflow: %s moved; its artifact locations now point at %s", db, here)
-    return len(olds)
-
-
-# ---------------------------------------------------------------------- metrics.jsonl and the state file
-def _write_atomic(path: str, text: str) -> None:
-    """Readers (and a crash) see the old file or the new one, never half of one."""
-    from ilvr.training.checkpoint import write_text_atomic
-
-    write_text_atomic(path, text)
-
-
-def _parse_line(line: str) -> "dict | None":
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    ok = isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool)
-    return row if ok else None
-
-
-def truncate_metrics(path: str, step: int) -> int:
-    """On resume: keep the lines with step <= `step` (steps past the checkpoint are trained again and
-    would appear twice) and drop torn or foreign lines; atomic. Returns the number of lines dropped."""
-    if not os.path.isfile(path):
-        return 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    keep = [line for line in lines if (row := _parse_line(line)) is not None and row["step"] <= step]
-    if len(keep) != len(lines):
-        _write_atomic(path, "".join(line + "\n" for line in keep))
-        logger.info("%s: dropped %d lines past step %d (or unreadable)", path, len(lines) - len(keep), step)
-    return len(lines) - len(keep)
-
-
-def read_metrics(path: str, lo: int = 0, hi: "int | None" = None) -> dict[int, list[tuple[str, float]]]:
-    """Step -> numbers of the lines with lo <= step <= hi (the last line of a step wins); bad lines skipped."""
-    out: dict[int, list[tuple[str, float]]] = {}
-    if not os.path.isfile(path):
-        return out
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            row = _parse_line(line)
-            if row is not None and lo <= row["step"] and (hi is None or row["step"] <= hi):
-                step = row.pop("step")
-                out[step] = _numbers(scalar_metrics(row))
-    return out
-
-
-def last_step(path: str) -> "int | None":
-    """The step of the last complete line (read from the file's tail)."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        f.seek(max(0, os.path.getsize(path) - 65536))
-        lines = f.read().decode("utf-8", "replace").splitlines()
-    for line in reversed(lines):
-        row = _parse_line(line)
-        if row is not None:
-            return row["step"]
-    return None
-
-
-def backfill_metrics(client, run_id: str, path: str, lo: int = 0, hi: "int | None" = None) -> int:
-    """Log the steps of metrics.jsonl in [lo, hi] that the run lacks; returns how many steps were sent.
-
-    A step counts as present when its first key (sorted) has a point at that step: our batches hold
-    whole steps, so one history query per distinct first key is enough (usually one)."""
-    from mlflow.entities import Metric
-
-    rows = {s: sorted(v) for s, v in read_metrics(path, lo, hi).items() if v}
-    probes = {v[0][0] for v in rows.values()}
-    have = {k: {m.step for m in client.get_metric_history(run_id, k)} for k in probes}
-    missing = [(s, v) for s, v in sorted(rows.items()) if s not in have[v[0][0]]]
-    now = int(time.time() * 1000)
-    batch: list = []
-    for step, values in missing:
-        if batch and len(batch) + len(values) > MAX_METRICS_PER_BATCH:
-            client.log_batch(run_id, metrics=batch)
-            batch = []
-        batch += [Metric(k, v, now, step) for k, v in values[:MAX_METRICS_PER_BATCH]]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
-    return len(missing)
-
-
-def read_state(output_dir: str, unstarted: bool = False) -> "dict | None":
-    """mlflow_run.json of a run dir; None without one. `unstarted`: also the record of a run whose start could
-    not reach the store (run_id null, "start_failed"), which only --backfill and a resume act on."""
-    try:
-        with open(os.path.join(output_dir, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(state, dict):
-        return None
-    return state if state.get("run_id") or (unstarted and state.get("start_failed")) else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
 
 
 def _permanent(err: BaseException) -> bool:
@@ -565,7 +217,7 @@ class Tracker:
         run_name = unique_run_name(client, exp_id, run_name)
         start_ms = int(self.start_time * 1000) if getattr(self, "start_time", None) else None
         self.run_id = client.create_run(exp_id, start_time=start_ms, run_name=run_name,
-                                        tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
+                                        tags=clean_values(tags, MAX_PARAM_VALUE)).info.run_id
         logger.info("MLflow: run %s in experiment %r at %s", self.run_id, name, redact_uri(uri))
         self._earlier_steps()
 
@@ -712,7 +364,7 @@ class Tracker:
                  "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             os.makedirs(self.output_dir, exist_ok=True)
-            _write_atomic(os.path.join(self.output_dir, STATE_FILE), json.dumps(state, indent=1) + "\n")
+            write_text_atomic(os.path.join(self.output_dir, STATE_FILE), json.dumps(state, indent=1) + "\n")
         except OSError as e:
             logger.warning("MLflow: could not write %s: %s", os.path.join(self.output_dir, STATE_FILE), e)
 
@@ -863,7 +515,7 @@ class Tracker:
         """Log a Config (flattened) or a dict; on a resumed run, changed values become tags, not errors."""
         if not self._ready():
             return
-        items = _clean(params.flat() if hasattr(params, "flat") else dict(params), MAX_PARAM_VALUE)
+        items = clean_values(params.flat() if hasattr(params, "flat") else dict(params), MAX_PARAM_VALUE)
         self._submit(_Call("log_params", lambda: self._log_params(items)))
 
     def _log_params(self, items: dict[str, str]) -> None:
@@ -884,7 +536,7 @@ class Tracker:
         """Numbers (and 1-element tensors) only; other values are skipped. Queued: never waits on the store."""
         if not self._ready():
             return
-        values = _numbers(metrics)
+        values = metric_values(metrics)
         if values:
             self._submit(_Call("metrics", values, int(step)))
 
@@ -893,7 +545,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        cleaned = [RunTag(k, v) for k, v in _clean(tags, MAX_PARAM_VALUE).items()]
+        cleaned = [RunTag(k, v) for k, v in clean_values(tags, MAX_PARAM_VALUE).items()]
         self._submit(_Call("set_tags", lambda: self._log_tags(cleaned)))
 
     def _log_tags(self, tags: list) -> None:
@@ -917,77 +569,6 @@ class Tracker:
         table = {k: list(v) for k, v in data.items()}
         self._submit(_Call("log_table", lambda: self.client.log_table(self.run_id, data=table,
                                                                       artifact_file=artifact_file)))
-
-
-def backfill_run(run_dir: str, tracking_uri: "str | None" = None, status: "str | None" = None) -> str:
-    """Deliver what a run's processes could not: the steps of metrics.jsonl missing in MLflow and the
-    recorded final status (KILLED for a RUNNING run whose process is gone from this host)."""
-    from mlflow import MlflowClient
-
-    state = read_state(run_dir, unstarted=True)
-    if state is None:
-        raise FileNotFoundError(f"no {STATE_FILE} in {run_dir}: not a run directory written by this tracker")
-    uri = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-           or connectable_uri(state["tracking_uri"], state.get("tracking_db"), run_dir) or state["tracking_uri"])
-    if "//***@" in uri:
-        raise ValueError("the recorded tracking URI had credentials (not stored): pass --tracking-uri or set "
-                         "MLFLOW_TRACKING_URI, with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
-    here = state.get("host") == socket.gethostname()
-    if state.get("status") == "RUNNING" and here and _pid_alive(int(state.get("pid") or 0)) and not status:
-        raise RuntimeError(f"run {state['run_id']} is still being logged by process {state.get('pid')}")
-    prepare_server(uri)
-    client = MlflowClient(tracking_uri=uri)
-    run_id = state["run_id"]
-    if not run_id:  # the training's start never reached the store
-        run_id = create_backfill_run(client, uri, run_dir, state)
-        state.update(run_id=run_id, created_by="backfill")
-    sent = backfill_metrics(client, run_id, os.path.join(run_dir, METRICS_FILE))
-    final = status or state.get("status")
-    if final == "RUNNING":
-        final = "KILLED" if here else None  # its process is gone (checked above)
-    note = ""
-    if final:
-        client.set_terminated(run_id, status=final.upper())
-    else:
-        note = f" (left RUNNING: its process ran on {state.get('host')}; pass --status KILLED once it is gone)"
-    state.pop("start_failed", None)
-    state.update(store_record(uri, run_id, run_dir))
-    state.update(status=(final or "RUNNING").upper(), status_delivered=bool(final), undelivered_steps=0,
-                 undelivered_from=None, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    _write_atomic(os.path.join(run_dir, STATE_FILE), json.dumps(state, indent=1) + "\n")
-    return f"MLflow run {run_id}: backfilled {sent} steps from {METRICS_FILE}; status {final or 'RUNNING'}{note}"
-
-
-def create_backfill_run(client, uri: str, run_dir: str, state: dict) -> str:
-    """The MLflow run a training run never got (its start could not reach the store): created now in the
-    recorded experiment, named after the run dir, with the params of config.resolved.yaml, and recorded in
-    mlflow_run.json at once (`created_by: backfill`) so a retry or a resume uses it, never a second one."""
-    from mlflow.exceptions import MlflowException
-
-    name = state.get("experiment") or "ilvr"
-    exp = client.get_experiment_by_name(name)
-    try:
-        exp_id = exp.experiment_id if exp else client.create_experiment(name,
-                                                                        artifact_location=local_artifact_location(uri))
-    except MlflowException:  # created meanwhile
-        exp_id = client.get_experiment_by_name(name).experiment_id
-    tags = {"hostname": state.get("host") or "", "backfilled": "true", "start_failed": state.get("start_failed")}
-    run_id = client.create_run(exp_id, run_name=os.path.basename(os.path.abspath(run_dir)),
-                               tags=_clean(tags, MAX_PARAM_VALUE)).info.run_id
-    _write_atomic(os.path.join(run_dir, STATE_FILE),
-                  json.dumps({**state, **store_record(uri, run_id, run_dir), "created_by": "backfill"}, indent=1) + "\n")
-    config = os.path.join(run_dir, "config.resolved.yaml")  # ilvr.training.run_dir.RESOLVED_FILE
-    if os.path.isfile(config):
-        from mlflow.entities import Param
-
-        from ilvr.config import load_config
-
-        params = [Param(k, v) for k, v in _clean(load_config(config, [], check_paths=False).flat(),
-                                                  MAX_PARAM_VALUE).items()]
-        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
-            client.log_batch(run_id, params=params[i:i + MAX_PARAMS_PER_BATCH])
-    logger.info("MLflow: created run %s for %s (its start never reached the store)", run_id, run_dir)
-    return run_id
 
 
 def summarize(output_dir: str) -> str:

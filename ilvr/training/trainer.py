@@ -74,7 +74,7 @@ class Trainer:
         if threads is not None:
             log.info("OMP_NUM_THREADS unset: %d torch threads per rank (torch's count / local ranks)", threads)
         init_distributed(self.info, cfg.train.collective_timeout)
-        from ilvr.training.checkpoint import claim_output_dir
+        from ilvr.training.run_lock import claim_output_dir
 
         # one job per output dir, before anything (MLflow's store included) is written there: rank 0 locks
         # <output_dir>/.lock for the process's life; on a refusal every rank raises OutputDirBusy at once
@@ -93,10 +93,10 @@ class Trainer:
         from ilvr.training.comm_stats import CommStats
 
         self.comm = CommStats(self.info.world_size)
-        from ilvr.training.checkpoint import CheckpointManager
+        from ilvr.training.elastic import ElasticCheckpointManager
         from ilvr.training.tracking import Tracker
 
-        self.checkpoints = CheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
+        self.checkpoints = ElasticCheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
@@ -293,7 +293,7 @@ class Trainer:
             self.target_norm.load(mean_moving_average([s.get("target_norm") for s in states]))
             self.fed_mean.load(mean_moving_average([s.get("fed_mean") for s in states]))
         if self.info.is_main:  # steps past the checkpoint are trained (and logged) again
-            from ilvr.training.tracking import METRICS_FILE, truncate_metrics
+            from ilvr.training.run_record import METRICS_FILE, truncate_metrics
 
             truncate_metrics(os.path.join(self.cfg.train.output_dir, METRICS_FILE), self.step)
         log.info("resumed from %s at step %d", path, self.step)
@@ -545,7 +545,7 @@ class Trainer:
             log.info("step %d/%d %s %s", self.step, self.cfg.train.max_steps, self._progress(metrics), shown)
             with open(os.path.join(self.cfg.train.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-        from ilvr.training.tracking import scalar_metrics
+        from ilvr.training.mlflow_store import scalar_metrics
 
         self.tracker.log_metrics(scalar_metrics(metrics), step=self.step)
 
@@ -600,7 +600,7 @@ class Trainer:
         """Rank 0 writes <output_dir>/finished.json once train.max_steps is reached: how a job script
         (slurm/train.sh) tells a finished run from a stopped one."""
         if self.info.is_main:
-            from ilvr.training.checkpoint import write_text_atomic
+            from ilvr.fileio import write_text_atomic
 
             write_text_atomic(os.path.join(self.cfg.train.output_dir, FINISHED_FILE),
                               json.dumps({"step": self.step, "max_steps": self.cfg.train.max_steps,

@@ -2,8 +2,9 @@
 
 A latent step is written as `<|latent_start|>` + K x `<|latent_pad|>` + `<|latent_end|>`.
 Their ids depend on the tokenizer (they are appended after its vocabulary), so they are
-always looked up, never hard-coded. This module imports nothing heavy: data workers and
-the model both use it.
+always looked up, never hard-coded. They are the batch format's vocabulary, so they live with
+the data pipeline; the model (ilvr/model/) uses them from here. This module imports nothing
+heavy: data workers and the model both use it.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ class LatentTokenIds:
             token_id = _token_id(tokenizer, token)
             if token_id is None:
                 raise KeyError(
-                    f"tokenizer has no {token!r} token; call ilvr.model.tokens.add_latent_tokens(tokenizer) "
+                    f"tokenizer has no {token!r} token; call data_pipeline.latent_tokens.add_latent_tokens(tokenizer) "
                     "(or load it with data_pipeline.tiny_processor.load_processor) and resize the model's "
                     "embeddings to len(tokenizer)"
                 )
