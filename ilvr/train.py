@@ -63,6 +63,7 @@ def main(argv: "list[str] | None" = None) -> int:
     from ilvr.training.checkpoint_verify import CheckpointError
     from ilvr.training.run_lock import OutputDirBusy
     from ilvr.training.distributed import end_process
+    from ilvr.training.health import TrainingDiverged
     from ilvr.training.run_dir import RunDirRefused
     from ilvr.training.trainer import Trainer
 
@@ -75,6 +76,9 @@ def main(argv: "list[str] | None" = None) -> int:
     except (OutputDirBusy, CheckpointError, DeepSpeedConfigError, RunDirRefused) as e:  # refusals: no traceback
         print(f"ilvr-train: {e}", file=sys.stderr)
         code = 3
+    except TrainingDiverged as e:  # a failed run, but the message says all there is: no traceback
+        logging.getLogger("ilvr.train").error("%s", e)
+        code = 1
     except BaseException as e:
         if not dist.is_initialized():
             raise

@@ -51,6 +51,16 @@ def test_verdict_names_each_check_and_its_field():
     assert verdict({"weight_rms": 7e9, "nonfinite_weights": 0}, 1e9, quiet, off)["healthy"]
 
 
+def test_an_fp16_overflow_step_is_not_divergence():
+    """fp16's loss scaler skips the update of a step whose gradients overflowed (grad_norm inf): the weights are
+    the last good ones, so the checkpoint is healthy (a run ending on such a step must not fail as diverged)."""
+    t, quiet = TrainConfig(), LossWatch()
+    fine = {"weight_rms": 0.06, "nonfinite_weights": 0}
+    assert verdict(fine, float("inf"), quiet, t, loss_scaled=True)["healthy"]
+    assert not verdict(fine, float("inf"), quiet, t)["healthy"]  # bf16 / fp32: nothing skipped the update
+    assert not verdict({"weight_rms": 7e9, "nonfinite_weights": 0}, float("inf"), quiet, t, loss_scaled=True)["healthy"]
+
+
 def test_the_loss_spike_rule_wants_a_sustained_jump_within_a_stage():
     t = TrainConfig()
     watch = LossWatch()

@@ -24,6 +24,11 @@ from typing import Any
 import torch
 
 HEALTH_KEY = "health"  # in trainer.json
+
+
+class TrainingDiverged(RuntimeError):
+    """The run reached train.max_steps with an unhealthy last checkpoint: it must not end as finished (exit 0,
+    finished.json, MLflow FINISHED) when what it trained is not what anyone should use."""
 RECENT, WINDOW, MIN_HISTORY = 3, 20, 5  # loss spike: last steps judged, steps compared with, fewest to judge
 
 
@@ -76,9 +81,11 @@ class LossWatch:
         return median(recent), median(before)
 
 
-def verdict(weights: dict, grad_norm: "float | None", losses: LossWatch, train_cfg) -> dict[str, Any]:
+def verdict(weights: dict, grad_norm: "float | None", losses: LossWatch, train_cfg,
+            loss_scaled: bool = False) -> dict[str, Any]:
     """The health record of a checkpoint: the measured values, and `problems` (empty = healthy), each naming
-    the field that set its threshold."""
+    the field that set its threshold. `loss_scaled` (fp16): a non-finite gradient norm is an overflow whose
+    update DeepSpeed's loss scaler skipped, not a sign of divergence."""
     t = train_cfg
     problems = []
     if weights["nonfinite_weights"]:
@@ -87,7 +94,8 @@ def verdict(weights: dict, grad_norm: "float | None", losses: LossWatch, train_c
         problems.append(f"weight RMS {weights['weight_rms']:.4g} > train.health_max_weight_rms="
                         f"{t.health_max_weight_rms:g}")
     if grad_norm is not None and not math.isfinite(grad_norm):
-        problems.append(f"gradient norm {grad_norm}")
+        if not loss_scaled:
+            problems.append(f"gradient norm {grad_norm}")
     elif grad_norm is not None and t.health_max_grad_norm and grad_norm > t.health_max_grad_norm:
         problems.append(f"gradient norm {grad_norm:.4g} > train.health_max_grad_norm={t.health_max_grad_norm:g}")
     spike = losses.spike()

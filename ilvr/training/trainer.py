@@ -456,6 +456,7 @@ class Trainer:
                     self.save()
             if self.saved_step != self.step:
                 self.save()
+            self._refuse_a_diverged_end()
             self._finish("FINISHED")
             self._mark_finished()
             return last
@@ -575,7 +576,8 @@ class Trainer:
         from ilvr.training.health import HEALTH_KEY, verdict, weight_stats
 
         # collective (ZeRO-3 partitions): judged before the save, recorded in trainer.json (hashed in COMPLETE)
-        health = verdict(weight_stats(self.engine.module), self.grad_norm, self.losses, self.cfg.train)
+        health = verdict(weight_stats(self.engine.module), self.grad_norm, self.losses, self.cfg.train,
+                         loss_scaled=bool(self.ds_config.get("fp16", {}).get("enabled", False)))
         trainer_state = {"stage": stage_at(self.cfg, max(self.step - 1, 0)), "mlflow_run_id": self.run_id,
                          "config": self.cfg.to_dict(), "history": self.history,
                          "latent_ids": list(self.latent_ids.as_tuple()),
@@ -586,6 +588,7 @@ class Trainer:
         path = self.checkpoints.save(self.engine, self.step, extra_state=trainer_state, rank_state=rank_state,
                                      save_teacher=self._teacher_io("save"))
         self.saved_step = self.step
+        self.last_health = health
         if health["healthy"]:
             log.info("checkpoint saved: %s (healthy: weight RMS %.4g)", path, health["weight_rms"])
         elif self.info.is_main:
@@ -595,6 +598,20 @@ class Trainer:
                         "healthy one (%s); it is never pruned", path, "; ".join(health["problems"]),
                         latest(self.cfg.train.output_dir) or "none yet")
         return path
+
+    def _refuse_a_diverged_end(self) -> None:
+        """The last checkpoint unhealthy (the same verdict on every rank): the run fails instead of finishing,
+        naming what the checks found and the checkpoint that --resume auto and ilvr-export will use."""
+        health = getattr(self, "last_health", None)
+        if health is None or health["healthy"]:
+            return
+        from ilvr.training.checkpoint import latest
+        from ilvr.training.health import TrainingDiverged
+
+        raise TrainingDiverged(
+            f"training diverged: the last checkpoint (step {self.step}) is unhealthy ({'; '.join(health['problems'])}). "
+            f"The newest healthy checkpoint is {latest(self.cfg.train.output_dir) or 'none'}: lower train.lr or "
+            "raise train.warmup_steps, then resume from it (--resume auto) or start again")
 
     def _mark_finished(self) -> None:
         """Rank 0 writes <output_dir>/finished.json once train.max_steps is reached: how a job script
