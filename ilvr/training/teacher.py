@@ -115,6 +115,15 @@ def _local_bytes(param) -> int:
     return param.numel() * param.element_size()
 
 
+def _partitioned_slot(name: str, student, teacher) -> _Slot:
+    """The slot of a ZeRO-3 partitioned pair: where this rank's shard starts in the flat tensor and how many
+    of its elements are real (the last rank's shard is padded)."""
+    per_rank = student.ds_tensor.ds_numel
+    start = per_rank * torch.distributed.get_rank(group=student.ds_process_group)
+    valid = max(0, min(per_rank, student.ds_numel - start))
+    return _Slot(name, student, teacher, partitioned=True, full=bool(student.ds_persist), start=start, valid=valid)
+
+
 def materialised(param) -> bool:
     """Whether `param.data` holds the full tensor (always true for a parameter that is not partitioned)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
@@ -205,10 +214,7 @@ class MomentumTeacher:
                 problems.append(f"{name}: (ds_shape, ds_numel, local partition numel, persistent) "
                                 f"student {s_key} vs teacher {t_key}")
                 continue
-            per_rank = s.ds_tensor.ds_numel
-            start = per_rank * torch.distributed.get_rank(group=s.ds_process_group)
-            valid = max(0, min(per_rank, s.ds_numel - start))
-            slots.append(_Slot(name, s, t, partitioned=True, full=bool(s.ds_persist), start=start, valid=valid))
+            slots.append(_partitioned_slot(name, s, t))
         if problems:
             raise ValueError("teacher partitions do not line up with the student's (build the teacher exactly "
                              "like the student, with the same ZeRO config):\n  " + "\n  ".join(problems[:10]))
@@ -403,10 +409,7 @@ class AdapterTeacher(MomentumTeacher):
             if not part:
                 slots.append(_Slot(name, s, t, partitioned=False, full=True))
                 continue
-            per_rank = s.ds_tensor.ds_numel
-            start = per_rank * torch.distributed.get_rank(group=s.ds_process_group)
-            valid = max(0, min(per_rank, s.ds_numel - start))
-            slots.append(_Slot(name, s, t, partitioned=True, full=bool(s.ds_persist), start=start, valid=valid))
+            slots.append(_partitioned_slot(name, s, t))
         if missing:
             raise ValueError(f"trainable weights without a teacher adapter twin (e.g. {missing[:3]}): under LoRA only "
                              "the adapters and the latent token rows may train")
