@@ -31,7 +31,7 @@ setup(
         "gymnasium>=0.29.1,<1.4",
         # LoRA (model.lora.*): trainable_token_indices for the latent token rows, add_adapter for the teacher;
         # tested with 0.21.2
-        "peft>=0.17,<0.22",
+        "peft>=0.17",
     ],
     extras_require={
         "flash": ["flash-attn>=2.5"],
