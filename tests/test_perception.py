@@ -73,7 +73,7 @@ def test_training_changes_the_tower_only_learns_and_is_seeded(processor32):
 
 @pytest.mark.slow
 def test_the_script_writes_a_base_the_trainer_accepts_with_a_seeded_hash(tmp_path):
-    from ilvr.config import _check_model_dir, _check_processor_dir
+    from ilvr.config_checks import _check_model_dir, _check_processor_dir
     from ilvr.model.build import load_pretrained
 
     spec = importlib.util.spec_from_file_location("pretrain_perception", SCRIPT)
