@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from data_pipeline.loader import (as_ranges, build_loader, epoch_order, plan_slices, shuffled, split_ranges,
-                                  subtract_ranges)
+from data_pipeline.loader import build_loader
+from data_pipeline.sample_plan import as_ranges, epoch_order, plan_slices, shuffled, split_ranges, subtract_ranges
 from data_pipeline.records import record_to_sample
 from data_pipeline.shards import ShardWriter, shard_sample_counts
 from data_pipeline.skips import TooManySkips
