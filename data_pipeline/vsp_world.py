@@ -281,7 +281,7 @@ def _blit(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _tiles(cell_px: int) -> dict[int | tuple[int, str], Image.Image]:
+def tile_images(cell_px: int) -> dict[int | tuple[int, str], Image.Image]:
     """Every square the renderer draws, `cell_px` wide: tiles[value] without the player,
     tiles[(value, facing)] with it. Composed like gymnasium: ice, the square's sprite, the
     outline, then the elf on top (or, in a hole, the cracked-hole sprite over everything)."""
@@ -358,7 +358,7 @@ def _draw_states(map_desc: MapDesc, players: Sequence[Position], facings: Sequen
     if cell_px < 8:
         raise ValueError(f"cell_px must be at least 8, got {cell_px}")
     rows, cols = len(map_desc), len(map_desc[0])
-    tiles = _tiles(cell_px)
+    tiles = tile_images(cell_px)
     base = _base_image(map_desc, tiles, cell_px)
     images = []
     for (r, c), facing in zip(players, facings):

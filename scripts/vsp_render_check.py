@@ -58,7 +58,7 @@ def infer_map(image: Path) -> list[list[int]]:
     """The map_desc of a first-step image (player on the start), each square read as the
     closest of our tiles (the MIRAGE examples come without their map_desc)."""
     pixels = _pixels(image)
-    tiles = vsp_world._tiles(vsp_world.DEFAULT_CELL_PX)  # noqa: SLF001 - measuring the renderer itself
+    tiles = vsp_world.tile_images(vsp_world.DEFAULT_CELL_PX)
     candidates = {value: _pixels(_png(tiles[value])) for value in (vsp_world.ICE, vsp_world.HOLE, vsp_world.GOAL)}
     candidates[vsp_world.START] = _pixels(_png(tiles[vsp_world.START, vsp_world.START_FACING]))
     cell = vsp_world.DEFAULT_CELL_PX
