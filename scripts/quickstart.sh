@@ -69,9 +69,12 @@ echo "== 9. report: training curves, accuracy per step / mode / level with 95% i
 "$PY" -m ilvr.evaluation.report --run "$OUT/train" --out "$OUT/eval/report.html" >/dev/null
 "$PY" - "$OUT/eval/export/metrics.json" <<'PYEOF'
 import json, sys
-m = json.load(open(sys.argv[1]))["metrics"]
+from ilvr.evaluation.scorers import describe_plan_lengths
+result = json.load(open(sys.argv[1]))
+m = result["metrics"]
 print(f"quickstart: the exported model on {m['num_samples']:.0f} held-out 3x3 maps: success {100 * m['accuracy']:.1f}% "
       f"| a random valid plan: {100 * m['baseline']:.1f}% | unparseable answers: {100 * m['unparseable_rate']:.1f}%")
+print(f"quickstart: solved, by the length of the map's shortest plan: {describe_plan_lengths(result['by_plan_length'])}")
 PYEOF
 echo "quickstart: done. Outputs in $OUT/. Where to look:"
 echo "  report (one HTML file, opens offline): $OUT/eval/report.html"

@@ -208,3 +208,62 @@ def test_vsp_metrics_carry_the_random_valid_plan_baseline():
         assert metrics[f"baseline/level{level}"] == pytest.approx(sum(mine) / len(mine))
     comt_record = Record(id="c", task="comt", question="q", images=[], steps=[], answer="A")
     assert "baseline" not in aggregate([comt.score("A", comt_record)], "comt")
+
+
+def _plan_length_outputs():
+    """A small evaluation output: predictions on synthetic maps whose shortest plans have 1..4 moves; the
+    first two rows of each length answered with a shortest plan, the rest with no box."""
+    from data_pipeline.sources import synthetic_vsp
+    from ilvr.evaluation.evaluate import score_rows
+
+    records = list(synthetic_vsp.read(num_samples=40, min_size=3, max_size=4, seed=5, style="direct"))
+    rows, seen = [], {}
+    for r in records:
+        n = len(shortest_plan(r.meta["map_desc"]))
+        seen[n] = seen.get(n, 0) + 1
+        rows.append({"id": r.id, "prediction": boxed(shortest_plan(r.meta["map_desc"])) if seen[n] <= 2 else "?"})
+    metrics = score_rows(rows, {r.id: r for r in records}, "vsp")
+    return records, rows, metrics, seen
+
+
+def test_vsp_success_by_shortest_plan_length():
+    """Each row carries its map's shortest-plan length; the metrics count rows and successes per length, and
+    by_plan_length / describe_plan_lengths give the quick start's line."""
+    from ilvr.evaluation.scorers import by_plan_length, describe_plan_lengths
+
+    records, rows, metrics, seen = _plan_length_outputs()
+    assert len(seen) >= 3, seen  # several lengths, so the breakdown is not trivial
+    assert [row["plan_length"] for row in rows] == [len(shortest_plan(r.meta["map_desc"])) for r in records]
+    table = by_plan_length(metrics)
+    assert list(table) == [str(n) for n in sorted(seen)]
+    assert table == {str(n): {"correct": min(2, count), "count": count} for n, count in sorted(seen.items())}
+    assert sum(c["count"] for c in table.values()) == metrics["num_samples"]
+    assert sum(c["correct"] for c in table.values()) == metrics["num_correct"]
+    line = describe_plan_lengths(table)
+    assert line == ", ".join(f"{n} move{'s' if n > 1 else ''} {min(2, c)}/{c}" for n, c in sorted(seen.items()))
+    assert describe_plan_lengths({"1": {"correct": 5, "count": 6}, "2": {"correct": 20, "count": 44}}) == \
+        "1 move 5/6, 2 moves 20/44"
+    comt_record = Record(id="c", task="comt", question="q", images=[], steps=[], answer="A")
+    assert by_plan_length(aggregate([comt.score("A", comt_record)], "comt")) == {}
+
+
+def test_quickstart_final_lines_show_success_by_plan_length(tmp_path):
+    """The report lines at the end of scripts/quickstart.sh, run on a small evaluation's metrics.json."""
+    import re
+    import subprocess
+    import sys
+
+    from ilvr.evaluation.scorers import by_plan_length
+    from tests.conftest import REPO
+
+    records, _, metrics, seen = _plan_length_outputs()
+    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": metrics, "by_plan_length": by_plan_length(metrics)}))
+    script = (REPO / "scripts" / "quickstart.sh").read_text()
+    code = re.search(r"<<'PYEOF'\n(.*?)\nPYEOF", script, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "metrics.json")], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert f"on {len(records)} held-out" in out
+    by_length = out.splitlines()[-1]
+    assert by_length.startswith("quickstart: solved, by the length of the map's shortest plan: ")
+    first = min(seen)
+    assert f"{first} move{'s' if first > 1 else ''} {min(2, seen[first])}/{seen[first]}" in by_length

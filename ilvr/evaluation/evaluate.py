@@ -24,7 +24,7 @@ from data_pipeline.encode import encode_prompt
 from data_pipeline.records import Record, RecordError
 from ilvr.evaluation.data import BenchmarkData, load_records
 from ilvr.evaluation.loading import EvalModel, load_eval_model, resolve_model_path
-from ilvr.evaluation.scorers import aggregate, category_key, get_scorer, infer_benchmark
+from ilvr.evaluation.scorers import aggregate, by_plan_length, category_key, get_scorer, infer_benchmark
 from ilvr.model.generate import MODES, generate
 from ilvr.training.run_lock import claim_output_dir
 from ilvr.training.distributed import format_duration
@@ -199,6 +199,8 @@ def score_rows(rows: list[dict], records: dict[str, Record], benchmark: str) -> 
         s = scorer(row["prediction"], records[row["id"]])
         row.update(gold=s.gold if s.gold is not None else records[row["id"]].answer, parsed=s.parsed,
                    correct=s.correct, category=s.category, outcome=s.detail)
+        if s.plan_length is not None:
+            row["plan_length"] = s.plan_length
         scores.append(s)
     return aggregate(scores, benchmark)
 
@@ -397,6 +399,8 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
               "num_samples": len(rows), **{k: v for k, v in asdict(req.decode).items()}}
     result = {"benchmark": benchmark, "mode": req.decode.mode, "model": em.source, "checkpoint_step": step,
               "metrics": metrics, "params": params, "parent_run_id": req.parent_run_id, "mlflow_run_id": None}
+    if by_plan_length(metrics):  # VSP: success by the shortest plan's length (the quick start prints it)
+        result["by_plan_length"] = by_plan_length(metrics)
     if rank == 0:
         os.makedirs(req.out_dir, exist_ok=True)
         write_json_atomic(os.path.join(req.out_dir, PREDICTIONS_FILE), rows, lines=True)

@@ -28,6 +28,7 @@ class Score:
     detail: str = ""
     gold: str | None = None
     baseline: "float | None" = None  # the chance a no-skill answer is right here (VSP: a random valid plan)
+    plan_length: "int | None" = None  # the fewest steps a right answer takes, where known (VSP: shortest plan)
 
     @property
     def parseable(self) -> bool:
@@ -67,6 +68,8 @@ def aggregate(scores: list[Score], benchmark: str) -> dict[str, float]:
     VSP also reports `success_rate` (the paper's name for the same number). Where the scorer gives
     each answer a chance baseline, `baseline` (and `baseline/<category>`) is its mean: the accuracy
     of a no-skill answerer on the same records (VSP: a random valid plan of the shortest plan's length).
+    Where it gives the shortest answer's length, `plan_length/<n>/count` and `plan_length/<n>/correct`
+    count the records whose shortest plan has n moves, and those answered right (`by_plan_length`).
     """
     n = len(scores)
     correct = sum(s.correct for s in scores)
@@ -91,4 +94,22 @@ def aggregate(scores: list[Score], benchmark: str) -> dict[str, float]:
             metrics[f"baseline/{key}"] = sum(s.baseline for s in group) / len(group)
     if n and all(s.baseline is not None for s in scores):
         metrics["baseline"] = sum(s.baseline for s in scores) / n
+    for s in scores:
+        if s.plan_length is not None:
+            for what, add in (("count", 1), ("correct", int(s.correct))):
+                key = f"plan_length/{s.plan_length}/{what}"
+                metrics[key] = metrics.get(key, 0.0) + add
     return metrics
+
+
+def by_plan_length(metrics: dict[str, float]) -> dict[str, dict[str, int]]:
+    """{"<n>": {"correct": c, "count": m}} from aggregate's plan_length/<n>/* metrics, shortest plans first
+    (empty when the scorer gives no plan lengths): success by how many moves the task takes at least."""
+    lengths = sorted(int(k.split("/")[1]) for k in metrics if k.startswith("plan_length/") and k.endswith("/count"))
+    return {str(n): {what: int(metrics[f"plan_length/{n}/{what}"]) for what in ("correct", "count")}
+            for n in lengths}
+
+
+def describe_plan_lengths(table: dict[str, dict[str, int]]) -> str:
+    """"1 move 5/6, 2 moves 20/44, 3 moves 1/12" from by_plan_length's table."""
+    return ", ".join(f"{n} move{'' if n == '1' else 's'} {c['correct']}/{c['count']}" for n, c in table.items())

@@ -5,7 +5,8 @@ a hole ends the game: data_pipeline.vsp_world.simulate). Accepted plans: move le
 words separated by commas, spaces, arrows or nothing ("R,D,D", "R D D", "RDD",
 "Right, Down"). Anything else in the box (digits, other words, an empty box) is
 unparseable. The category is the grid size, e.g. "level4". Each score carries the chance
-that a random valid plan wins on the same map (`baseline`: vsp_world.random_plan_success).
+that a random valid plan wins on the same map (`baseline`: vsp_world.random_plan_success) and
+the length of a shortest plan on it (`plan_length`: success by plan length, scorers.by_plan_length).
 """
 from __future__ import annotations
 
@@ -57,8 +58,11 @@ def score(prediction: str, record: Record) -> Score:
     moves = parse_plan(prediction)
     gold = gold_plan(record)
     chance = random_plan_success(map_desc)
+    shortest = shortest_plan(map_desc)
+    length = None if shortest is None else len(shortest)
     if moves is None:
-        return Score(parsed=None, correct=False, category=category, detail="unparseable", gold=gold, baseline=chance)
+        return Score(parsed=None, correct=False, category=category, detail="unparseable", gold=gold, baseline=chance,
+                     plan_length=length)
     outcome = simulate(map_desc, moves)
     return Score(parsed=",".join(moves), correct=outcome.success, category=category, detail=outcome.status,
-                 gold=gold, baseline=chance)
+                 gold=gold, baseline=chance, plan_length=length)
