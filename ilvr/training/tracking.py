@@ -10,7 +10,7 @@ HF's MLflowCallback it honours MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID and MLFLOW_
 run logs into the same MLflow run.
 
 start() talks to the store directly (it must return the run id). Every later call goes into a
-bounded queue that one background thread sends: a dead or frozen server costs the training
+bounded queue (send_queue.py) that one background thread sends: a dead or frozen server costs the training
 ranks nothing. Failed sends stay queued and are retried with exponential backoff; past
 `max_pending` calls the oldest metric steps are dropped from memory and, when the server
 answers again, backfilled from `<output_dir>/metrics.jsonl` (the trainer's per-step log).
@@ -22,12 +22,10 @@ store is recorded there too (run_id null): --backfill (or a resume) then creates
 from __future__ import annotations
 
 import atexit
-import collections
 import json
 import logging
 import os
 import socket
-import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -37,6 +35,7 @@ from ilvr.training.mlflow_store import (MAX_KEY, MAX_METRICS_PER_BATCH, MAX_PARA
                                         redact_uri, relocate_artifacts, run_tags, store_record, unique_run_name)
 from ilvr.training.run_record import (METRICS_FILE, STATE_FILE, backfill_metrics, backfill_run, last_step,
                                       read_metrics, read_state)
+from ilvr.training.send_queue import Call, SendQueue
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +53,6 @@ def _env_float(name: str, default: float) -> float:
         return float(os.environ[name])
     except (KeyError, ValueError):
         return default
-
-
-def _permanent(err: BaseException) -> bool:
-    """Errors a retry cannot fix: a 4xx answer (but 429), a missing file, a bad value."""
-    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError,
-                        ValueError, TypeError)):
-        return True
-    status = getattr(err, "get_http_status_code", None)
-    if callable(status):
-        code = status()
-        return 400 <= code < 500 and code != 429
-    return False
-
-
-class _Call:
-    """One queued call: a metric step (kind "metrics", coalesced with its neighbours) or a closure."""
-    __slots__ = ("kind", "step", "stamp", "data")
-
-    def __init__(self, kind: str, data, step: "int | None" = None):
-        self.kind, self.data, self.step, self.stamp = kind, data, step, int(time.time() * 1000)
 
 
 class Tracker:
@@ -97,25 +76,11 @@ class Tracker:
         self.attach_env_run = attach_env_run  # False for runs that must not log into MLFLOW_RUN_ID (evaluation)
         self.end_timeout_s = end_timeout_s if end_timeout_s is not None else \
             _env_float("ILVR_MLFLOW_END_TIMEOUT_S", END_TIMEOUT_S)
-        self.max_pending = max(1, max_pending)
         self.end_on_exit = end_on_exit  # status set if the process exits without end() (None: leave the run open)
-        self.lost = 0  # calls given up: a permanent error, or dropped with nothing to backfill them from
-        self.overflowed = 0  # metric steps dropped from the full queue (backfilled from metrics.jsonl)
         self.backfilled = 0  # steps sent from metrics.jsonl
-        self._max_backoff = max(retry_after_s, 0.01)
-        self._backoff = min(1.0, self._max_backoff)
-        self._retry_at = 0.0  # monotonic time before which the sender does not try again
-        self._down_since: "float | None" = None
+        # every call after start() goes through this queue; its sender thread runs from _launch()
+        self._calls = SendQueue(self._send, self._backfill, self._warn, max_pending, retry_after_s)
         self._warned: set[str] = set()
-        self._cond = threading.Condition()
-        self._queue: collections.deque[_Call] = collections.deque()
-        self._inflight: list[_Call] = []
-        self._inflight_gap: "list | None" = None
-        self._gap: "list | None" = None  # [lo, hi, count] of metric steps to backfill from metrics.jsonl
-        self._split = 0  # send the next n calls one by one (a coalesced batch was refused)
-        self._thread: "threading.Thread | None" = None
-        self._closing = False  # end() is waiting: retry sooner
-        self._stop = False
         self._end_delivered = False
         self._start_error: "str | None" = None  # start() could not reach the store: the run is created by --backfill
 
@@ -130,8 +95,18 @@ class Tracker:
         except RuntimeError:
             logger.warning("MLflow tracking failed (%s): %s. %s", what, msg, tail)
 
+    @property
+    def lost(self) -> int:
+        """Calls given up: a permanent error, or dropped with nothing to backfill them from."""
+        return self._calls.lost
+
+    @property
+    def overflowed(self) -> int:
+        """Metric steps dropped from the full queue (backfilled from metrics.jsonl)."""
+        return self._calls.overflowed
+
     def _fail_start(self, what: str, err: BaseException) -> None:
-        self.lost += 1
+        self._calls.lost += 1
         if what not in self._warned:
             self._warned.add(what)
             self._warn(what, err, "Training goes on without tracking.")
@@ -140,15 +115,9 @@ class Tracker:
     def dropped(self) -> int:
         """Calls that did not reach MLflow. Waits (at most end_timeout_s) for queued calls to be tried,
         so a caller can choose the end status from it."""
-        if self._thread is not None and not self._stop:
+        if self._calls.running:
             self.flush(self.end_timeout_s)
-        with self._cond:
-            return self.lost + self._pending_steps() + sum(c.kind != "metrics" for c in [*self._queue, *self._inflight])
-
-    def _pending_steps(self) -> int:
-        calls = list(self._queue) + self._inflight
-        gaps = (self._gap, self._inflight_gap)
-        return sum(c.kind == "metrics" for c in calls) + sum(g[2] for g in gaps if g)
+        return self.lost + self._calls.pending()
 
     def _ready(self) -> bool:
         return bool(self.active and self.run_id)
@@ -257,7 +226,7 @@ class Tracker:
         path = os.path.join(self.output_dir, METRICS_FILE)
         hi = last_step(path)
         if hi is not None:
-            self._gap = [0, hi, len(read_metrics(path, 0, hi))]
+            self._calls.set_gap(0, hi, len(read_metrics(path, 0, hi)))
             logger.info("MLflow: the earlier process of this run never reached the store; sending its steps "
                         "0..%d from %s", hi, path)
 
@@ -273,7 +242,7 @@ class Tracker:
         try:
             hi, lo = last_step(path), int(state.get("undelivered_from") or 0)
             if hi is not None:
-                self._gap = [lo, hi, len(read_metrics(path, lo, hi))]
+                self._calls.set_gap(lo, hi, len(read_metrics(path, lo, hi)))
         except (OSError, ValueError, TypeError) as e:
             logger.warning("MLflow: cannot read %s to backfill the previous process's steps: %s", path, e)
 
@@ -298,8 +267,7 @@ class Tracker:
         """The sender thread; the state file says RUNNING (a process that dies leaves it so)."""
         if write_state:
             self._save_state("RUNNING", True, 0)
-        self._thread = threading.Thread(target=self._send_loop, name="mlflow-sender", daemon=True)
-        self._thread.start()
+        self._calls.start()
         atexit.register(self._at_exit)
 
     def _at_exit(self) -> None:
@@ -323,18 +291,12 @@ class Tracker:
             return
         status = status.upper()
         atexit.unregister(self._at_exit)
-        self._save_state(status, False, self._pending_steps())  # first: a SIGKILL while waiting leaves it
-        self._submit(_Call("end", lambda: self.client.set_terminated(self.run_id, status=status)))
-        with self._cond:
-            self._closing = True
-            self._retry_at = min(self._retry_at, time.monotonic() + 1.0)
-            self._cond.notify_all()
+        self._save_state(status, False, self._calls.pending_steps())  # first: a SIGKILL while waiting leaves it
+        self._calls.submit(Call("end", lambda: self.client.set_terminated(self.run_id, status=status)))
+        self._calls.hurry()
         t0 = time.monotonic()
         done = self.flush(self.end_timeout_s)
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
-            missing, first = self._pending_steps(), self._first_pending()
+        missing, first = self._calls.stop()
         self._save_state(status, self._end_delivered, missing, first)
         if self.lost:
             logger.warning("MLflow: %d tracking calls could not be delivered (see the warnings above)", self.lost)
@@ -346,11 +308,6 @@ class Tracker:
                            f" (from step {first})" if first is not None else "", status,
                            redact_uri(self.tracking_uri or ""), os.path.join(where, STATE_FILE), where)
         self.active = False
-
-    def _first_pending(self) -> "int | None":
-        steps = [c.step for c in list(self._queue) + self._inflight if c.kind == "metrics"]
-        steps += [g[0] for g in (self._gap, self._inflight_gap) if g]
-        return min(steps) if steps else None
 
     def _save_state(self, status: str, delivered: bool, undelivered: int, first: "int | None" = None) -> None:
         if not (self.output_dir and (self.run_id or self._start_error)):
@@ -370,54 +327,10 @@ class Tracker:
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued call was delivered or given up (at most `timeout` s); True if so."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._idle() or self._thread is None, timeout)
+        return self._calls.flush(timeout)
 
-    def _idle(self) -> bool:
-        return not (self._queue or self._inflight or self._gap or self._inflight_gap)
-
-    # ------------------------------------------------------------------ the queue and its sender
-    def _submit(self, call: _Call) -> None:
-        """Before the sender runs (inside start): try at once, queue on failure. After: queue only."""
-        if self._thread is None:
-            try:
-                self._send([call])
-                return
-            except Exception as e:
-                if _permanent(e):
-                    self._give_up([call], e)
-                    return
-                self._down(e)
-        with self._cond:
-            self._queue.append(call)
-            while len(self._queue) > self.max_pending:
-                self._drop(self._queue.popleft())
-            self._cond.notify()
-
-    def _drop(self, call: _Call) -> None:
-        """The queue is full: forget the oldest call; a metric step is backfilled from metrics.jsonl later."""
-        if call.kind != "metrics":
-            self.lost += 1
-            return
-        self.overflowed += 1
-        if self._gap:
-            self._gap = [min(self._gap[0], call.step), max(self._gap[1], call.step), self._gap[2] + 1]
-        else:
-            self._gap = [call.step, call.step, 1]
-
-    def _take(self) -> list[_Call]:
-        """The next call, or consecutive metric steps coalesced up to MLflow's batch limit."""
-        batch = [self._queue.popleft()]
-        if batch[0].kind == "metrics" and not self._split:
-            n = len(batch[0].data)
-            while self._queue and self._queue[0].kind == "metrics" and n + len(self._queue[0].data) <= \
-                    MAX_METRICS_PER_BATCH:
-                n += len(self._queue[0].data)
-                batch.append(self._queue.popleft())
-        self._split = max(0, self._split - 1)
-        return batch
-
-    def _send(self, batch: list[_Call]) -> None:
+    # ------------------------------------------------------------------ what the queue's sender calls
+    def _send(self, batch: list[Call]) -> None:
         if batch[0].kind == "metrics":
             from mlflow.entities import Metric
 
@@ -429,32 +342,10 @@ class Tracker:
             if batch[0].kind == "end":
                 self._end_delivered = True
 
-    def _send_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stop and (self._idle() or time.monotonic() < self._retry_at):
-                    self._cond.wait(None if self._idle() else max(0.0, self._retry_at - time.monotonic()))
-                if self._stop:
-                    return
-                if self._queue:
-                    batch, gap = self._take(), None
-                else:
-                    batch, gap, self._gap = [], self._gap, None
-                self._inflight, self._inflight_gap = batch, gap
-            try:
-                self._backfill(gap) if gap else self._send(batch)
-            except Exception as e:
-                self._failed(batch, gap, e)  # _warn keeps MLflow's exception (credentials) out of log errors
-            else:
-                self._up()
-            with self._cond:
-                self._inflight, self._inflight_gap = [], None
-                self._cond.notify_all()
-
     def _backfill(self, gap: list) -> None:
         path = os.path.join(self.output_dir or "", METRICS_FILE)
         if not (self.output_dir and os.path.isfile(path)):
-            self.lost += gap[2]
+            self._calls.lost += gap[2]
             logger.warning("MLflow: %d metric steps were dropped while the server was down and there is no %s "
                            "to backfill them from", gap[2], path)
             return
@@ -462,61 +353,13 @@ class Tracker:
         self.backfilled += sent
         logger.info("MLflow: backfilled %d steps (%d..%d) from %s", sent, gap[0], gap[1], path)
 
-    def _failed(self, batch: list[_Call], gap: "list | None", err: Exception) -> None:
-        """Transient: back into the queue (front), retry after a backoff. Permanent: split, then give up."""
-        with self._cond:
-            if not _permanent(err):
-                if gap:  # merge with steps dropped meanwhile
-                    self._gap = gap if not self._gap else [min(gap[0], self._gap[0]), max(gap[1], self._gap[1]),
-                                                           gap[2] + self._gap[2]]
-                self._queue.extendleft(reversed(batch))
-                while len(self._queue) > self.max_pending:
-                    self._drop(self._queue.popleft())
-            elif len(batch) > 1:
-                self._queue.extendleft(reversed(batch))
-                self._split = len(batch)
-                return
-        if _permanent(err):
-            self._give_up(batch, err) if batch else self._give_up_gap(gap, err)
-        else:
-            self._down(err)
-
-    def _give_up(self, batch: list[_Call], err: Exception) -> None:
-        self.lost += len(batch)
-        kind = batch[0].kind
-        if kind not in self._warned:
-            self._warned.add(kind)
-            self._warn(kind, err, "The store refused it; not retried.")
-
-    def _give_up_gap(self, gap: list, err: Exception) -> None:
-        self.lost += gap[2]
-        self._warn("backfill", err, f"Steps {gap[0]}..{gap[1]} are not backfilled.")
-
-    def _down(self, err: Exception) -> None:
-        now = time.monotonic()
-        if self._down_since is None:
-            self._down_since = now
-            self._warn("send", err, f"Training goes on; calls are queued (at most {self.max_pending}, older "
-                       f"steps are backfilled from {METRICS_FILE}) and retried with backoff.")
-        limit = 1.0 if self._closing else self._max_backoff
-        with self._cond:
-            self._retry_at = now + min(self._backoff, limit)
-            self._backoff = min(2 * self._backoff, self._max_backoff)
-
-    def _up(self) -> None:
-        if self._down_since is not None:
-            logger.warning("MLflow answers again after %.0f s; sending the %d queued calls",
-                           time.monotonic() - self._down_since, len(self._queue))
-            self._down_since = None
-        self._backoff = min(1.0, self._max_backoff)
-
     # ------------------------------------------------------------------ logging calls (queued)
     def log_params(self, params) -> None:
         """Log a Config (flattened) or a dict; on a resumed run, changed values become tags, not errors."""
         if not self._ready():
             return
         items = clean_values(params.flat() if hasattr(params, "flat") else dict(params), MAX_PARAM_VALUE)
-        self._submit(_Call("log_params", lambda: self._log_params(items)))
+        self._calls.submit(Call("log_params", lambda: self._log_params(items)))
 
     def _log_params(self, items: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
@@ -538,7 +381,7 @@ class Tracker:
             return
         values = metric_values(metrics)
         if values:
-            self._submit(_Call("metrics", values, int(step)))
+            self._calls.submit(Call("metrics", values, int(step)))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self._ready():
@@ -546,7 +389,7 @@ class Tracker:
         from mlflow.entities import RunTag
 
         cleaned = [RunTag(k, v) for k, v in clean_values(tags, MAX_PARAM_VALUE).items()]
-        self._submit(_Call("set_tags", lambda: self._log_tags(cleaned)))
+        self._calls.submit(Call("set_tags", lambda: self._log_tags(cleaned)))
 
     def _log_tags(self, tags: list) -> None:
         for i in range(0, len(tags), MAX_PARAMS_PER_BATCH):
@@ -560,14 +403,14 @@ class Tracker:
             logger.warning("MLflow: artifact %s does not exist; not logged", path)
             return
         upload: Callable = self.client.log_artifacts if os.path.isdir(path) else self.client.log_artifact
-        self._submit(_Call("log_artifact", lambda: upload(self.run_id, path, artifact_path)))
+        self._calls.submit(Call("log_artifact", lambda: upload(self.run_id, path, artifact_path)))
 
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
         """A column -> values table the MLflow UI shows under the run's artifacts (e.g. per-category scores)."""
         if not self._ready():
             return
         table = {k: list(v) for k, v in data.items()}
-        self._submit(_Call("log_table", lambda: self.client.log_table(self.run_id, data=table,
+        self._calls.submit(Call("log_table", lambda: self.client.log_table(self.run_id, data=table,
                                                                       artifact_file=artifact_file)))
 
 
