@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,8 @@ import time
 from typing import Any
 
 import torch
+
+from bench.common import add_common_flags, peak_gpu_bytes, write_results
 
 # Qwen2.5-VL-3B-Instruct's shapes (config.json of the release)
 QWEN25VL_3B = dict(hidden=2048, intermediate=11008, layers=36, heads=16, kv_heads=2, vision_depth=32,
@@ -128,7 +129,7 @@ def measure(args, kind: str, batch_size: int, model, teacher, optimizer, samples
     peak = args.peak_tflops * 1e12
     return {"kind": kind, "batch": batch_size, "step_s": seconds, "tokens_per_step": statistics.median(tokens),
             "tokens_per_s": tok_s, "mfu": 6 * trainable * tok_s / peak, "loss": loss,
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+            "peak_gpu_bytes": peak_gpu_bytes(device)}
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -140,7 +141,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200: 989)")
-    p.add_argument("--json", metavar="PATH")
+    add_common_flags(p, threads=None, seed=False, out_help=None)
     args = p.parse_args(argv)
     if args.smoke:
         args.warmup, args.steps, args.batch_sizes, args.max_map_size = 1, 1, [1, 2], 4
@@ -174,9 +175,8 @@ def main(argv: "list[str] | None" = None) -> int:
             print(f"  {kind:<14} batch {b}: {row['step_s']:.3f} s/step, {row['tokens_per_step']:.0f} tokens, "
                   f"{row['tokens_per_s']:.0f} tokens/s, MFU {100 * row['mfu']:.1f}%, peak {mem}, loss {row['loss']:.3f}")
     print(f"  wall {time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": name, "torch": torch.__version__, "rows": rows, "settings": vars(args)}, f, indent=2)
+    write_results(args.json, {"device": name, "torch": torch.__version__, "rows": rows, "settings": vars(args)},
+                  say=None)
     return 0
 
 

@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from bench.common import add_common_flags, write_results
+
 TARGET_SAMPLES_PER_S = 10.0
 LATENT_SIZE = 8
 MAX_LENGTH = 16384  # far above the longest sample (~1k tokens at the default image size)
@@ -317,10 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row (default 3)")
     parser.add_argument("--tiny", action="store_true", help="tiny image settings (build_tiny_processor's defaults)")
-    parser.add_argument("--out", default=None, help="also write the results to this JSON file")
+    add_common_flags(parser, out="--out", out_help="also write the results to this JSON file", seed=False,
+                     threads_help="torch threads in the main process (default 1, as in a DataLoader worker: one core)")
     parser.add_argument("--workdir", default=None, help="write the data here and keep it (default: temp dir, removed)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in the main process (default 1, as in a DataLoader worker: one core)")
     args = parser.parse_args(argv)
     if args.samples < args.batch_size or args.batch_size < 1 or args.repeats < 1:
         parser.error("need --samples >= --batch-size >= 1 and --repeats >= 1")
@@ -456,9 +457,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pixel_mib_per_sample": pixel_mib,
                 "machine": info,
             }
-            with open(args.out, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=1)
-            print(f"results written to {args.out}")
+            write_results(args.out, result, indent=1, say="results written to {path}")
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -54,6 +53,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from bench.common import add_common_flags, interleaved, write_results
 
 IMAGE_SIDES = (3, 4, 5, 6)  # squares per side -> 192, 256, 320, 384 px at 64 px per square
 TEACHER_SEGMENTS = (1, 3, 6)
@@ -184,27 +185,6 @@ def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
     return Selection(targets, counts, max_prob, cmask[helper].sum(1))
 
 
-# ----------------------------------------------------------------------------- timing
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: dict[str, int],
-                no_warmup: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
-    """Warm each variant up once (except those in `no_warmup`), then run them in turn (A, B, ..., A, B, ...)
-    until each has its repeats. Returns per variant the median, min and max in ms and the number of timed runs."""
-    for name, fn in variants.items():
-        if name not in no_warmup:
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(max(repeats.values())):
-        for name, fn in variants.items():
-            if r < repeats[name]:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: {"median_ms": statistics.median(ts), "min_ms": min(ts), "max_ms": max(ts), "runs": len(ts)}
-            for name, ts in times.items()}
-
-
 def step_fn(model, loss: Callable[[], Any]) -> Callable[[], None]:
     """Forward + backward of `loss()`, gradients cleared after each step."""
     def run() -> None:
@@ -257,9 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny-images", action="store_true", help="tiny image settings (<= 240x240 px) instead of "
                                                              "Qwen2.5-VL's defaults")
     p.add_argument("--train-vision", action="store_true", help="do not freeze the vision tower (training freezes it)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: stable numbers on a shared machine)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    add_common_flags(p, threads_help="torch threads (1: stable numbers on a shared machine)")
     return p.parse_args(argv)
 
 
@@ -381,10 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                        "target_ratio": STAGE2_TARGET_RATIO, "meets_target": s2_ms / s1_ms <= STAGE2_TARGET_RATIO}
     results["wall_s"] = time.perf_counter() - started
     print(f"\n  total wall time {results['wall_s']:.0f} s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-        print(f"  results written to {args.json}")
+    write_results(args.json, results)
     return 0
 
 

@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import add_common_flags, write_results
 from ilvr.training.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--stage1-steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2, help="runs per variant (interleaved)")
     p.add_argument("--samples", type=int, default=600, help="synthetic maps written to the shards")
-    p.add_argument("--json", metavar="PATH")
+    add_common_flags(p, threads=None, seed=False, out_help=None)
     args = p.parse_args(argv)
     hidden = 128  # configs/quickstart.yaml model.tiny_hidden
     started = time.time()
@@ -187,9 +188,7 @@ def main(argv: "list[str] | None" = None) -> int:
     print(f"  wall time {result['wall_s']:.0f} s")
     if len(set(round(v, 4) for v in losses.values())) != 1:
         print("  WARNING: the variants' final losses differ: they did not train the same model", file=sys.stderr)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
+    write_results(args.json, result, say=None)
     return 0
 
 

@@ -61,7 +61,6 @@ rather than the cost. Timings on a shared machine vary; the ratios are the point
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -71,6 +70,7 @@ import tempfile
 import time
 from typing import Any
 
+from bench.common import add_common_flags, write_results
 from bench.train_ranks import WORLD_SIZE, mib, ms, rank_main, slowest
 from bench.train_stages import rank_main_stages, report_stages
 from ilvr.training.spawn import run_on_ranks
@@ -213,8 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0, help="loader workers per rank (0: in the main process)")
     p.add_argument("--samples", type=int, default=128, help="synthetic VSP records written to the shards")
     p.add_argument("--max-map-size", type=int, default=6, help="largest map side (the quick start's 6)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (2 ranks share the cores)")
-    p.add_argument("--seed", type=int, default=0, help="data seed")
+    add_common_flags(p, threads_help="torch threads per rank (2 ranks share the cores)", seed_help="data seed",
+                     out=None)
     p.add_argument("--timeout", type=float, default=900, help="seconds before the ranks are given up")
     p.add_argument("--parts", default="1,2,3,4", help="which parts to run (1-3: EMA, memory, breakdown; 4: stage 2 vs "
                    "stage 1 under ZeRO-3 and ZeRO-2)")
@@ -249,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if stages:
         summary["stages"] = report_stages(stages)
         print(f"\n  total wall time {time.perf_counter() - started:.0f} s")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"settings": vars(args), "torch": torch.__version__, **summary}, f, indent=2, default=str)
-        print(f"  results written to {args.json}")
+    write_results(args.json, {"settings": vars(args), "torch": torch.__version__, **summary}, default=str)
     return 0
 
 

@@ -4,11 +4,12 @@ and the tiny recipe's step breakdown. The parts are described in bench/train.py.
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench.common import current_rss, peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny_cpu.yaml"
@@ -18,21 +19,6 @@ STEP_PARTS = ("data", "forward_backward", "nan_check", "optimizer", "ema")
 
 
 # ----------------------------------------------------------------------------- rank side: building
-
-
-def current_rss() -> int | None:
-    """Resident set size of this process in bytes (Linux /proc; None elsewhere)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def recipe(opts: dict):

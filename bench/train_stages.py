@@ -6,7 +6,8 @@ import statistics
 import time
 from typing import Any
 
-from bench.train_ranks import WORLD_SIZE, build, current_rss, loader_batches, mib, peak_rss, recipe, slowest
+from bench.common import current_rss, peak_rss
+from bench.train_ranks import WORLD_SIZE, build, loader_batches, mib, recipe, slowest
 
 
 # ----------------------------------------------------------------------------- rank side: stage 2 vs stage 1

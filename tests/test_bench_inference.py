@@ -1,6 +1,6 @@
-"""bench/inference.py, structure only (timings are never asserted): both variants decode the same text
-around their segments, the pixel path really appends the image where the full sequence has it, and the
-batched paths keep each row's work intact."""
+"""bench/inference.py and inference_paths.py, structure only (timings are never asserted): both variants
+decode the same text around their segments, the pixel path really appends the image where the full sequence
+has it, and the batched paths keep each row's work intact."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from bench import inference
+from bench import inference, inference_paths as paths
+from bench.common import Clock
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
 
 pytestmark = pytest.mark.slow
@@ -21,10 +22,10 @@ def setup(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     args = inference.parse_args(["--quick"])
-    records = [inference.vsp_record(side, 0, N) for side in (3, 4)]
-    bench = inference.build_bench(args, records, str(tmp_path_factory.mktemp("bench_inference")))
+    records = [paths.vsp_record(side, 0, N) for side in (3, 4)]
+    bench = paths.build_bench(args, records, str(tmp_path_factory.mktemp("bench_inference")))
     try:
-        yield bench, [inference.to_problem(r, bench.processor) for r in records]
+        yield bench, [paths.to_problem(r, bench.processor) for r in records]
     finally:
         torch.set_num_threads(threads)
 
@@ -48,7 +49,7 @@ def test_same_text_around_segments_and_cache_growth(setup):
     bench, problems = setup
     for p in problems:
         for variant in inference.VARIANTS:
-            st = inference.trajectory(bench, p, N, variant)
+            st = paths.trajectory(bench, p, N, variant)
             expected = expected_ids(bench, p, variant)
             assert fed_ids(st)[0].tolist() == expected
             assert st.length == len(expected)  # latent: K+2 per segment; pixel: image tokens + 2
@@ -61,8 +62,8 @@ def test_pixel_path_equals_one_full_forward(setup):
     forward over the whole sequence with every image's pixels (so the image tokens reached the model)."""
     bench, problems = setup
     model, p = bench.model, problems[1]
-    st = inference.trajectory(bench, p, N, "pixel")
-    images = [inference.render_state(p, s) for s in range(N)]
+    st = paths.trajectory(bench, p, N, "pixel")
+    images = [paths.render_state(p, s) for s in range(N)]
     helper = bench.processor.image_processor(images=images, return_tensors="pt")
     ids = fed_ids(st)
     batch = {"input_ids": ids, "mm_token_type_ids": (ids == model.config.image_token_id).long(),
@@ -78,7 +79,7 @@ def test_pixel_path_equals_one_full_forward(setup):
 
 def test_latent_positions_are_text_positions(setup):
     bench, problems = setup
-    st = inference.trajectory(bench, problems[0], N, "latent")
+    st = paths.trajectory(bench, problems[0], N, "latent")
     ids = fed_ids(st)
     batch = {"input_ids": ids, "mm_token_type_ids": (ids == bench.model.config.image_token_id).long(),
              "image_grid_thw": torch.cat(st.grids)}
@@ -88,11 +89,11 @@ def test_latent_positions_are_text_positions(setup):
 def test_batched_pixel_path_equals_rows_alone(setup):
     """Rows with different image sizes (padded chunks, masked) decode what each decodes alone."""
     bench, problems = setup
-    sched = inference.Schedule(text_len=3, segments=N, answer_len=2)
-    together = inference.pixel_batch(bench, problems, sched, inference.Clock())
+    sched = paths.Schedule(text_len=3, segments=N, answer_len=2)
+    together = paths.pixel_batch(bench, problems, sched, Clock())
     ids, mask = fed_ids(together), together.mask
     for row, p in enumerate(problems):
-        alone = inference.pixel_batch(bench, [p], sched, inference.Clock())
+        alone = paths.pixel_batch(bench, [p], sched, Clock())
         assert ids[row][mask[row].bool()].tolist() == fed_ids(alone)[0].tolist()
         torch.testing.assert_close(together.last[row], alone.last[0], atol=1e-4, rtol=1e-4)
     assert problems[0].image_tokens != problems[1].image_tokens  # so the shorter chunk was padded
@@ -100,9 +101,9 @@ def test_batched_pixel_path_equals_rows_alone(setup):
 
 def test_scripted_schedule_opens_every_segment(setup):
     bench, problems = setup
-    sched = inference.Schedule(text_len=3, segments=N, answer_len=2)
-    clock = inference.Clock()
-    results = inference.latent_batch(bench, problems, sched, clock)
+    sched = paths.Schedule(text_len=3, segments=N, answer_len=2)
+    clock = Clock()
+    results = paths.latent_batch(bench, problems, sched, clock)
     period = sched.text_len + bench.k + 2
     for r in results:
         assert r.latent_segments == [(s * period + sched.text_len + 1, bench.k) for s in range(N)]
