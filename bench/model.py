@@ -166,7 +166,7 @@ def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
     max_prob = torch.zeros(n_seg, device=device)
     picked_mean = torch.zeros(n_seg, hidden, device=device)
     for t in range(int(ordinal.max()) + 1 if n_seg else 0):
-        final, layer_input, positions = teacher_states(teacher, batch)  # the repeated full forward
+        final, layer_input, positions, _ = teacher_states(teacher, batch)  # the repeated full forward
         text = span_means(final, rows, starts, prompt_end, weights=~is_image)
         weights, (pr, pc) = prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_end, is_image)
         image = (weights[..., None] * final[pr, pc].float()).sum(1)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ilvr.config_checks import ConfigError, validate
+from ilvr.config_checks import QUERY_PARTS, ConfigError, validate  # noqa: F401 (re-exported)
 from ilvr.config_yaml import load_bounded, read_bounded, short_repr
 
 
@@ -108,6 +108,15 @@ class LossConfig:
     max_candidates: int = 256  # L: helper-image features pooled down to at most this many
     target_order: Literal["probability", "raster"] = "probability"  # order of the K* picks in a segment
     target_noise: float = 0.01  # noise on injected targets, relative: ||noise|| ~ target_noise * ||target||
+    # which parts make the teacher's context query (ILVR_METHOD.md, stage 1 step 3): "user" (prompt + input
+    # image), "context" (the assistant text before the segment), "previous" (the previous segment's picks).
+    # All three is the method; fewer is a diagnostic (docs/method.md: what drives the selection)
+    query_parts: str = "user,context,previous"
+    # NOT the method (off by default): add change_weight x the standardised change of each candidate since the
+    # previous image (1 - cosine to the same position in the previous helper image, or in the input image for
+    # the first segment) to the standardised context scores, so the squares that changed are picked first.
+    # The method's query favours what looks like what came before (docs/method.md, measured); 0 = faithful
+    change_weight: float = 0.0
 
 
 @dataclass

@@ -10,6 +10,9 @@ if TYPE_CHECKING:
     from ilvr.config import Config, ModelConfig, TrainConfig
 
 
+QUERY_PARTS = ("user", "context", "previous")  # the parts of the stage-1 teacher's context query (loss.query_parts)
+
+
 class ConfigError(ValueError):
     """A configuration mistake; the message names the field and the fix."""
 
@@ -70,6 +73,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(lo.max_candidates >= 1, f"loss.max_candidates={lo.max_candidates} must be >= 1")
     _require(lo.target_noise >= 0, f"loss.target_noise={lo.target_noise} must be >= 0")
     _require(lo.w_ce >= 0 and lo.w_align >= 0, "loss.w_ce and loss.w_align must be >= 0")
+    parts = [q.strip() for q in lo.query_parts.split(",") if q.strip()]
+    _require(bool(parts) and set(parts) <= set(QUERY_PARTS) and len(parts) == len(set(parts)),
+             f"loss.query_parts={lo.query_parts!r}: give a comma-separated subset of {','.join(QUERY_PARTS)} "
+             "(all three is the method)")
+    _require(lo.change_weight >= 0, f"loss.change_weight={lo.change_weight} must be >= 0 (0 = the method)")
     _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
     _validate_lora(m)
     _validate_parts(m, t)

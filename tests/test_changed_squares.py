@@ -117,3 +117,26 @@ def test_recorded_picks_are_the_candidates_the_targets_came_from(processor32):
     pooled = pooled_targets(model, batch, K)
     cands, _ = helper_candidates(model, batch, K)
     assert torch.equal(gather_picks(cands[batch["latent_segments"][:, 3]], pooled.picks), pooled.targets)
+
+
+def test_change_weight_makes_the_picks_include_what_changed(processor32):
+    """`loss.change_weight` (not the method, off by default): with a strong change term every comparable
+    segment's picks include a changed square, also on the random tower that the faithful query passes over
+    (its share stays below 1 here); each segment's FIRST pick is a changed candidate."""
+    from ilvr.config import LossConfig
+    from ilvr.model.build import TinySize, build_tiny_model
+    from ilvr.model.selection import select_targets
+
+    processor, _ = processor32
+    model = build_tiny_model(processor.tokenizer, processor.image_processor, TinySize())
+    paths = [PATH, [(0, 0), (1, 0)], [(0, 0), (1, 0), (2, 0), (2, 1)]]
+    batch = vsp_batch(processor32, paths, [MOVES, ["D"], ["D", "D", "R"]])
+    merge = model.config.vision_config.spatial_merge_size
+    faithful = select_targets(model, batch, LossConfig(max_candidates=64), K)
+    changed_first = select_targets(model, batch, LossConfig(max_candidates=64, change_weight=10.0), K)
+    base, boosted = changed_stats(batch, faithful, merge), changed_stats(batch, changed_first, merge)
+    assert boosted["changed_segments"] == 7
+    assert boosted["changed_share"] == 1.0 and base["changed_share"] < 1.0, (base, boosted)
+    changed, _ = changed_candidates(batch, merge, changed_first.candidate_rows)
+    first = changed_first.picks[:, 0]
+    assert changed[batch["latent_segments"][:, 3], first].all()

@@ -161,7 +161,7 @@ def test_prompt_attention_equals_the_stock_eager_weights(tiny, samples):
         models.append(model.eval())
     batch = collate_padded(samples, processor.tokenizer.pad_token_id)
     with torch.no_grad():
-        _, layer_input, positions = teacher_states(models[0], batch)
+        _, layer_input, positions, _ = teacher_states(models[0], batch)
         rows, starts, ends = sample_spans(batch)
         prompt_end = prompt_ends(batch["labels"], rows, starts, ends)
         is_image = batch["mm_token_type_ids"].bool()
@@ -207,7 +207,7 @@ def test_default_selection_adapts_on_a_realistic_batch(tiny, tiny_model_factory,
 def hand_queries(teacher, batch, selection):
     """The context query of every segment, written out with loops: the mean of the unit vectors of
     (a) user summary, (b) the assistant context before the segment, (c) the previous segment's picks."""
-    final, layer_input, positions = teacher_states(teacher, batch)
+    final, layer_input, positions, _ = teacher_states(teacher, batch)
     rows, starts, ends = sample_spans(batch)
     prompt_end = prompt_ends(batch["labels"], rows, starts, ends)
     is_image = batch["mm_token_type_ids"].bool()
@@ -291,3 +291,22 @@ def test_pooled_targets_are_the_models_own_helper_features_pooled_to_k(tiny, tin
     # the features depend on the model: another model gives other targets
     other = pooled_targets(tiny_model_factory(seed=4), batch, K)
     assert not torch.allclose(other.targets, sel.targets)
+
+
+def test_query_parts_keep_only_the_named_parts(tiny, tiny_model_factory, samples):
+    """loss.query_parts: "user" alone gives every segment of a sample the same query (its unit user vector);
+    "user,context" gives first segments the method's query (no part (c) there) and later ones another."""
+    teacher = tiny_model_factory(seed=3)
+    batch = collate_padded(samples, tiny[0].tokenizer.pad_token_id)
+    full = select_targets(teacher, batch, LossConfig(max_candidates=16), K)
+    with torch.no_grad():
+        _, later = hand_queries(teacher, batch, full)
+    user = select_targets(teacher, batch, LossConfig(max_candidates=16, query_parts="user"), K).queries
+    rows = batch["latent_segments"][:, 0]
+    for r in rows.unique():
+        same = user[rows == r]
+        torch.testing.assert_close(same, same[:1].expand_as(same), atol=0, rtol=0)
+    torch.testing.assert_close(user.norm(dim=-1), torch.ones(user.shape[0]), atol=1e-5, rtol=0)
+    two = select_targets(teacher, batch, LossConfig(max_candidates=16, query_parts="user,context"), K).queries
+    torch.testing.assert_close(two[~later], full.queries[~later], atol=0, rtol=0)
+    assert float(torch.nn.functional.cosine_similarity(two[later], full.queries[later], dim=-1).max()) < 0.999

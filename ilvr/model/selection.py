@@ -25,6 +25,13 @@ most K, at least 1. The K* picks are kept in decreasing probability (`loss.targe
 the reference's order; "raster" sorts them back into image order, which makes consecutive
 targets neighbouring patches that the alignment loss can match by copying its input).
 
+`loss.query_parts` keeps a subset of (a), (b), (c) (a diagnostic; all three is the method).
+`loss.change_weight` > 0 (NOT the method; off by default) adds that multiple of each candidate's
+standardised change since the previous image (1 - cosine to the candidate at the same index of the
+previous helper image, or of the input image for a sample's first segment; zero where the two images
+have a different number of candidates) to the standardised scores. docs/method.md measures why: the
+context query favours candidates that look like what came before, so it passes over what changed.
+
 Every teacher module is called in every step (dummy images when there are none), so the
 teacher may be a ZeRO-3-partitioned module whose ranks must make the same calls.
 """
@@ -97,11 +104,7 @@ def candidate_scores(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tenso
         return cos
     if score_norm != "standardize":
         raise ValueError(f"score_norm must be 'standardize' or 'none', got {score_norm!r}")
-    m = mask.float()
-    n = m.sum(-1, keepdim=True).clamp(min=1)
-    mean = (cos * m).sum(-1, keepdim=True) / n
-    std = (((cos - mean) ** 2) * m).sum(-1, keepdim=True).div(n).sqrt()
-    return (cos - mean) / std.clamp(min=1e-6)
+    return standardize(cos, mask)
 
 
 def select_by_coverage(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, cap: torch.Tensor,
@@ -125,10 +128,12 @@ def gather_picks(cands: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
 
 def coverage_picks(cands: torch.Tensor, mask: torch.Tensor, query: torch.Tensor, cap: torch.Tensor,
                    temperature: float, coverage_p: float, width: int, score_norm: str = "none",
-                   order: str = "probability"):
+                   order: str = "probability", extra: "torch.Tensor | None" = None):
     """select_by_coverage's choice as candidate indices: (picks [S, width] long, -1 past counts; counts [S];
-    max prob [S])."""
+    max prob [S]). `extra` [S, R] is added to the scores before the softmax (the change term)."""
     scores = candidate_scores(cands, mask, query, score_norm)
+    if extra is not None:
+        scores = scores + extra
     probs = (scores / temperature).masked_fill(~mask, float("-inf")).softmax(-1)
     sorted_p, ranked = probs.sort(dim=-1, descending=True, stable=True)
     counts = (sorted_p.cumsum(-1) < coverage_p).sum(-1) + 1
@@ -218,14 +223,51 @@ def prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_e
 
 
 def teacher_states(teacher, batch: dict[str, Any]):
-    """ONE teacher pass: (final hidden states [B, T, H], input of the last layer [B, T, H], 3-row positions)."""
+    """ONE teacher pass: (final hidden states [B, T, H], input of the last layer [B, T, H], 3-row positions,
+    input embeddings [B, T, H])."""
     embeds = embed_tokens(teacher, batch, always_run_vision=True)
     positions, _ = rope_positions(teacher, batch)
     lm = teacher.model.language_model
     last = len(lm.layers) - 1
     out = lm(inputs_embeds=embeds, position_ids=positions, attention_mask=batch.get("attention_mask"),
              use_cache=False, output_hidden_states=[last])
-    return out.last_hidden_state, out.hidden_states[last], positions[-3:]
+    return out.last_hidden_state, out.hidden_states[last], positions[-3:], embeds
+
+
+def standardize(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [S, R] with zero mean and unit std over each row's valid entries (a constant row becomes zero)."""
+    m = mask.float()
+    n = m.sum(-1, keepdim=True).clamp(min=1)
+    mean = (x * m).sum(-1, keepdim=True) / n
+    std = (((x - mean) ** 2) * m).sum(-1, keepdim=True).div(n).sqrt()
+    return (x - mean) / std.clamp(min=1e-6) * m
+
+
+def change_scores(cands: torch.Tensor, mask: torch.Tensor, before: torch.Tensor, before_mask: torch.Tensor):
+    """1 - cosine(candidate, the candidate at the same index of the image before) [S, R], standardised per
+    row; zero for a row whose two images have a different number of candidates (no square-to-square map)."""
+    same = (mask.sum(-1) == before_mask.sum(-1))[:, None] & mask & before_mask
+    change = 1 - F.cosine_similarity(cands.float(), before.float(), dim=-1)
+    return standardize(change * same, same)
+
+
+def input_image_candidates(embeds, is_image, seg_row, prompt_end, sizes, max_rows: int):
+    """For each given segment: the last `sizes[i]` image tokens before its sample's prompt end (the input
+    image a first helper image follows), pooled as helper candidates are. ([S, R, H], mask [S, R]); a row
+    is all-masked when the prompt holds fewer image tokens."""
+    rows, masks = [], []
+    for r, end, n in zip(seg_row.tolist(), prompt_end.tolist(), sizes.tolist()):
+        cols = is_image[r, :end].nonzero().squeeze(1)
+        if cols.numel() >= n:
+            pooled, m = pool_rows(embeds[r, cols[-n:]], torch.tensor([n], device=embeds.device), max_rows)
+        else:
+            pooled = embeds.new_zeros(1, 1, embeds.shape[-1], dtype=torch.float32)
+            m = torch.zeros(1, 1, dtype=torch.bool, device=embeds.device)
+        rows.append(pooled[0])
+        masks.append(m[0])
+    width = max(x.shape[0] for x in rows)
+    feats = torch.stack([F.pad(x, (0, 0, 0, width - x.shape[0])) for x in rows])
+    return feats, torch.stack([F.pad(m, (0, width - m.shape[0])) for m in masks])
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +316,8 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
     device = batch["input_ids"].device
     seg = batch["latent_segments"].to(device)
     cands, cmask = helper_candidates(teacher, batch, loss_cfg.max_candidates)
-    final, layer_input, positions = teacher_states(teacher, batch)
+    cmask = cmask.to(device)
+    final, layer_input, positions, embeds = teacher_states(teacher, batch)
     rows, starts, ends = sample_spans(batch)
     prompt_end = prompt_ends(batch["labels"].to(device), rows, starts, ends)
     is_image = batch["mm_token_type_ids"].to(device).bool()
@@ -300,17 +343,33 @@ def select_targets(teacher, batch: dict[str, Any], loss_cfg, latent_size: int) -
     ordinal, prev, prev_end = segment_order(owner, first_pad, size)
     context = unit(span_means(final, seg_row, torch.where(ordinal > 0, prev_end, prompt_end[owner]), first_pad))
 
+    use = {q.strip() for q in loss_cfg.query_parts.split(",")}
     picked_mean = torch.zeros(n_seg, hidden, device=device)
     queries = torch.zeros(n_seg, hidden, device=device)
     for t in range(int(ordinal.max()) + 1):
         idx = (ordinal == t).nonzero().squeeze(1)
-        parts = [user[owner[idx]], context[idx]] + ([unit(picked_mean[prev[idx]])] if t > 0 else [])
-        query = torch.stack(parts).mean(0)
+        parts = ([user[owner[idx]]] if "user" in use else []) + ([context[idx]] if "context" in use else [])
+        if t > 0 and "previous" in use:
+            parts.append(unit(picked_mean[prev[idx]]))
+        query = torch.stack(parts).mean(0) if parts else torch.zeros(idx.numel(), hidden, device=device)
         h = helper[idx]
-        pk, cnt, mp = coverage_picks(cands[h], cmask[h].to(device), query, size[idx], loss_cfg.temperature,
-                                     loss_cfg.coverage_p, latent_size, loss_cfg.score_norm, loss_cfg.target_order)
+        extra = None
+        if loss_cfg.change_weight > 0:
+            if t > 0:
+                before, before_mask = cands[helper[prev[idx]]], cmask[helper[prev[idx]]]
+            else:
+                merge = teacher.config.vision_config.spatial_merge_size
+                sizes = batch["helper_image_grid_thw"].to(device)[h].prod(-1) // merge**2
+                before, before_mask = input_image_candidates(embeds, is_image, seg_row[idx], prompt_end[owner[idx]],
+                                                             sizes, loss_cfg.max_candidates)
+                before = F.pad(before, (0, 0, 0, cands.shape[1] - before.shape[1]))[:, :cands.shape[1]]
+                before_mask = F.pad(before_mask, (0, cands.shape[1] - before_mask.shape[1]))[:, :cands.shape[1]]
+            extra = loss_cfg.change_weight * change_scores(cands[h], cmask[h], before, before_mask)
+        pk, cnt, mp = coverage_picks(cands[h], cmask[h], query, size[idx], loss_cfg.temperature,
+                                     loss_cfg.coverage_p, latent_size, loss_cfg.score_norm, loss_cfg.target_order,
+                                     extra)
         tg = gather_picks(cands[h], pk)
         targets[idx], counts[idx], max_prob[idx], queries[idx], picks[idx] = tg.to(targets.dtype), cnt, mp, query, pk
         picked_mean[idx] = tg.float().sum(1) / cnt[:, None]
-    return Selection(targets, counts, max_prob, cmask.to(device)[helper].sum(1), queries, picks,
+    return Selection(targets, counts, max_prob, cmask[helper].sum(1), queries, picks,
                      loss_cfg.max_candidates)
