@@ -18,6 +18,8 @@ Variants (the data style is data_pipeline/sources/synthetic_vsp.STYLES):
                constant-latent and shuffled-latent inputs
   ilvr-pooled  as ilvr, but stage-1 targets are the helper image's own features pooled to K
                (no momentum teacher, no selection: Mirage-style)
+  ilvr-change  (not run by default) as ilvr, with `loss.change_weight`: the teacher's selection led by the
+               squares that changed since the previous image. A named option beyond the method.
 
 Variants start from the same random-init model (model.tiny_*; the settings and the reasons for
 them: docs/method.md). `--set base_steps=N` first trains one shared base on map reading (style
@@ -59,6 +61,7 @@ class Variant:
     targets: str  # loss.targets
     modes: tuple[str, ...]  # decoding modes evaluated
     about: str
+    change: bool = False  # loss.change_weight = Settings.change_weight (a named option beyond the method)
 
 
 VARIANTS = (
@@ -68,8 +71,26 @@ VARIANTS = (
     Variant("ilvr-stage1", "latent-moves", "1", "teacher", ("latent",), "ILVR stage 1 only"),
     Variant("ilvr", "latent-moves", "1+2", "teacher", ("latent", "constant-latent", "shuffled-latent"),
             "ILVR stage 1 + 2 (the method)"),
-    Variant("ilvr-pooled", "latent-moves", "1+2", "pooled", ("latent",),
+    Variant("ilvr-pooled", "latent-moves", "1+2", "pooled", ("latent", "constant-latent", "shuffled-latent"),
             "ILVR 1 + 2, fixed pooled targets (no teacher)"),
+    Variant("ilvr-change", "latent-moves", "1+2", "teacher", ("latent", "constant-latent", "shuffled-latent"),
+            "ILVR 1 + 2, selection led by what changed (loss.change_weight; not the method)", change=True),
+)
+DEFAULT_VARIANTS = ("direct", "cot-coords", "cot-moves", "ilvr-stage1", "ilvr", "ilvr-pooled")
+
+# paired comparisons on the same maps (exact McNemar, ilvr/evaluation/paired.py): (A variant, A mode, B variant, B mode)
+PAIRS = (
+    ("ilvr", "latent", "ilvr", "constant-latent"),
+    ("ilvr", "latent", "ilvr", "shuffled-latent"),
+    ("ilvr", "latent", "cot-moves", "text"),
+    ("ilvr", "latent", "ilvr-stage1", "latent"),
+    ("ilvr", "latent", "ilvr-pooled", "latent"),
+    ("ilvr-pooled", "latent", "ilvr-pooled", "constant-latent"),
+    ("ilvr-pooled", "latent", "ilvr-pooled", "shuffled-latent"),
+    ("ilvr-change", "latent", "ilvr-change", "constant-latent"),
+    ("ilvr-change", "latent", "ilvr-change", "shuffled-latent"),
+    ("ilvr-change", "latent", "ilvr", "latent"),
+    ("ilvr", "latent", "direct", "text"),
 )
 
 
@@ -84,6 +105,9 @@ class Settings:
     test_maps: int = 300
     real_limit: int = 0  # 0 = all 400 real maps
     base_steps: int = 0  # perception pre-training of the shared base (0 = variants start from random init)
+    # a base model directory from scripts/pretrain_perception.py (its processor too): every variant starts from it
+    base_model: str = ""
+    change_weight: float = 2.0  # loss.change_weight of the ilvr-change variant
     steps: int = 900
     stage1_fraction: float = 0.6  # of `steps`, for the 1+2 variants
     latent_size: int = 4
@@ -105,7 +129,7 @@ class Settings:
     max_new_tokens: int = 200
     eval_batch_size: int = 50
     seed: int = 42
-    variants: list = field(default_factory=lambda: [v.name for v in VARIANTS])
+    variants: list = field(default_factory=lambda: list(DEFAULT_VARIANTS))
 
     @classmethod
     def quick(cls, out: str) -> "Settings":
@@ -188,7 +212,9 @@ class Experiment:
                 run(cmd, self.out / "logs" / "prepare-vsp-real.log")
             shards["real"] = str(dest)
         processor = self.out / "processor"
-        if not (processor / "tokenizer_config.json").is_file():
+        if self.s.base_model:  # its own processor: the base's tokenizer and image settings
+            processor = Path(self.s.base_model).resolve()
+        elif not (processor / "tokenizer_config.json").is_file():
             run([self.py, "-m", "data_pipeline.tiny_processor", "--shards", ",".join(shards[k] for k in shards
                  if k not in ("test", "real")), "--out", str(processor), "--patch-size", str(s.patch_size),
                  "--min-pixels", str((s.patch_size * 2 * 3) ** 2), "--max-pixels", str((s.patch_size * 2 * 8) ** 2),
@@ -198,7 +224,8 @@ class Experiment:
         return shards
 
     def config(self, name: str, train_shards: str, processor: str, init: str, stage: str, targets: str,
-               steps: int, stage1_steps: int) -> Path:
+               steps: int, stage1_steps: int, loss: "dict | None" = None) -> Path:
+        loss = loss or {}
         s = self.s
         cfg = {
             "data": {"train_shards": train_shards, "processor": processor, "batch_size": s.batch_size,
@@ -208,7 +235,7 @@ class Experiment:
                       "tiny_hidden": s.tiny_hidden, "tiny_layers": s.tiny_layers, "tiny_heads": s.tiny_heads,
                       "tiny_vision_hidden": s.tiny_vision_hidden, "tiny_vision_depth": s.tiny_vision_depth,
                       "tiny_rope_theta": s.tiny_rope_theta},
-            "loss": {"targets": targets},
+            "loss": {"targets": targets, **loss},
             "train": {"output_dir": str(self.out / name / "train"), "stage": stage, "max_steps": steps,
                       "stage1_steps": stage1_steps, "lr": s.lr, "warmup_steps": s.warmup_steps,
                       "lr_schedule": "cosine", "ema_decay": 0.99, "seed": s.seed, "save_every": 0,
@@ -243,6 +270,18 @@ class Experiment:
                  str(self.s.eval_batch_size), "--out", str(dest), "--run-name", f"{name}-{bench}-{mode}",
                  "--no-progress", *limit], self.out / "logs" / f"eval-{name}-{bench}-{mode}.log", self.env)
         return json.loads((dest / "metrics.json").read_text())["metrics"]
+
+    def target_diagnostics(self, name: str, export: str, processor: str, loss: dict) -> dict:
+        """scripts/target_diagnostics.py on the trained model: what its teacher's selection would pick (changed
+        squares, a probe of the player's square from the targets) and the swap test of the targets."""
+        dest = self.out / name / "target_diagnostics.json"
+        if not dest.is_file():
+            sets = [f"{k}={v}" for k, v in loss.items()]
+            run([self.py, str(ROOT / "scripts" / "target_diagnostics.py"), "--model", export, "--processor", processor,
+                 "--maps", str(self.s.test_maps), "--min-size", str(self.s.min_size), "--max-size", str(self.s.max_size),
+                 "--latent-size", str(self.s.latent_size), "--swap", "--out", str(dest), *(["--set", *sets] if sets else [])],
+                self.out / "logs" / f"targets-{name}.log", {**self.env, "OMP_NUM_THREADS": "1"})
+        return json.loads(dest.read_text())
 
     def latent_probe(self, name: str, export: str, shards: str) -> dict:
         """ilvr.evaluation.latent_probe: can the player's square be read linearly from the latents?"""
@@ -279,6 +318,23 @@ def summarize_eval(m: dict) -> dict:
     }
 
 
+def paired_tests(out: Path, variants: dict, real: bool) -> list[dict]:
+    """PAIRS that were run, each with its exact McNemar counts on the synthetic (and real) maps."""
+    from ilvr.evaluation.paired import compare_dirs
+
+    rows = []
+    for a, ma, b, mb in PAIRS:
+        if ma not in variants.get(a, {}).get("modes", {}) or mb not in variants.get(b, {}).get("modes", {}):
+            continue
+        row = {"a": f"{a} {ma}", "b": f"{b} {mb}"}
+        for bench in ("synthetic", "real") if real else ("synthetic",):
+            da, db = out / a / "eval" / f"{bench}-{ma}", out / b / "eval" / f"{bench}-{mb}"
+            if (da / "predictions.jsonl").is_file() and (db / "predictions.jsonl").is_file():
+                row[bench] = compare_dirs(str(da), str(db))
+        rows.append(row)
+    return rows
+
+
 def training_summary(run_dir: Path) -> dict:
     """From the trainer's metrics.jsonl: the loss at the start and the end; for stage 1, K*, alignment (first
     pad, later pads, copy baseline) and norms over its first and its last 10% of steps; stage 2's fed norm."""
@@ -296,7 +352,8 @@ def training_summary(run_dir: Path) -> dict:
            "loss_last": mean("loss", rows[-tenth:]), "ce_last": mean("ce", rows[-tenth:])}
     stage1 = [r for r in rows if r.get("stage") == 1 and r.get("latent/segments")]
     cut = max(1, len(stage1) // 10)
-    for key in ("selected_mean", "align_first", "align_later", "align_copy", "target_norm", "fed_norm"):
+    for key in ("selected_mean", "align_first", "align_later", "align_copy", "target_norm", "fed_norm",
+                "changed_share", "changed_chance"):
         for when, part in (("start", stage1[:cut]), ("end", stage1[-cut:])):
             value = mean(f"latent/{key}", part)
             if value is not None:
@@ -330,6 +387,11 @@ def main(argv: "list[str] | None" = None) -> int:
             p.error(f"--set {item}: {key} must be a {kind.__name__}")
     if s.question not in synthetic_vsp.QUESTIONS:
         p.error(f"--set question={s.question}: choose one of {', '.join(synthetic_vsp.QUESTIONS)}")
+    if s.base_steps and s.base_model:
+        p.error("--set base_steps and base_model: give one base")
+    if s.base_model and not (Path(s.base_model) / "config.json").is_file():
+        p.error(f"--set base_model={s.base_model}: no config.json there; make one with "
+                "python scripts/pretrain_perception.py --out DIR")
     if args.variants:
         s.variants = args.variants
     real = Path(args.real)
@@ -360,7 +422,7 @@ def main(argv: "list[str] | None" = None) -> int:
         previous = json.loads((exp.out / "results.json").read_text()).get("variants", {})
     shards = exp.data()
     say(f"data ready: {', '.join(sorted(shards))}")
-    init, base = "tiny", {}
+    init, base = (str(Path(s.base_model).resolve()), {"model": s.base_model}) if s.base_model else ("tiny", {})
     if s.base_steps:
         cfg = exp.config("base", shards["perceive"], shards["processor"], "tiny", "1", "pooled", s.base_steps, 0)
         init, secs = exp.train_and_export("base", cfg)
@@ -372,7 +434,8 @@ def main(argv: "list[str] | None" = None) -> int:
         if v.name not in s.variants:
             continue
         stage1 = round(s.steps * s.stage1_fraction) if v.stage == "1+2" else 0
-        cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1)
+        loss = {"change_weight": s.change_weight} if v.change else {}
+        cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1, loss)
         export, secs = exp.train_and_export(v.name, cfg)
         trained_any = trained_any or secs > 0
         secs = secs or previous.get(v.name, {}).get("train_s", 0.0)  # reused: the time it took when trained
@@ -387,6 +450,8 @@ def main(argv: "list[str] | None" = None) -> int:
             entry["modes"][mode] = row
         if v.style.startswith("latent-") and s.latent_probe:
             entry["latent_probe"] = exp.latent_probe(v.name, export, shards["test"])
+        if v.targets == "teacher" and s.latent_probe:
+            entry["targets"] = exp.target_diagnostics(v.name, export, shards["processor"], loss)
         first = entry["modes"][v.modes[0]]
         entry.update({"synthetic": first["synthetic"], "vsp_real": first.get("vsp_real"),
                       "unparseable_rate": first["synthetic"]["unparseable_rate"]})
@@ -395,6 +460,7 @@ def main(argv: "list[str] | None" = None) -> int:
             f"(random plan {first['synthetic']['random_plan_baseline']:.3f}), unparseable "
             f"{first['synthetic']['unparseable_rate']:.3f}, trained in {secs:.0f} s")
         (exp.out / "results.json").write_text(json.dumps(results, indent=2))
+    results["paired"] = paired_tests(exp.out, results["variants"], "real" in shards)
     results["elapsed_s"] = time.time() - t_start
     before = exp.out / "results.json.previous"
     if not trained_any and before.is_file():  # regenerated from existing outputs: keep the time the run took

@@ -34,13 +34,13 @@ from data_pipeline.sources import synthetic_vsp  # noqa: E402
 from data_pipeline.tiny_processor import build_tiny_processor, load_processor  # noqa: E402
 from data_pipeline.vsp_squares import random_state  # noqa: E402
 from ilvr.evaluation.tower_probe import same_type_cosine, square_probes  # noqa: E402
-from ilvr.model.build import TinySize, build_tiny_model  # noqa: E402
+from ilvr.model.build import build_tiny_model  # noqa: E402
 from ilvr.model.patch_embed import use_patch_matmul  # noqa: E402
+from ilvr.model.perception_base import METHOD_TABLE_SIZE, REPORT, save_asset  # noqa: E402
 from ilvr.model.perception import (  # noqa: E402
     PerceptionHeads, collate_states, encode_states, tower_features, train_tower, weights_sha256,
 )
 
-REPORT = "perception_pretraining.json"
 PATCH = 32  # x merge 2 = 64 px: one merged token per square of the benchmark's images
 
 
@@ -86,6 +86,8 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--max-size", type=int, default=5)
     p.add_argument("--tokenizer-records", type=int, default=100, help="records per style and question for the BPE")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--asset", default="", help="also write the small asset (processor + vision weights) here, e.g. "
+                   "assets/perception-base: python -m ilvr.model.perception_base rebuilds the base from it")
     p.add_argument("--log-every", type=int, default=25)
     a = p.parse_args(argv)
     started = time.time()
@@ -97,8 +99,7 @@ def main(argv: "list[str] | None" = None) -> int:
         build_tiny_processor(str(out), tokenizer_texts(a.tokenizer_records), patch_size=PATCH,
                              min_pixels=(2 * PATCH * 3) ** 2, max_pixels=(2 * PATCH * 8) ** 2, system_prompt="")
     processor, _ = load_processor(str(out))
-    size = TinySize(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vision_depth=2, vision_hidden=64,
-                    vision_intermediate=128, vision_heads=2, rope_theta=10.0)  # the method table's model
+    size = METHOD_TABLE_SIZE
     model = build_tiny_model(processor.tokenizer, processor.image_processor, size, seed=a.seed)
     use_patch_matmul(model)  # same parameters and names, faster
     test = encode_states(states("test", a.test_states, a.seed, a.min_size, a.max_size), processor.image_processor)
@@ -123,6 +124,9 @@ def main(argv: "list[str] | None" = None) -> int:
               else None, "held_out": {"random_tower": before, "pretrained_tower": after},
               "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - started, 1)}
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if a.asset:
+        save_asset(model, str(out), report, a.asset)
+        print(f"asset (processor + vision weights) written to {a.asset}", flush=True)
     print(f"saved {out} (weights sha256 {digest}) in {time.time() - started:.0f}s", flush=True)
     return 0
 

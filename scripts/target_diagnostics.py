@@ -38,13 +38,12 @@ from ilvr.config import Config, ConfigError, LossConfig, validate  # noqa: E402
 from ilvr.evaluation.latent_probe import probe  # noqa: E402
 from ilvr.evaluation.latent_swap import inputs_from_selection, swap_test  # noqa: E402
 from ilvr.evaluation.target_probe import segment_players, target_examples, target_features  # noqa: E402
-from ilvr.model.build import TinySize, build_tiny_model, init_latent_embeddings, load_pretrained  # noqa: E402
+from ilvr.model.build import build_tiny_model, init_latent_embeddings, load_pretrained  # noqa: E402
 from ilvr.model.changed_squares import changed_stats  # noqa: E402
 from ilvr.model.patch_embed import use_patch_matmul  # noqa: E402
+from ilvr.model.perception_base import METHOD_TABLE_SIZE  # noqa: E402
 from ilvr.model.selection import select_targets  # noqa: E402
 
-METHOD_TABLE_SIZE = TinySize(hidden=128, intermediate=256, layers=4, heads=4, kv_heads=2, vision_depth=2,
-                             vision_hidden=64, vision_intermediate=128, vision_heads=2, rope_theta=10.0)
 
 
 def load_model(name: str, processor, latent_ids):
@@ -106,7 +105,9 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--model", required=True, help='"tiny" (random init, method-table size) or a model directory')
     p.add_argument("--processor", required=True, help="a patch-32 processor dir (a pretrain_perception base holds one)")
     p.add_argument("--maps", type=int, default=300)
-    p.add_argument("--size", type=int, default=3)
+    p.add_argument("--size", type=int, default=3, help="maps of this size (or --min-size/--max-size)")
+    p.add_argument("--min-size", type=int, default=0)
+    p.add_argument("--max-size", type=int, default=0)
     p.add_argument("--latent-size", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--swap", action="store_true")
@@ -115,7 +116,7 @@ def main(argv: "list[str] | None" = None) -> int:
     a = p.parse_args(argv)
     cfg = loss_config(a.set, p)
     processor, latent_ids = load_processor(a.processor)
-    records = list(synthetic_vsp.read(num_samples=a.maps, min_size=a.size, max_size=a.size, seed=1,
+    records = list(synthetic_vsp.read(num_samples=a.maps, min_size=a.min_size or a.size, max_size=a.max_size or a.size, seed=1,
                                       style="latent-moves", question="short"))
     model = load_model(a.model, processor, latent_ids)
     result = {"model": a.model, "loss": dataclasses.asdict(cfg), "latent_size": a.latent_size,
