@@ -422,7 +422,7 @@ def main(argv: "list[str] | None" = None) -> int:
         previous = json.loads((exp.out / "results.json").read_text()).get("variants", {})
     shards = exp.data()
     say(f"data ready: {', '.join(sorted(shards))}")
-    init, base = (str(Path(s.base_model).resolve()), {"model": s.base_model}) if s.base_model else ("tiny", {})
+    init, base = (str(Path(s.base_model).resolve()), {"model": s.base_model, "train_s": 0.0}) if s.base_model else ("tiny", {})
     if s.base_steps:
         cfg = exp.config("base", shards["perceive"], shards["processor"], "tiny", "1", "pooled", s.base_steps, 0)
         init, secs = exp.train_and_export("base", cfg)
