@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ilvr.config_checks import QUERY_PARTS, ConfigError, validate  # noqa: F401 (re-exported)
+from ilvr.config_checks import ConfigError, validate
 from ilvr.config_yaml import load_bounded, read_bounded, short_repr
 
 
