@@ -19,10 +19,10 @@ echo "== 1. synthetic VSP data (3x3 maps; 'Move R.' + a latent step per move) ->
   --max-size 3 --question short --out "$OUT/shards/eval" --prefix eval --samples-per-shard 32 --no-progress \
   --overwrite
 
-echo "== 2. tiny Qwen2.5-VL processor trained on the shards' text (patch 32: one merged token per 64 px square;"
-echo "   no default system message: docs/method.md says why)"
-"$PY" -m data_pipeline.tiny_processor --shards "$OUT/shards/train" --out "$OUT/processor" \
-  --patch-size 32 --min-pixels 36864 --max-pixels 262144 --system-prompt ""
+echo "== 2. the base model: the project's tiny Qwen2.5-VL whose vision tower was pretrained to say where each square"
+echo "   is (assets/perception-base: its processor + vision weights; the LM is rebuilt from its seed and the whole"
+echo "   is checked against the pretrained weights' sha256; scripts/pretrain_perception.py made it, docs/method.md)"
+"$PY" -m ilvr.model.perception_base --out "$OUT/base"
 
 echo "== 3. the batches each of 2 ranks will stream"
 "$PY" -m ilvr.data_preview --config "$CONFIG" --world-size 2 --batches 2
@@ -56,6 +56,11 @@ rm -rf "$OUT/eval"
   2>&1 | grep --line-buffered -E "ilvr\.evaluation|Error|error|^\{" || true
 test -f "$OUT/eval/export/metrics.json" || { echo "quickstart: evaluation failed"; exit 1; }
 
+echo "== 7b. the same maps with every latent replaced by one constant vector: do the answers use the latents?"
+"$PY" -m ilvr.evaluate run --model "$OUT/export" --config "$CONFIG" --limit 64 --mode constant-latent \
+  --out "$OUT/eval/export-constant" 2>&1 | grep --line-buffered -E "Error|error" || true
+test -f "$OUT/eval/export-constant/metrics.json" || { echo "quickstart: the constant-latent evaluation failed"; exit 1; }
+
 echo "== 8. sweep: the kept checkpoints x {latent, text, constant-latent} as MLflow child runs of one parent"
 SWEEP_RC=0
 "$PY" -m ilvr.evaluate sweep run --out "$OUT/eval/sweep" --checkpoint-glob "$OUT/train/checkpoints/step-*" \
@@ -67,14 +72,18 @@ cat "$OUT/eval/sweep/summary.md"
 
 echo "== 9. report: training curves, accuracy per step / mode / level with 95% intervals, the export, samples"
 "$PY" -m ilvr.evaluation.report --run "$OUT/train" --out "$OUT/eval/report.html" >/dev/null
-"$PY" - "$OUT/eval/export/metrics.json" <<'PYEOF'
+"$PY" - "$OUT/eval/export" "$OUT/eval/export-constant" <<'PYEOF'
 import json, sys
+from ilvr.evaluation.paired import compare_dirs
 from ilvr.evaluation.scorers import describe_plan_lengths
-result = json.load(open(sys.argv[1]))
+result = json.load(open(sys.argv[1] + "/metrics.json"))
 m = result["metrics"]
-print(f"quickstart: the exported model on {m['num_samples']:.0f} held-out 3x3 maps: success {100 * m['accuracy']:.1f}% "
-      f"| a random valid plan: {100 * m['baseline']:.1f}% | unparseable answers: {100 * m['unparseable_rate']:.1f}%")
 print(f"quickstart: solved, by the length of the map's shortest plan: {describe_plan_lengths(result['by_plan_length'])}")
+p = compare_dirs(sys.argv[1], sys.argv[2])
+print(f"quickstart: the exported model on {m['num_samples']:.0f} held-out 3x3 maps: success {100 * m['accuracy']:.1f}% "
+      f"(unparseable {100 * m['unparseable_rate']:.1f}%) | constant latents: {100 * p['b_success']:.1f}% "
+      f"(paired: {p['only_a']} maps solved only with the latents, {p['only_b']} only without; exact McNemar "
+      f"p = {p['p_value']:.2g}) | a random valid plan: {100 * m['baseline']:.1f}%")
 PYEOF
 echo "quickstart: done. Outputs in $OUT/. Where to look:"
 echo "  report (one HTML file, opens offline): $OUT/eval/report.html"
