@@ -349,7 +349,8 @@ def training_summary(run_dir: Path) -> dict:
 
     tenth = max(1, len(rows) // 10)
     out = {"steps": rows[-1].get("step"), "loss_first": mean("loss", rows[:tenth]),
-           "loss_last": mean("loss", rows[-tenth:]), "ce_last": mean("ce", rows[-tenth:])}
+           "loss_last": mean("loss", rows[-tenth:]), "ce_last": mean("ce", rows[-tenth:]),
+           "step_time_s": sum(r.get("step_s", 0.0) for r in rows)}
     stage1 = [r for r in rows if r.get("stage") == 1 and r.get("latent/segments")]
     cut = max(1, len(stage1) // 10)
     for key in ("selected_mean", "align_first", "align_later", "align_copy", "target_norm", "fed_norm",
@@ -438,9 +439,11 @@ def main(argv: "list[str] | None" = None) -> int:
         cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1, loss)
         export, secs = exp.train_and_export(v.name, cfg)
         trained_any = trained_any or secs > 0
-        secs = secs or previous.get(v.name, {}).get("train_s", 0.0)  # reused: the time it took when trained
+        summary = training_summary(exp.out / v.name / "train")
+        # reused: the time it took when trained, else the steps' logged time
+        secs = secs or previous.get(v.name, {}).get("train_s", 0.0) or summary.get("step_time_s", 0.0)
         entry = {"about": v.about, "style": v.style, "stage": v.stage, "targets": v.targets, "train_s": secs,
-                 "export": export, "training": training_summary(exp.out / v.name / "train"), "modes": {}}
+                 "export": export, "training": summary, "modes": {}}
         for mode in v.modes:
             row = {"synthetic": summarize_eval(exp.evaluate(v.name, export, shards["test"], "synthetic", mode))}
             if "real" in shards and (mode == v.modes[0] or s.real_ablations):
@@ -466,11 +469,14 @@ def main(argv: "list[str] | None" = None) -> int:
     if not trained_any and before.is_file():  # regenerated from existing outputs: keep the time the run took
         results["elapsed_s"] = json.loads(before.read_text()).get("elapsed_s", results["elapsed_s"])
         results["regenerated"] = True
+    elif not trained_any:  # assembled from variants trained in other runs: no one wall time
+        results["regenerated"] = True
+        results["elapsed_s"] = None
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
     results["date"] = time.strftime("%Y-%m-%d")
     (exp.out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(results, exp.out, Path(args.docs) if args.docs else None)
-    say(f"done in {results['elapsed_s'] / 60:.1f} min: {exp.out / 'results.json'}, {exp.out / 'method.md'}")
+    say(f"done in {(time.time() - t_start) / 60:.1f} min: {exp.out / 'results.json'}, {exp.out / 'method.md'}")
     return 0
 
 
