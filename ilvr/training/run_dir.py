@@ -38,7 +38,8 @@ FINISHED_FILE = "finished.json"  # written when a run reaches train.max_steps (s
 ALLOWED_ON_RESUME = (
     "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
     "train.stop_after", "train.collective_timeout", "train.max_bad_steps", "train.comm_stats",
-    "train.gather_once", "train.health_*", "train.output_dir", "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
+    "train.gather_once", "train.health_*", "train.eval_every", "train.keep_best*", "train.output_dir",
+    "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
     "model.gradient_checkpointing", "eval.*",
 )  # and train.stage1_steps while the run is still in stage 1 (_same_stage)
 _PATH_FIELDS = ("data.train_shards", "data.processor", "model.name_or_path")
