@@ -99,6 +99,10 @@ class Trainer:
         self.checkpoints = ElasticCheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
+        from ilvr.training.periodic_eval import PeriodicEval
+
+        self.evals = PeriodicEval(cfg, self.engine.module, self.processor, self.latent_ids, self.info.rank,
+                                  self.info.world_size, self._zero3(), self.step)  # train.eval_every, keep_best
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
                                          resume_run_id=self.run_id, world_size=self.info.world_size,
                                          tags={"ilvr.kind": "train"})
@@ -442,7 +446,10 @@ class Trainer:
                 ema_ms = self.teacher.update() * 1000 if self.teacher is not None else 0.0
                 self.step += 1
                 last = self._metrics(stage, parts, sums, time.perf_counter() - t0, data_s, ema_ms)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                evaluated = self.evals.due(self.step)  # eval/<metric> in this step's row (periodic_eval.py)
+                if evaluated:
+                    last.update(self.evals.run(self.step, self.latent_norm, self._fed_mean_all_ranks))
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or evaluated:
                     self._log(last)
                 time_boxed = cfg.train.stop_after and self.step - first_step >= cfg.train.stop_after
                 if self.step < cfg.train.max_steps and (flags[1] or time_boxed):  # at the end: finish normally
@@ -452,8 +459,8 @@ class Trainer:
                                 self.step, why)
                     self._finish("KILLED")
                     return last
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                    self.save()
+                if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or self.evals.pending_at(self.step):
+                    self.save()  # a new best evaluation (train.keep_best) is saved too
             if self.saved_step != self.step:
                 self.save()
             self._refuse_a_diverged_end()
@@ -585,8 +592,10 @@ class Trainer:
                          HEALTH_KEY: health, "loss_window": self.losses.state()}
         rank_state = {"loader": self.loader.state_dict(), "target_norm": self.target_norm.state(),
                       "fed_mean": self.fed_mean.state()}
+        best = self.evals.pending_at(self.step)  # train.keep_best: this checkpoint becomes best.json's
         path = self.checkpoints.save(self.engine, self.step, extra_state=trainer_state, rank_state=rank_state,
-                                     save_teacher=self._teacher_io("save"))
+                                     save_teacher=self._teacher_io("save"), best=best)
+        self.evals.saved(self.step, health["healthy"])
         self.saved_step = self.step
         self.last_health = health
         if health["healthy"]:
