@@ -188,3 +188,23 @@ def test_training_with_evaluations_is_bit_identical_to_training_without(evaluate
     a, b = metrics(plain), metrics(evaluated_run)
     for step in (1, 2, 3, 4):  # fp32 on CPU: exactly the same numbers
         assert (b[step]["loss"], b[step]["ce"]) == (a[step]["loss"], a[step]["ce"]), step
+
+
+def test_the_report_draws_the_eval_curve_when_the_run_has_eval_rows(tmp_path, monkeypatch):
+    from ilvr.evaluation import report_figures
+    from ilvr.evaluation.report_data import TrainingRun, curves_from_jsonl
+
+    rows = [{"step": s, "loss": 2.0 - s / 10} for s in (1, 2, 3, 4)]
+    rows[1].update({"eval/accuracy": 0.25, "eval/unparseable_rate": 0.5})
+    rows[3].update({"eval/accuracy": 0.5, "eval/unparseable_rate": 0.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = curves_from_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert curves["eval/accuracy"] == [(2, 0.25), (4, 0.5)] and len(curves["loss"]) == 4
+    titles: list = []
+    monkeypatch.setattr(report_figures, "_png", lambda fig: titles.extend(
+        ax.get_title() for ax in fig.axes if ax.get_visible()) or "data:image/png;base64,")
+    report_figures.training_figure(TrainingRun("t", curves, source="x"))
+    assert "evaluation during training" in titles and "loss terms" in titles
+    titles.clear()
+    report_figures.training_figure(TrainingRun("t", {"loss": curves["loss"]}, source="x"))  # no eval rows: no panel
+    assert titles == ["loss terms"]
