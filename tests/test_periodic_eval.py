@@ -119,7 +119,8 @@ def test_an_evaluation_leaves_rng_and_module_modes_as_they_were(tiny, tiny_model
 
 # ----------------------------------------------------------------------------- end to end: 2 ranks, ZeRO-3, LoRA
 
-LORA_RUN = ("train.max_steps=4", "train.stage1_steps=2", "train.lr=1e-3", "model.lora.r=8", "train.save_every=0",
+LORA_RUN = ("train.max_steps=4", "train.stage1_steps=2", "train.lr=1e-3", "model.lora.r=8", "model.lora.dropout=0.1",
+            "train.save_every=0",
             "train.warmup_steps=1")
 EVAL = ("train.eval_every=2", "eval.limit=3", "eval.max_new_tokens=12", "eval.batch_size=2", "train.keep_last=1",
         "train.keep_best=accuracy")
