@@ -162,6 +162,13 @@ class TrainConfig:
     # (forward + backward) instead of once per decoder call (docs/training.md, "Stage 2 under ZeRO-3")
     gather_once: bool = True
     comm_stats: bool = False  # log comm/* (collective calls and bytes per step) from DeepSpeed's comms logger
+    # evaluation during training (docs/training.md): every eval_every steps the benchmark scorer runs on
+    # data.eval_shards (eval.limit records, eval.mode decoding) on all ranks; eval/<metric> goes beside the losses
+    eval_every: int = 0  # 0 = off
+    # keep the checkpoint of the best evaluation by this scorer metric (e.g. accuracy): saved at each new best,
+    # never pruned, named by <output_dir>/checkpoints/best.json (ilvr-export --best); "" = off
+    keep_best: str = ""
+    keep_best_mode: Literal["auto", "max", "min"] = "auto"  # auto: the metric's own direction (accuracy: max)
 
 
 @dataclass
@@ -175,6 +182,7 @@ class EvalConfig:
     batch_size: int = 8
     do_sample: bool = False
     temperature: float = 1.0
+    limit: int = 0  # the first N records only (0 = all): ilvr-eval's --limit, and train.eval_every's sample count
 
 
 @dataclass

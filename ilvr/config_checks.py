@@ -102,6 +102,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _require(t.collective_timeout >= 10, f"train.collective_timeout={t.collective_timeout} must be >= 10 seconds")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens={cfg.eval.max_new_tokens} must be >= 1")
     _require(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    _validate_periodic_eval(cfg)
     if not check_paths:
         return
     from data_pipeline.shards import expand_shards
@@ -166,6 +167,29 @@ def _validate_parts(m: ModelConfig, t: TrainConfig) -> None:
                  f"model.freeze_{part}=true)")
         _require(mult == 1.0 or not frozen, f"train.{part}_lr_mult={mult:g} has no effect while "
                  f"model.freeze_{part}=true: set model.freeze_{part}=false to train it, or drop the multiplier")
+
+
+def _validate_periodic_eval(cfg: Config) -> None:
+    """train.eval_every / keep_best (evaluation during training): shards to evaluate on, a metric the scorer makes."""
+    t, e = cfg.train, cfg.eval
+    _require(e.limit >= 0, f"eval.limit={e.limit} must be >= 0 (0 = every record)")
+    _require(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = no evaluation during training)")
+    _require(t.eval_every == 0 or bool(cfg.data.eval_shards.strip()),
+             f"train.eval_every={t.eval_every} evaluates on data.eval_shards, which is empty: set data.eval_shards to "
+             "held-out shards (ilvr-prepare), or train.eval_every=0")
+    if not t.keep_best:
+        return
+    from ilvr.evaluation.scorers import RANKED_METRICS
+
+    _require(t.eval_every > 0, f"train.keep_best={t.keep_best!r} keeps the checkpoint of the best evaluation during "
+             "training, and train.eval_every=0 runs none: set train.eval_every (e.g. 500), or train.keep_best=''")
+    metric = t.keep_best.removeprefix("eval/")
+    _require(metric in RANKED_METRICS or metric.startswith("accuracy/"),
+             f"train.keep_best={t.keep_best!r} is no metric the scorer makes: choose one of "
+             f"{', '.join(RANKED_METRICS)} (or accuracy/<category>)")
+    _require(metric != "success_rate" or e.benchmark in ("vsp", "auto"),
+             f"train.keep_best='success_rate' is VSP's metric and eval.benchmark={e.benchmark!r}: use "
+             "train.keep_best=accuracy")
 
 
 def _validate_length(t: TrainConfig) -> None:

@@ -327,12 +327,22 @@ def main(argv: list[str] | None = None) -> int:
                         "alone in PEFT's format there (the export at --out has it merged in)")
     parser.add_argument("--allow-unhealthy", action="store_true", help="export a --checkpoint marked unhealthy at "
                         "its save (weights with NaN/Inf are refused all the same)")
+    parser.add_argument("--best", action="store_true", help="with a run dir: the checkpoint of its best evaluation "
+                        "during training (train.keep_best: checkpoints/best.json) instead of its latest")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from ilvr.training.checkpoint import describe_unhealthy, latest, no_healthy_checkpoint, unhealthy
+    from ilvr.training.checkpoint import describe_unhealthy, latest, no_healthy_checkpoint, read_best, unhealthy
     from ilvr.training.checkpoint_verify import CheckpointError, is_complete
 
+    if args.best:
+        best = None if is_complete(args.checkpoint) else read_best(args.checkpoint)
+        if best is None:
+            parser.error(f"--best: {args.checkpoint} is no run dir with checkpoints/best.json naming a complete "
+                         "checkpoint (train.keep_best records it); drop --best for the latest one")
+        log.info("ilvr-export: %s, the best by %s (%s = %.4g at step %s)", best["path"], best["metric"],
+                 best["metric"], best["value"], best["step"])
+        args.checkpoint = best["path"]
     checkpoint = args.checkpoint if is_complete(args.checkpoint) else latest(args.checkpoint)
     marked = [] if is_complete(args.checkpoint) else unhealthy(args.checkpoint)
     if checkpoint is None and marked:

@@ -98,7 +98,8 @@ def _step_metrics(rank: int, world_size: int) -> dict:
     stand_in = SimpleNamespace(
         engine=SimpleNamespace(get_lr=lambda: [0.1], get_global_grad_norm=lambda: None),
         loader=SimpleNamespace(epoch=0, skips=SimpleNamespace(skipped=skipped)),
-        comm=SimpleNamespace(step=lambda: {}), _latent_metrics=lambda parts, stage: {}, _part_lrs=lambda: {},
+        comm=SimpleNamespace(step=lambda: {}), latents=SimpleNamespace(step_metrics=lambda parts, stage: {}),
+        _part_lrs=lambda: {},
         losses=LossWatch(),
         info=SimpleNamespace(world_size=world_size, rank=rank))
     return Trainer._metrics(stand_in, 2, [{"loss": 1.0, "ce": 1.0}], {"tokens": 10.0, "samples": 2.0}, 1.0, 0.0, 0.0)

@@ -38,7 +38,7 @@ def _decode_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     g.add_argument("--temperature", type=float, default=None, help="(1.0)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
+    g.add_argument("--limit", type=int, default=None, help="evaluate only the first N records (eval.limit)")
 
 
 def _tracking_args(p: argparse.ArgumentParser) -> None:
@@ -107,9 +107,11 @@ def fill_defaults(args) -> None:
 
     recipe = load_config(args.config, check_paths=False) if getattr(args, "config", None) else None
     section = recipe.eval if recipe is not None else EvalConfig()
-    for name in ("shards", "benchmark", "mode", "max_new_tokens", "batch_size", "do_sample", "temperature"):
+    for name in ("shards", "benchmark", "mode", "max_new_tokens", "batch_size", "do_sample", "temperature", "limit"):
         if hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, getattr(section, name))
+    if getattr(args, "limit", None) == 0:  # eval.limit: 0 = every record
+        args.limit = None
     if hasattr(args, "shards") and not args.shards and recipe is not None:
         args.shards = recipe.data.eval_shards
     if hasattr(args, "shards") and not args.shards:

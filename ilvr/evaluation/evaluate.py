@@ -186,6 +186,24 @@ def _gather_rows(rows: list[dict], skipped: Counter, wall_s: float):
 # ----------------------------------------------------------------------------- scoring
 
 
+def gather_and_score(rows: list[dict], skipped: Counter, wall_s: float, data: BenchmarkData, benchmark: str,
+                     shards: str) -> tuple[list[dict], dict[str, float], Counter]:
+    """Every rank's decoded rows (in the records' order), scored, with timing and skip counts: the same rows,
+    metrics and skips on every rank (collective with a process group: all ranks call it). `skipped`: this
+    rank's records that could not be encoded; the data's own skips are added."""
+    rows, skipped, wall_s = _gather_rows(rows, skipped, wall_s)
+    order = {r.id: i for i, r in enumerate(data.records)}
+    rows.sort(key=lambda r: order[r["id"]])
+    if not rows:
+        raise ValueError(f"no record of {shards} could be evaluated (skipped: {dict(skipped)}); see the warnings")
+    metrics = score_rows(rows, data.by_id(), benchmark)
+    metrics.update(timing_metrics(rows, wall_s))
+    skipped.update(data.skipped)
+    metrics["skipped"] = float(sum(skipped.values()))
+    metrics.update({f"skipped/{category_key(k)}": float(v) for k, v in sorted(skipped.items())})
+    return rows, metrics, skipped
+
+
 def score_rows(rows: list[dict], records: dict[str, Record], benchmark: str) -> dict[str, float]:
     """Add gold/parsed/correct/category to each row (in place); return the score metrics. `gold` is the
     reference the scorer compared with (CoMT: its letter), so a row can be judged without the shards."""
@@ -382,17 +400,7 @@ def run_evaluation(req: EvalRequest, em: EvalModel | None = None, data: Benchmar
     skipped = Counter()
     t0 = time.perf_counter()
     rows = decode_records(em, data.records[rank::world], req.decode, skipped, progress=req.progress and rank == 0)
-    rows, skipped, wall_s = _gather_rows(rows, skipped, time.perf_counter() - t0)
-    order = {r.id: i for i, r in enumerate(data.records)}
-    rows.sort(key=lambda r: order[r["id"]])
-    if not rows:
-        raise ValueError(f"no record of {req.shards} could be evaluated (skipped: {dict(skipped)}); see the warnings")
-
-    metrics = score_rows(rows, data.by_id(), benchmark)
-    metrics.update(timing_metrics(rows, wall_s))
-    skipped.update(data.skipped)
-    metrics["skipped"] = float(sum(skipped.values()))
-    metrics.update({f"skipped/{category_key(k)}": float(v) for k, v in sorted(skipped.items())})
+    rows, metrics, skipped = gather_and_score(rows, skipped, time.perf_counter() - t0, data, benchmark, req.shards)
     step = em.step
     params = {"model": em.source, "checkpoint_step": "" if step is None else step, "benchmark": benchmark,
               "shards": req.shards, "world_size": world, "latent_size": em.latent_size,

@@ -129,7 +129,8 @@ def _training_blocks(data: ReportData, stepped: list, figures: bool) -> list:
                      "the copy baseline is what a student that copies its input scores at later pads."))
     uri = training_figure(t, sorted({r.step for r in stepped})) if figures else None
     if uri:
-        out.append(("img", uri, "Training curves: loss terms, alignment, K*, learning rate, grad norm, throughput"))
+        out.append(("img", uri, "Training curves: loss terms, alignment, K*, learning rate, grad norm, throughput"
+                    + (", evaluation during training (train.eval_every)" if t.curves.get("eval/accuracy") else "")))
     last = [(label, t.curves[k][-1]) for _, lines in TRAINING_PANELS for k, label, _ in lines if t.curves.get(k)]
     out.append(("table", ["metric", "last step", "value"], [[lab, str(s), num(v, ".4g")] for lab, (s, v) in last]))
     return out

@@ -32,6 +32,9 @@ TRAINING_PANELS = (
     ("learning rate", [("lr", "lr", "-")]),
     ("grad norm (before clipping)", [("grad_norm", "grad norm", "-")]),
     ("throughput", [("samples_per_s", "samples/s", "-")]),
+    # train.eval_every: the scorer's metrics on data.eval_shards during training (drawn when the run has them)
+    ("evaluation during training", [("eval/accuracy", "accuracy", "o-"),
+                                    ("eval/unparseable_rate", "unparseable rate", "s:")]),
 )
 TRAINING_KEYS = tuple(k for _, lines in TRAINING_PANELS for k, _, _ in lines) + ("stage",)
 

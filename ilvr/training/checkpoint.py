@@ -3,6 +3,8 @@
 Layout (under `<output_dir>/checkpoints/`):
 
     latest                 text "step-<N>": the checkpoint to resume from (never one marked unhealthy)
+    best.json              with train.keep_best: {"checkpoint": "step-<N>", "metric", "value", "mode", "step"}, the
+                           checkpoint of the best evaluation during training (never pruned; ilvr-export --best)
     step-<N>/
       ds/                  DeepSpeed's files (tag "ds"): student weights, optimizer, scheduler, ZeRO shards
       latest, zero_to_fp32.py  DeepSpeed's tag file ("ds") and recovery script
@@ -21,7 +23,9 @@ dir (ignored, removed by the next save); after it, `latest` still names the prev
 checkpoint.
 Old checkpoints are renamed to `.trash-*` before removal: a half-deleted one never looks complete.
 A checkpoint whose trainer.json marks it unhealthy is kept but not taken: `latest` stays on the newest
-healthy one, which pruning never removes, and `latest()` / `--resume auto` skip it (logged).
+healthy one, which pruning never removes, and `latest()` / `--resume auto` skip it (logged). Pruning
+never removes the checkpoint `best.json` names either; it is replaced (atomically, after the rename of the
+new best checkpoint and before pruning) only by a save that is given `best`.
 
 Nothing is ever unpickled: every file is verified and loaded weights-only (checkpoint_verify.py,
 docs/reliability.md). Temporary dirs are named per job (`step-<N>.tmp-<host>-<pid>`); only the holder
@@ -49,6 +53,7 @@ log = logging.getLogger(__name__)
 
 DS_TAG = "ds"
 LATEST = "latest"
+BEST_FILE = "best.json"
 TRAINER_FILE = "trainer.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^(step-\d+\.tmp(-.*)?|\.trash-.*)$")  # crashed saves, half-removed checkpoints
@@ -175,6 +180,19 @@ def _warn_unknown_health(path: str) -> None:
         log.warning("%s has no health record (saved before health checks): accepted as healthy-unknown", path)
 
 
+def read_best(output_dir: str) -> "dict | None":
+    """The record of `checkpoints/best.json` (train.keep_best) when it names a complete checkpoint, else None;
+    its "path" is that checkpoint's directory."""
+    root = os.path.join(output_dir, "checkpoints")
+    try:
+        with open(os.path.join(root, BEST_FILE), encoding="utf-8") as f:
+            record = json.load(f)
+        name = str(record["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {**record, "path": os.path.join(root, name)} if _is_step_dir(root, name) else None
+
+
 def resolve_resume(arg: str | None, output_dir: str, collective: bool = False) -> str | None:
     """The checkpoint to load for `train.resume`, verified (verify_checkpoint): "never"/"" -> None; "auto" ->
     the newest checkpoint of output_dir that verifies (None if it has none); a checkpoint path -> that
@@ -221,11 +239,12 @@ class CheckpointManager:
         self._tag: str | None = None  # this job's, set at the first save (collective)
 
     def save(self, engine, step: int, extra_state: dict | None = None, rank_state: dict | None = None,
-             save_teacher: Callable[[str], None] | None = None) -> str:
+             save_teacher: Callable[[str], None] | None = None, best: "dict | None" = None) -> str:
         """Write checkpoint `step` (collective: every rank calls it) and return its directory.
 
         extra_state (rank 0's is kept) goes to trainer.json, rank_state to rank<r>.json; both
         must be JSON-serialisable, which is checked on every rank before anything is written.
+        `best` (rank 0's; JSON): this checkpoint becomes the run's best (best.json), unless it is unhealthy.
         """
         rank, world = rank_world()
         final = os.path.join(self.root, f"step-{step}")
@@ -252,7 +271,7 @@ class CheckpointManager:
         self._agree(failed, tmp)  # every rank, instead of a barrier: one rank's failure ends the save on all
         hashes = self._hash_payload(tmp, rank, world)
         healthy = ((extra_state or {}).get("health") or {}).get("healthy", True)
-        failed = self._attempt(final, lambda: self._commit(tmp, final, hashes, healthy)) if rank == 0 else None
+        failed = self._attempt(final, lambda: self._commit(tmp, final, hashes, healthy, best)) if rank == 0 else None
         self._agree(failed, tmp)
         if rank == 0:
             self._prune()
@@ -313,9 +332,11 @@ class CheckpointManager:
         mine = {rel: sha256_file(os.path.join(tmp, rel)) for rel in files[rank::world]}
         return {rel: digest for part in all_gather_json(mine) for rel, digest in part.items()}
 
-    def _commit(self, tmp: str, final: str, hashes: dict[str, str], healthy: bool = True) -> None:
+    def _commit(self, tmp: str, final: str, hashes: dict[str, str], healthy: bool = True,
+                best: "dict | None" = None) -> None:
         """Rank 0, after every rank wrote: fsync, COMPLETE (with the hashes), rename into place, point `latest`
-        at it unless it is marked unhealthy (then `latest` keeps naming the newest healthy checkpoint)."""
+        (and with `best`, best.json) at it unless it is marked unhealthy (then `latest` keeps naming the newest
+        healthy checkpoint)."""
         write_manifest(tmp, hashes)
         if os.path.exists(final):  # the same step saved again (e.g. a signal right after a save)
             os.replace(final, self._trash_name(final))
@@ -327,6 +348,9 @@ class CheckpointManager:
         if os.path.isdir(pointer) and not os.path.islink(pointer):  # a bad pointer that no file can replace
             os.replace(pointer, self._trash_name(pointer))
         write_text_atomic(pointer, os.path.basename(final) + "\n")  # the trainer logs the save
+        if best is not None:
+            write_text_atomic(os.path.join(self.root, BEST_FILE),
+                              json.dumps({**best, "checkpoint": os.path.basename(final)}, indent=2) + "\n")
 
     def _trash_name(self, path: str) -> str:  # a name `latest()` and the pruner never take for a checkpoint
         return os.path.join(self.root, f".trash-{os.path.basename(path)}-{self._tag or os.getpid()}")
@@ -340,11 +364,11 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         """Remove checkpoints beyond keep_last (never the newest healthy one: `latest()` skips those marked
-        unhealthy), crashed .tmp dirs, trash."""
-        current = latest(self.output_dir)
+        unhealthy; never the best, best.json), crashed .tmp dirs, trash."""
+        kept = {latest(self.output_dir), (read_best(self.output_dir) or {}).get("path")}
         doomed = []
         if self.keep_last > 0:
-            doomed = [p for p in _complete_steps(self.root)[:-self.keep_last] if p != current]
+            doomed = [p for p in _complete_steps(self.root)[:-self.keep_last] if p not in kept]
         doomed += [os.path.join(self.root, n) for n in sorted(os.listdir(self.root)) if self._removable_leftover(n)]
         for path in doomed:  # renamed first (atomic): a half-deleted dir never looks complete
             trash = path if os.path.basename(path).startswith(".trash-") else self._trash_name(path)

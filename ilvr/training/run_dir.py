@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,8 @@ import yaml
 
 from ilvr.config import Config, upgrade_legacy_keys
 
+log = logging.getLogger(__name__)
+
 RESOLVED_FILE = "config.resolved.yaml"
 DS_RESOLVED_FILE = "ds_config.resolved.json"
 HISTORY_FILE = "config.history.jsonl"
@@ -38,7 +41,8 @@ FINISHED_FILE = "finished.json"  # written when a run reaches train.max_steps (s
 ALLOWED_ON_RESUME = (
     "train.max_steps", "train.epochs", "train.log_every", "train.save_every", "train.keep_last",
     "train.stop_after", "train.collective_timeout", "train.max_bad_steps", "train.comm_stats",
-    "train.gather_once", "train.health_*", "train.output_dir", "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
+    "train.gather_once", "train.health_*", "train.eval_every", "train.keep_best*", "train.output_dir",
+    "data.num_workers", "data.eval_shards", "data.max_skip_fraction",
     "model.gradient_checkpointing", "eval.*",
 )  # and train.stage1_steps while the run is still in stage 1 (_same_stage)
 _PATH_FIELDS = ("data.train_shards", "data.processor", "model.name_or_path")
@@ -236,3 +240,69 @@ def append_history(output_dir: str, plan: RunPlan, world_size: int, note: "str |
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry, default=str) + "\n")
     return path
+
+
+# ----------------------------------------------------------------------------- the trainer's start
+
+
+def agree_on_start(cfg: Config, info, resume: "str | None", allow_config_change: bool) -> "tuple[RunPlan, str | None]":
+    """Resolve train.epochs and decide what this start does with its output dir (plan_run: a new run, a
+    resume, or a refusal naming the differing fields); collective. Rank 0 decides from the files and every rank
+    takes its answer, so a refusal ends all ranks at once, seconds after the start. Sets cfg.train's step counts,
+    adds train.log; rank 0 logs the plan and appends it to config.history.jsonl. (the plan, the epochs note)"""
+    from ilvr.config import ConfigError
+    from ilvr.training.distributed import add_log_file, all_gather_json
+
+    outcome = all_gather_json(_decide(cfg, info.world_size, resume, allow_config_change) if info.is_main else None)[0]
+    if "error" in outcome:
+        raise {"config": ConfigError, "refused": RunDirRefused}.get(outcome["kind"], RuntimeError)(outcome["error"])
+    t, out = cfg.train, cfg.train.output_dir
+    t.max_steps, t.stage1_steps = outcome["steps"]
+    t.epochs = t.stage1_epochs = 0.0
+    plan, note = RunPlan(**outcome["plan"]), outcome["note"]
+    add_log_file(info, os.path.join(out, "train.log"))
+    if not info.is_main:
+        return plan, note
+    if note:
+        log.info("%s", note)
+    (log.warning if plan.accepted_by.startswith("--") else log.info)("train.output_dir=%s: %s", out, plan.describe())
+    append_history(out, plan, info.world_size, note)
+    if os.path.exists(os.path.join(out, FINISHED_FILE)):  # it trains again (max_steps grew): no longer finished
+        os.remove(os.path.join(out, FINISHED_FILE))
+    return plan, note
+
+
+def _decide(cfg: Config, world_size: int, resume: "str | None", allow_config_change: bool) -> dict:
+    """Rank 0's part of agree_on_start, as JSON for the other ranks (an error is sent, never left to hang them)."""
+    from ilvr.config import ConfigError
+    from ilvr.training.schedule import resolve_epochs
+
+    try:
+        note = resolve_epochs(cfg, world_size, resume_point(cfg, resume))
+        plan = plan_run(cfg, resume, allow_config_change)
+    except ConfigError as e:
+        return {"error": str(e), "kind": "config"}
+    except RunDirRefused as e:
+        return {"error": str(e), "kind": "refused"}
+    except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks)
+        return {"error": f"deciding how to use train.output_dir failed: {type(e).__name__}: {e}", "kind": "error"}
+    return {"plan": asdict(plan), "steps": [cfg.train.max_steps, cfg.train.stage1_steps], "note": note}
+
+
+def record_config(cfg: Config, plan: RunPlan, note: "str | None", ds_config: dict, tracker) -> None:
+    """Rank 0: config.resolved.yaml / ds_config.resolved.json, only for a new run or a resume with allowed
+    changes (a run's record never takes values it was not trained with); config.history.jsonl has every start.
+    The files written are logged to MLflow (`tracker`)."""
+    from ilvr.training.ds_config import save_resolved
+
+    out = cfg.train.output_dir
+    written = [os.path.join(out, HISTORY_FILE)]
+    if plan.record_config:
+        cfg.save(os.path.join(out, RESOLVED_FILE), header=f"# {note}\n" if note else "")
+        save_resolved(ds_config, os.path.join(out, DS_RESOLVED_FILE))
+        written += [os.path.join(out, RESOLVED_FILE), os.path.join(out, DS_RESOLVED_FILE)]
+    elif plan.changes:
+        log.warning("%s and %s keep the config this run was trained with; the change is in %s", RESOLVED_FILE,
+                    DS_RESOLVED_FILE, HISTORY_FILE)
+    for path in written:
+        tracker.log_artifact(path)

@@ -54,11 +54,9 @@ class Trainer:
         self.step = 0
         self.saved_step = -1
         self.history: list[dict[str, float]] = []
-        from ilvr.model.latent_scale import MovingAverage
+        from ilvr.training.latent_stats import LatentStats
 
-        self.target_norm = MovingAverage()  # stage-1 targets' mean norm (this rank)
-        self.fed_mean = MovingAverage()  # mean fed-back latent state (this rank): the constant-latent ablation
-        self.latent_norm: "float | None" = None  # model.latent_rescale: fixed at the switch to stage 2
+        self.latents = LatentStats(cfg)  # latent/* metrics; target norm, fed-back mean, the latent_rescale norm
         self.stage2_checkpoint = False  # stage 2's per-call activation checkpointing (model.gradient_checkpointing)
         from ilvr.training.health import LossWatch
 
@@ -80,7 +78,10 @@ class Trainer:
         # <output_dir>/.lock for the process's life; on a refusal every rank raises OutputDirBusy at once
         claim_output_dir(cfg.train.output_dir)
         os.makedirs(cfg.train.output_dir, exist_ok=True)
-        self._plan_run()  # train.epochs -> steps; continue, start or refuse, before anything is built
+        from ilvr.training.run_dir import agree_on_start
+
+        # train.epochs -> steps; continue, start or refuse (rank 0 decides, all ranks take it), before anything is built
+        self.plan, self._schedule_note = agree_on_start(cfg, self.info, self.resume_arg, self.allow_config_change)
 
         from data_pipeline.tiny_processor import load_processor
 
@@ -99,10 +100,17 @@ class Trainer:
         self.checkpoints = ElasticCheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
+        from ilvr.training.periodic_eval import PeriodicEval
+
+        self.evals = PeriodicEval(cfg, self.engine.module, self.processor, self.latent_ids, self.info.rank,
+                                  self.info.world_size, self._zero3(), self.step)  # train.eval_every, keep_best
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
                                          resume_run_id=self.run_id, world_size=self.info.world_size,
                                          tags={"ilvr.kind": "train"})
-        self._record_config()
+        from ilvr.training.run_dir import record_config
+
+        if self.info.is_main:  # config.resolved.yaml etc. for a new run or a resume with allowed changes
+            record_config(cfg, self.plan, self._schedule_note, self.ds_config, self.tracker)
 
     def _apply_pixel_budget(self) -> None:
         """data.min_pixels / data.max_pixels into the processor (saved with every checkpoint's processor/)."""
@@ -115,72 +123,6 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         log.info("images resized to %d..%d pixels (data.min_pixels / data.max_pixels; 0 = the processor's)", low, high)
-
-    def _plan_run(self) -> None:
-        """Resolve train.epochs and decide what this start does with its output dir (run_dir.plan_run: a new
-        run, a resume, or a refusal naming the differing fields). Rank 0 decides from the files and every rank
-        takes its answer, so a refusal ends all ranks at once, seconds after the start. Then train.log."""
-        from ilvr.config import ConfigError
-        from ilvr.training.distributed import add_log_file, all_gather_json
-        from ilvr.training.run_dir import FINISHED_FILE, RunDirRefused, RunPlan, append_history
-
-        outcome = all_gather_json(self._decide() if self.info.is_main else None)[0]
-        if "error" in outcome:
-            raise {"config": ConfigError, "refused": RunDirRefused}.get(outcome["kind"], RuntimeError)(outcome["error"])
-        t, out = self.cfg.train, self.cfg.train.output_dir
-        t.max_steps, t.stage1_steps = outcome["steps"]
-        t.epochs = t.stage1_epochs = 0.0
-        self.plan, self._schedule_note = RunPlan(**outcome["plan"]), outcome["note"]
-        add_log_file(self.info, os.path.join(out, "train.log"))
-        if not self.info.is_main:
-            return
-        if self._schedule_note:
-            log.info("%s", self._schedule_note)
-        (log.warning if self.plan.accepted_by.startswith("--") else log.info)(
-            "train.output_dir=%s: %s", out, self.plan.describe())
-        append_history(out, self.plan, self.info.world_size, self._schedule_note)
-        if os.path.exists(os.path.join(out, FINISHED_FILE)):  # it trains again (max_steps grew): no longer finished
-            os.remove(os.path.join(out, FINISHED_FILE))
-
-    def _decide(self) -> dict:
-        """Rank 0's part of _plan_run, as JSON for the other ranks (an error is sent, never left to hang them)."""
-        from dataclasses import asdict
-
-        from ilvr.config import ConfigError
-        from ilvr.training.run_dir import RunDirRefused, plan_run, resume_point
-        from ilvr.training.schedule import resolve_epochs
-
-        try:
-            note = resolve_epochs(self.cfg, self.info.world_size, resume_point(self.cfg, self.resume_arg))
-            plan = plan_run(self.cfg, self.resume_arg, self.allow_config_change)
-        except ConfigError as e:
-            return {"error": str(e), "kind": "config"}
-        except RunDirRefused as e:
-            return {"error": str(e), "kind": "refused"}
-        except Exception as e:  # noqa: BLE001  (any failure must reach the other ranks)
-            return {"error": f"deciding how to use train.output_dir failed: {type(e).__name__}: {e}", "kind": "error"}
-        return {"plan": asdict(plan), "steps": [self.cfg.train.max_steps, self.cfg.train.stage1_steps], "note": note}
-
-    def _record_config(self) -> None:
-        """config.resolved.yaml / ds_config.resolved.json (rank 0), only for a new run or a resume with allowed
-        changes: a run's record never takes values it was not trained with. config.history.jsonl has every start."""
-        if not self.info.is_main:
-            return
-        from ilvr.training.ds_config import save_resolved
-        from ilvr.training.run_dir import DS_RESOLVED_FILE, HISTORY_FILE, RESOLVED_FILE
-
-        out = self.cfg.train.output_dir
-        written = [os.path.join(out, HISTORY_FILE)]
-        if self.plan.record_config:
-            header = f"# {self._schedule_note}\n" if self._schedule_note else ""
-            self.cfg.save(os.path.join(out, RESOLVED_FILE), header=header)
-            save_resolved(self.ds_config, os.path.join(out, DS_RESOLVED_FILE))
-            written += [os.path.join(out, RESOLVED_FILE), os.path.join(out, DS_RESOLVED_FILE)]
-        elif self.plan.changes:
-            log.warning("%s and %s keep the config this run was trained with; the change is in %s",
-                        RESOLVED_FILE, DS_RESOLVED_FILE, HISTORY_FILE)
-        for path in written:
-            self.tracker.log_artifact(path)
 
     def _hidden_size(self) -> int:
         if self.cfg.model.name_or_path == "tiny":
@@ -276,22 +218,20 @@ class Trainer:
                                                           verify=False)  # resolve_resume just verified it
         self.step = self.saved_step = int(trainer_state["step"])
         self.history = list(trainer_state.get("history", []))
-        self.latent_norm = trainer_state.get("latent_norm")
+        self.latents.norm = trainer_state.get("latent_norm")
         from ilvr.training.health import LossWatch
 
         self.losses = LossWatch(trainer_state.get("loss_window"))
         saved_world = int(trainer_state.get("world_size", self.info.world_size))
         if saved_world == self.info.world_size and not self.loader.layout_changed(rank_state["loader"]):
             self.loader.load_state_dict(rank_state["loader"])
-            self.target_norm.load(rank_state.get("target_norm"))
-            self.fed_mean.load(rank_state.get("fed_mean"))
+            self.latents.load_rank_state(rank_state)
         else:  # another rank x worker layout: the data position is re-planned, per-rank statistics merged
-            from ilvr.training.elastic import mean_moving_average, replan_loader, saved_rank_states
+            from ilvr.training.elastic import replan_loader, saved_rank_states
 
             states = saved_rank_states(path, saved_world)
             replan_loader(self.loader, [s["loader"] for s in states])
-            self.target_norm.load(mean_moving_average([s.get("target_norm") for s in states]))
-            self.fed_mean.load(mean_moving_average([s.get("fed_mean") for s in states]))
+            self.latents.merge_rank_states(states)
         if self.info.is_main:  # steps past the checkpoint are trained (and logged) again
             from ilvr.training.run_record import METRICS_FILE, truncate_metrics
 
@@ -326,28 +266,17 @@ class Trainer:
         module, k = self.engine.module, self.cfg.model.latent_size
         if stage == 1 and self.cfg.loss.targets == "pooled":  # the ablation: the student's own pooled features
             return stage1_loss(module, None, batch, self.cfg.loss, k, generator=generator,
-                               latent_norm=self._latent_norm_so_far(), selection=pooled_targets(module, batch, k))
+                               latent_norm=self.latents.norm_so_far(), selection=pooled_targets(module, batch, k))
         if stage == 1:  # targets come from the momentum teacher, never from the student
             teacher = self.teacher.module
             with self.teacher.active(), held(teacher.model, self._gather_once()):  # one gather of the teacher per step
                 selection = select_targets(teacher, batch, self.cfg.loss, k)
             return stage1_loss(module, teacher, batch, self.cfg.loss, k, generator=generator,
-                               latent_norm=self._latent_norm_so_far(), selection=selection)
+                               latent_norm=self.latents.norm_so_far(), selection=selection)
         local = [int(batch["latent_segments"][:, 0].bincount().max()) if batch["latent_segments"].numel() else 0]
         s_max = int(all_reduce(local, "max")[0])
         return stage2_loss(module, batch, always_run_vision=True, min_segments=s_max, min_steps=k,
-                           latent_norm=self.latent_norm, checkpoint_calls=self.stage2_checkpoint)
-
-    def _recorded_latent_norm(self) -> "float | None":
-        """latent_norm recorded in the exported model this run starts from (ilvr_settings.json), if any."""
-        from ilvr.export import SETTINGS_FILE
-
-        path = os.path.join(self.cfg.model.name_or_path or "", SETTINGS_FILE)
-        if not os.path.isfile(path):
-            return None
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f).get("latent_norm")
-        return float(value) if value else None
+                           latent_norm=self.latents.norm, checkpoint_calls=self.stage2_checkpoint)
 
     def _gather_once(self) -> bool:
         return self._zero3() and self.cfg.train.gather_once
@@ -359,18 +288,10 @@ class Trainer:
 
         return held(self.engine.module, stage == 2 and self._gather_once())
 
-    def _latent_norm_so_far(self) -> "float | None":
-        """Stage 1's view of model.latent_rescale (only for the recorded fed-back states): this rank's
-        running target norm."""
-        if not self.cfg.model.latent_rescale:
-            return None
-        value = self.target_norm.value()
-        return None if value is None else float(value)
-
     def _start_stage2(self) -> None:
         """At each stage-2 step (acts once): release the teacher, swap transformers' per-layer gradient
         checkpointing (which drops the KV cache stage 2 feeds latents through) for per-call checkpointing,
-        and fix the latent_rescale norm (the stage-1 targets' mean norm over all ranks, or the export's)."""
+        and fix the latent_rescale norm (latent_stats.py)."""
         if self.teacher is not None:
             log.info("stage 2 from step %d on: the momentum teacher is released", self.step + 1)
             self.teacher = None
@@ -380,20 +301,7 @@ class Trainer:
             self.stage2_checkpoint = True
             log.info("stage 2 from step %d on: activation checkpointing per decoder call (the KV cache is "
                      "rebuilt inside each checkpointed call) instead of transformers' per-layer form", self.step + 1)
-        if self.cfg.model.latent_rescale and self.latent_norm is None:
-            recorded = self._recorded_latent_norm()
-            if recorded is not None:  # stage 2 from an export that measured it in its stage 1
-                self.latent_norm = recorded
-                log.info("model.latent_rescale: norm %.4g from %s", recorded, self.cfg.model.name_or_path)
-                return
-            value = self.target_norm.value()
-            total, count = all_reduce([float(value) if value is not None else 0.0,
-                                       1.0 if value is not None else 0.0], "sum")
-            if count == 0:
-                raise RuntimeError("model.latent_rescale=true needs the stage-1 targets' norm, and this run has no "
-                                   "stage-1 step to measure it (train.stage=2): run stage 1 first or turn it off")
-            self.latent_norm = total / count
-            log.info("model.latent_rescale: fed-back latent states are rescaled to norm %.4g", self.latent_norm)
+        self.latents.fix_norm()
 
     def run(self) -> dict[str, float]:
         self.setup()
@@ -442,7 +350,10 @@ class Trainer:
                 ema_ms = self.teacher.update() * 1000 if self.teacher is not None else 0.0
                 self.step += 1
                 last = self._metrics(stage, parts, sums, time.perf_counter() - t0, data_s, ema_ms)
-                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                evaluated = self.evals.due(self.step)  # eval/<metric> in this step's row (periodic_eval.py)
+                if evaluated:
+                    last.update(self.evals.run(self.step, self.latents.norm, self._fed_mean_all_ranks))
+                if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or evaluated:
                     self._log(last)
                 time_boxed = cfg.train.stop_after and self.step - first_step >= cfg.train.stop_after
                 if self.step < cfg.train.max_steps and (flags[1] or time_boxed):  # at the end: finish normally
@@ -452,8 +363,8 @@ class Trainer:
                                 self.step, why)
                     self._finish("KILLED")
                     return last
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                    self.save()
+                if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or self.evals.pending_at(self.step):
+                    self.save()  # a new best evaluation (train.keep_best) is saved too
             if self.saved_step != self.step:
                 self.save()
             self._refuse_a_diverged_end()
@@ -490,7 +401,7 @@ class Trainer:
         self.grad_norm = float(grad_norm) if grad_norm is not None else None
         if grad_norm is not None:
             m["grad_norm"] = float(grad_norm)
-        m.update(self._latent_metrics(parts, stage))
+        m.update(self.latents.step_metrics(parts, stage))
         m.update(self.comm.step())  # {} unless train.comm_stats
         skipped = summed_over_ranks(self.loader.skips.skipped)  # collective: every rank's data losses, not rank 0's
         if skipped:
@@ -506,30 +417,6 @@ class Trainer:
         "lr" is the LM's (the first param group, ilvr/training/param_groups.py)."""
         return {f"lr/{g['name']}": float(g["lr"]) for g in self.engine.optimizer.param_groups
                 if g.get("name") in ("vit", "aligner")}
-
-    def _latent_metrics(self, parts: list, stage: int) -> dict:
-        """latent/* metrics of one optimizer step, averaged over its micro-batches (the selected-count
-        histogram summed, over all ranks); updates the running target norm and fed-back mean."""
-        stats = [p["stats"] for p in parts]
-        m: dict = {}
-        for key in stats[-1]:
-            values = [s[key] for s in stats if isinstance(s.get(key), (int, float))]
-            if values and key not in ("fed_count",):
-                m[f"latent/{key}"] = float(sum(values) / len(values))
-        if "selected_hist" in stats[-1]:
-            hist = [sum(s["selected_hist"][j] for s in stats) for j in range(len(stats[-1]["selected_hist"]))]
-            m["latent/selected_hist"] = [int(v) for v in all_reduce([float(v) for v in hist], "sum")]
-            n = sum(m["latent/selected_hist"])
-            if n:
-                m["latent/selected_mean"] = sum((j + 1) * c for j, c in enumerate(m["latent/selected_hist"])) / n
-        fed = [s for s in stats if s.get("fed_count")]
-        if fed:
-            total = sum(s["fed_sum"].double().cpu() for s in fed)
-            self.fed_mean.add(total / sum(s["fed_count"] for s in fed))
-        if stage == 1 and any(s.get("segments") for s in stats):
-            norms = [s["target_norm"] for s in stats if s.get("segments")]
-            self.target_norm.add(torch.tensor(sum(norms) / len(norms)))
-        return m
 
     def _mfu(self, tokens_per_s: float) -> float:
         """Model FLOPs utilisation: 6 x trainable params x tokens/s over the GPUs' bf16 peak (989 TFLOP/s H100)."""
@@ -563,14 +450,10 @@ class Trainer:
                 f"{metrics.get('samples_per_s', 0.0):.3g} samples/s)")
 
     def _fed_mean_all_ranks(self) -> "list[float] | None":
-        """The mean fed-back latent state over all ranks (what the constant-latent ablation feeds)."""
+        """The mean fed-back latent state over all ranks (collective; the constant-latent ablation's constant)."""
         from ilvr.model.inputs import hidden_size
 
-        value = self.fed_mean.value()
-        width = hidden_size(self.engine.module)  # the built model's, not its config re-read from disk
-        local = value.tolist() if value is not None else [0.0] * width
-        summed = all_reduce(local + [1.0 if value is not None else 0.0], "sum")
-        return None if summed[-1] == 0 else [v / summed[-1] for v in summed[:-1]]
+        return self.latents.fed_mean_all_ranks(hidden_size(self.engine.module))  # the built model's width
 
     def save(self) -> str:
         from ilvr.training.health import HEALTH_KEY, verdict, weight_stats
@@ -581,12 +464,13 @@ class Trainer:
         trainer_state = {"stage": stage_at(self.cfg, max(self.step - 1, 0)), "mlflow_run_id": self.run_id,
                          "config": self.cfg.to_dict(), "history": self.history,
                          "latent_ids": list(self.latent_ids.as_tuple()),
-                         "latent_norm": self.latent_norm, "fed_mean": self._fed_mean_all_ranks(),
+                         "latent_norm": self.latents.norm, "fed_mean": self._fed_mean_all_ranks(),
                          HEALTH_KEY: health, "loss_window": self.losses.state()}
-        rank_state = {"loader": self.loader.state_dict(), "target_norm": self.target_norm.state(),
-                      "fed_mean": self.fed_mean.state()}
+        rank_state = {"loader": self.loader.state_dict(), **self.latents.rank_state()}
+        best = self.evals.pending_at(self.step)  # train.keep_best: this checkpoint becomes best.json's
         path = self.checkpoints.save(self.engine, self.step, extra_state=trainer_state, rank_state=rank_state,
-                                     save_teacher=self._teacher_io("save"))
+                                     save_teacher=self._teacher_io("save"), best=best)
+        self.evals.saved(self.step, health["healthy"])
         self.saved_step = self.step
         self.last_health = health
         if health["healthy"]:
