@@ -4,7 +4,7 @@
 
 The quick start (scripts/quickstart.sh) trains configs/quickstart.yaml with ZeRO-3 on 2 CPU ranks
 through the deepspeed launcher. This script writes the same kind of data (synthetic 3x3 VSP maps,
-the short question, 'Move R.' + a latent step per move) and the same base model into a temporary
+the short question, 'Move R.' + a latent step per move) and the same processor into a temporary
 directory, then runs ilvr/train.py on 2 ranks (torchrun) with the recipe for --steps steps
 (--stage1-steps of stage 1, the rest stage 2), once per variant, --repeats times interleaved:
 
@@ -40,13 +40,14 @@ RECIPE = REPO / "configs" / "quickstart.yaml"
 
 
 def prepare(workdir: Path, samples: int) -> tuple[str, str]:
-    """Shards and the base model (its processor too) as scripts/quickstart.sh makes them (fewer samples)."""
-    shards, base = workdir / "shards", workdir / "base"
+    """Shards and processor as scripts/quickstart.sh makes them (fewer samples)."""
+    shards, processor = workdir / "shards", workdir / "processor"
     run([sys.executable, "-m", "data_pipeline.prepare", "--source", "synthetic", "--style", "latent-moves",
          "--num-samples", str(samples), "--seed", "0", "--min-size", "3", "--max-size", "3", "--question", "short",
          "--out", str(shards), "--prefix", "train", "--samples-per-shard", "100", "--no-progress"])
-    run([sys.executable, "-m", "ilvr.model.perception_base", "--out", str(base)])
-    return str(shards), str(base)
+    run([sys.executable, "-m", "data_pipeline.tiny_processor", "--shards", str(shards), "--out", str(processor),
+         "--patch-size", "32", "--min-pixels", "36864", "--max-pixels", "262144", "--system-prompt", ""])
+    return str(shards), str(processor)
 
 
 def run(cmd: list[str], env: "dict | None" = None) -> None:
@@ -73,7 +74,6 @@ def train(out: Path, shards: str, processor: str, ds: str, threads: int, steps: 
     run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
          str(REPO / "ilvr" / "train.py"), "--deepspeed", ds, "--config", str(RECIPE), "--resume", "never",
          f"train.output_dir={out}", f"data.train_shards={shards}", "data.eval_shards=", f"data.processor={processor}",
-         f"model.name_or_path={processor}",
          f"train.max_steps={steps}", f"train.stage1_steps={stage1}", "train.save_every=0", *extra], env=env)
     with open(out / "metrics.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for line in f]

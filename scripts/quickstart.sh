@@ -19,10 +19,10 @@ echo "== 1. synthetic VSP data (3x3 maps; 'Move R.' + a latent step per move) ->
   --max-size 3 --question short --out "$OUT/shards/eval" --prefix eval --samples-per-shard 32 --no-progress \
   --overwrite
 
-echo "== 2. the base model: the project's tiny Qwen2.5-VL whose vision tower was pretrained to say where each square"
-echo "   is (assets/perception-base: its processor + vision weights; the LM is rebuilt from its seed and the whole"
-echo "   is checked against the pretrained weights' sha256; scripts/pretrain_perception.py made it, docs/method.md)"
-"$PY" -m ilvr.model.perception_base --out "$OUT/base"
+echo "== 2. tiny Qwen2.5-VL processor trained on the shards' text (patch 32: one merged token per 64 px square;"
+echo "   no default system message: docs/method.md says why)"
+"$PY" -m data_pipeline.tiny_processor --shards "$OUT/shards/train" --out "$OUT/processor" \
+  --patch-size 32 --min-pixels 36864 --max-pixels 262144 --system-prompt ""
 
 echo "== 3. the batches each of 2 ranks will stream"
 "$PY" -m ilvr.data_preview --config "$CONFIG" --world-size 2 --batches 2

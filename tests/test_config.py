@@ -184,6 +184,5 @@ def test_processor_must_be_a_processor_directory(tmp_path, tiny_processor_dir):
 def test_the_quickstart_recipe_loads_with_what_makes_a_tiny_model_learn():
     cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), check_paths=False)
     m = cfg.model
-    assert (m.name_or_path, m.freeze_vit, m.freeze_aligner) == ("runs/quickstart/base", True, True)
-    assert cfg.data.processor == m.name_or_path  # the base's own processor (python -m ilvr.model.perception_base)
+    assert (m.name_or_path, m.freeze_vit, m.freeze_aligner, m.tiny_rope_theta) == ("tiny", True, True, 10.0)
     assert cfg.train.lr <= 3e-4 and cfg.train.stage == "1+2" and 0 < cfg.train.stage1_steps < cfg.train.max_steps
