@@ -82,7 +82,8 @@ print(f"quickstart: solved, by the length of the map's shortest plan: {describe_
 p = compare_dirs(sys.argv[1], sys.argv[2])
 print(f"quickstart: the exported model on {m['num_samples']:.0f} held-out 3x3 maps: success {100 * m['accuracy']:.1f}% "
       f"(unparseable {100 * m['unparseable_rate']:.1f}%) | constant latents: {100 * p['b_success']:.1f}% "
-      f"(paired: {p['only_a']} maps solved only with the latents, {p['only_b']} only without; exact McNemar "
+      f"(paired on the same maps: solved only with the latents {p['only_a']}, only with the constant {p['only_b']}; "
+      f"exact McNemar "
       f"p = {p['p_value']:.2g}) | a random valid plan: {100 * m['baseline']:.1f}%")
 PYEOF
 echo "quickstart: done. Outputs in $OUT/. Where to look:"
