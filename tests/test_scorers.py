@@ -248,22 +248,35 @@ def test_vsp_success_by_shortest_plan_length():
 
 
 def test_quickstart_final_lines_show_success_by_plan_length(tmp_path):
-    """The report lines at the end of scripts/quickstart.sh, run on a small evaluation's metrics.json."""
+    """The report lines at the end of scripts/quickstart.sh, run on a small evaluation and a paired one in which
+    every answer fails (the constant-latent evaluation): success by plan length, then success beside the paired
+    evaluation's with the discordant counts and the exact McNemar p-value."""
     import re
     import subprocess
     import sys
 
+    from ilvr.evaluation.paired import mcnemar_exact
     from ilvr.evaluation.scorers import by_plan_length
     from tests.conftest import REPO
 
-    records, _, metrics, seen = _plan_length_outputs()
-    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": metrics, "by_plan_length": by_plan_length(metrics)}))
+    records, rows, metrics, seen = _plan_length_outputs()
+    latent, constant = tmp_path / "export", tmp_path / "export-constant"
+    for d, solved in ((latent, True), (constant, False)):
+        d.mkdir()
+        (d / "predictions.jsonl").write_text("".join(json.dumps({"id": r["id"], "correct": bool(r["correct"]) and solved})
+                                                     + "\n" for r in rows))
+    (latent / "metrics.json").write_text(json.dumps({"metrics": metrics, "by_plan_length": by_plan_length(metrics)}))
     script = (REPO / "scripts" / "quickstart.sh").read_text()
     code = re.search(r"<<'PYEOF'\n(.*?)\nPYEOF", script, re.S).group(1)
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "metrics.json")], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", code, str(latent), str(constant)], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
-    assert f"on {len(records)} held-out" in out
-    by_length = out.splitlines()[-1]
+    by_length, result = out.splitlines()[-2:]
     assert by_length.startswith("quickstart: solved, by the length of the map's shortest plan: ")
     first = min(seen)
     assert f"{first} move{'s' if first > 1 else ''} {min(2, seen[first])}/{seen[first]}" in by_length
+    solved = sum(bool(r["correct"]) for r in rows)
+    assert 0 < solved < len(rows)
+    assert f"on {len(records)} held-out" in result
+    assert f"success {100 * solved / len(rows):.1f}%" in result and "constant latents: 0.0%" in result
+    assert f"solved only with the latents {solved}, only with the constant 0" in result
+    assert f"p = {mcnemar_exact(solved, 0):.2g}" in result and "a random valid plan: " in result
