@@ -17,6 +17,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(os.environ.get("ILVR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    """One MLflow store template per session (tests/_site/sitecustomize.py): new SQLite stores are copied from it,
+    here and in every subprocess the tests start (PYTHONPATH), instead of each running MLflow's migrations."""
+    import tempfile
+
+    if os.environ.get("ILVR_TEST_MLFLOW_TEMPLATE") or os.environ.get("ILVR_TEST_NO_MLFLOW_TEMPLATE"):
+        return
+    directory = tempfile.mkdtemp(prefix="ilvr-mlflow-template-")
+    config.add_cleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+    os.environ["ILVR_TEST_MLFLOW_TEMPLATE"] = os.path.join(directory, "mlflow.db")
+    site = str(Path(__file__).resolve().parent / "_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])
+    from tests._site import sitecustomize
+
+    sitecustomize.install()
+
+
+def _ranks_from_a_fork_server() -> None:
+    """run_on_ranks' ranks fork from a server that has imported torch, DeepSpeed and transformers (tests/_ranks.py)."""
+    import ilvr.training.spawn as spawn
+
+    from tests import _ranks
+
+    if not isinstance(spawn.mp, _ranks.Multiprocessing) and not os.environ.get("ILVR_TEST_SPAWN_RANKS"):
+        spawn.mp = _ranks.Multiprocessing(spawn.mp)
+
+
+_ranks_from_a_fork_server()
+
+
+@pytest.fixture
+def fresh_rank_interpreters(monkeypatch):
+    """run_on_ranks with torch's plain "spawn": ranks that have imported nothing yet."""
+    import ilvr.training.spawn as spawn
+    import torch.multiprocessing
+
+    monkeypatch.setattr(spawn, "mp", torch.multiprocessing)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
