@@ -103,3 +103,28 @@ def tiny_model_factory(tiny):
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def two_stage_run(tmp_path_factory, tiny_processor_dir) -> dict:
+    """One `ilvr/train.py` run on 2 ZeRO-3 ranks that several tests check (train once, check many things):
+    4 steps (2 of stage 1, 2 of stage 2) on 24 synthetic maps, a checkpoint every 2 steps (keep 3), the vision
+    tower trainable at train.vit_lr_mult=0.25 through a linear 2-step warm-up, data.max_pixels=22500.
+    tests/test_evaluation.py exports, evaluates, sweeps and reports it; tests/test_param_groups.py checks its
+    learning rates and its checkpoint's processor. Tests may add to it (evaluations log into its MLflow store)
+    but never change what is there."""
+    import subprocess
+
+    from tests.factories import synthetic_vsp_shards
+    from tests.test_train import command, env
+
+    root = tmp_path_factory.mktemp("two_stage_run")
+    shards = synthetic_vsp_shards(str(root / "train_shards"), 24, seed=5, samples_per_shard=4)
+    run = str(root / "run")
+    proc = subprocess.run(command(run, shards, tiny_processor_dir, "train.max_steps=4", "train.stage1_steps=2",
+                                  "train.save_every=2", "train.keep_last=3", "train.warmup_steps=2",
+                                  "train.lr_schedule=linear", "model.freeze_vit=false", "train.vit_lr_mult=0.25",
+                                  "data.max_pixels=22500"),
+                          env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {"dir": run, "shards": shards}
