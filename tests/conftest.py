@@ -17,6 +17,45 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(os.environ.get("ILVR_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    """One MLflow store template per session (tests/_site/sitecustomize.py): new SQLite stores are copied from it,
+    here and in every subprocess the tests start (PYTHONPATH), instead of each running MLflow's migrations."""
+    import tempfile
+
+    if os.environ.get("ILVR_TEST_MLFLOW_TEMPLATE") or os.environ.get("ILVR_TEST_NO_MLFLOW_TEMPLATE"):
+        return
+    directory = tempfile.mkdtemp(prefix="ilvr-mlflow-template-")
+    config.add_cleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
+    os.environ["ILVR_TEST_MLFLOW_TEMPLATE"] = os.path.join(directory, "mlflow.db")
+    site = str(Path(__file__).resolve().parent / "_site")
+    os.environ["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])
+    from tests._site import sitecustomize
+
+    sitecustomize.install()
+
+
+def _ranks_from_a_fork_server() -> None:
+    """run_on_ranks' ranks fork from a server that has imported torch, DeepSpeed and transformers (tests/_ranks.py)."""
+    import ilvr.training.spawn as spawn
+
+    from tests import _ranks
+
+    if not isinstance(spawn.mp, _ranks.Multiprocessing) and not os.environ.get("ILVR_TEST_SPAWN_RANKS"):
+        spawn.mp = _ranks.Multiprocessing(spawn.mp)
+
+
+_ranks_from_a_fork_server()
+
+
+@pytest.fixture
+def fresh_rank_interpreters(monkeypatch):
+    """run_on_ranks with torch's plain "spawn": ranks that have imported nothing yet."""
+    import ilvr.training.spawn as spawn
+    import torch.multiprocessing
+
+    monkeypatch.setattr(spawn, "mp", torch.multiprocessing)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -64,3 +103,28 @@ def tiny_model_factory(tiny):
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def two_stage_run(tmp_path_factory, tiny_processor_dir) -> dict:
+    """One `ilvr/train.py` run on 2 ZeRO-3 ranks that several tests check (train once, check many things):
+    4 steps (2 of stage 1, 2 of stage 2) on 24 synthetic maps, a checkpoint every 2 steps (keep 3), the vision
+    tower trainable at train.vit_lr_mult=0.25 through a linear 2-step warm-up, data.max_pixels=22500.
+    tests/test_evaluation.py exports, evaluates, sweeps and reports it; tests/test_param_groups.py checks its
+    learning rates and its checkpoint's processor. Tests may add to it (evaluations log into its MLflow store)
+    but never change what is there."""
+    import subprocess
+
+    from tests.factories import synthetic_vsp_shards
+    from tests.test_train import command, env
+
+    root = tmp_path_factory.mktemp("two_stage_run")
+    shards = synthetic_vsp_shards(str(root / "train_shards"), 24, seed=5, samples_per_shard=4)
+    run = str(root / "run")
+    proc = subprocess.run(command(run, shards, tiny_processor_dir, "train.max_steps=4", "train.stage1_steps=2",
+                                  "train.save_every=2", "train.keep_last=3", "train.warmup_steps=2",
+                                  "train.lr_schedule=linear", "model.freeze_vit=false", "train.vit_lr_mult=0.25",
+                                  "data.max_pixels=22500"),
+                          env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {"dir": run, "shards": shards}

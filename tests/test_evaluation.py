@@ -20,7 +20,7 @@ from ilvr.model.generate import MODES
 from ilvr.training.spawn import run_on_ranks
 from tests.conftest import REPO
 from tests.factories import logit_bias
-from tests.test_train import command as train_command, env as train_env
+from tests.test_train import env as train_env
 
 LATENT_BIAS = 1.0  # on <|latent_start|>: makes the random tiny model open latent segments (0.4 is too weak here)
 ROW_FIELDS = {"id", "prompt", "prediction", "gold", "latent_segments", "num_tokens", "latency_ms", "parsed",
@@ -227,9 +227,10 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir, monkeypatch):
+def test_trained_model_export_eval_sweep_report(tmp_path, two_stage_run, monkeypatch):
     """The quick-start path: train on 2 ZeRO-3 ranks -> export -> ilvr-eval x 3 modes -> sweep -> ilvr-report,
-    all in the training run's one MLflow store; the sweep consolidates each checkpoint once."""
+    all in the training run's one MLflow store; the sweep consolidates each checkpoint once. (The training run
+    is conftest's two_stage_run, shared with tests/test_param_groups.py: 4 steps, checkpoints at 2 and 4.)"""
     import mlflow
 
     import ilvr.export
@@ -237,18 +238,14 @@ def test_trained_model_export_eval_sweep_report(tmp_path, tiny_processor_dir, mo
     from ilvr.evaluation.report import main as report_main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    train_shards = write_vsp_shards(str(tmp_path / "train_shards"), 24, seed=5)
     shards = write_vsp_shards(str(tmp_path / "eval_shards"), 4, seed=6)
-    run = str(tmp_path / "run")
-    proc = subprocess.run(train_command(run, train_shards, tiny_processor_dir, "train.max_steps=4",
-                                        "train.stage1_steps=2", "train.save_every=2", "train.keep_last=3"),
-                          env=train_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+    run = two_stage_run["dir"]
     export = str(tmp_path / "export")
     _cli("-m", "ilvr.export", "--checkpoint", run, "--out", export)
     train_run_id = json.load(open(os.path.join(run, "checkpoints", "step-4", "trainer.json")))["mlflow_run_id"]
     record = json.load(open(os.path.join(export, "ilvr_settings.json")))["mlflow"]
-    assert record["run_id"] == train_run_id and record["tracking_db"] == "../run/mlflow.db"
+    assert record["run_id"] == train_run_id
+    assert record["tracking_db"] == os.path.relpath(os.path.join(run, "mlflow.db"), export)
 
     uri = f"sqlite:///{run}/mlflow.db"  # the training run's store: every evaluation below lands there
     for mode in ("latent", "text", "constant-latent"):

@@ -14,7 +14,7 @@ import pytest
 from ilvr.training.spawn import run_on_ranks
 from tests.conftest import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.compat]
+pytestmark = [pytest.mark.slow, pytest.mark.compat, pytest.mark.usefixtures("fresh_rank_interpreters")]
 
 
 def _build_like_the_trainer(rank: int, world_size: int, processor_dir: str, dtype: str) -> dict:
