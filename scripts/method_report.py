@@ -170,6 +170,12 @@ def figures(results: dict, out: Path) -> list[str]:
     return names
 
 
+def probe_cells(probe: dict) -> dict[str, str]:
+    """'probe / step-only control / majority' in % for the row and the column of a linear probe's result."""
+    return {a: f"{pct(probe[a]['probe'])} / {pct(probe[a]['step_only_control'])} / {pct(probe[a]['majority'])}"
+            for a in ("row", "col")}
+
+
 def run_time(results: dict) -> str:
     """The wall time of the run, or, for a table assembled from variants trained in separate runs, their
     logged training time (evaluation not included)."""
@@ -224,9 +230,7 @@ def markdown(results: dict, figure_dir: str) -> str:
                   "row probe / control / majority | column | swap test: CE rise of the following text |",
                   "|---|---|---|---|---|---|"]
         for n, r in diag.items():
-            pr = r["player_probe"]
-            cell = {a: f"{pct(pr[a]['probe'])} / {pct(pr[a]['step_only_control'])} / {pct(pr[a]['majority'])}"
-                    for a in ("row", "col")}
+            cell = probe_cells(r["player_probe"])
             lines.append(f"| {n} | {r['segments']} | {pct(r['changed_share'])} ({pct(r['changed_chance'])}) | "
                          f"{cell['row']} | {cell['col']} | {r.get('swap_ce_rise', float('nan')):+.3f} |")
     probes = {n: e["latent_probe"] for n, e in results["variants"].items() if "row" in e.get("latent_probe", {})}
@@ -235,8 +239,7 @@ def markdown(results: dict, figure_dir: str) -> str:
                   "| variant | examples | row: probe / step-only control / majority | "
                   "column: probe / step-only control / majority |", "|---|---|---|---|"]
         for n, r in probes.items():
-            cell = {a: f"{pct(r[a]['probe'])} / {pct(r[a]['step_only_control'])} / {pct(r[a]['majority'])}"
-                    for a in ("row", "col")}
+            cell = probe_cells(r)
             lines.append(f"| {n} | {r['examples']} | {cell['row']} | {cell['col']} |")
     lines += ["", f"![success]({figure_dir}/success.png)", "", f"![training]({figure_dir}/training.png)", ""]
     return "\n".join(lines)
