@@ -62,6 +62,7 @@ class Variant:
     modes: tuple[str, ...]  # decoding modes evaluated
     about: str
     change: bool = False  # loss.change_weight = Settings.change_weight (a named option beyond the method)
+    rescale: bool = False  # model.latent_rescale: fed-back states at the stage-1 targets' mean norm
 
 
 VARIANTS = (
@@ -75,6 +76,8 @@ VARIANTS = (
             "ILVR 1 + 2, fixed pooled targets (no teacher)"),
     Variant("ilvr-change", "latent-moves", "1+2", "teacher", ("latent", "constant-latent", "shuffled-latent"),
             "ILVR 1 + 2, selection led by what changed (loss.change_weight; not the method)", change=True),
+    Variant("ilvr-rescale", "latent-moves", "1+2", "teacher", ("latent", "constant-latent", "shuffled-latent"),
+            "ILVR 1 + 2 with model.latent_rescale (fed-back states at the targets' norm)", rescale=True),
 )
 DEFAULT_VARIANTS = ("direct", "cot-coords", "cot-moves", "ilvr-stage1", "ilvr", "ilvr-pooled")
 
@@ -91,6 +94,9 @@ PAIRS = (
     ("ilvr-change", "latent", "ilvr-change", "shuffled-latent"),
     ("ilvr-change", "latent", "ilvr", "latent"),
     ("ilvr", "latent", "direct", "text"),
+    ("ilvr-rescale", "latent", "ilvr-rescale", "constant-latent"),
+    ("ilvr-rescale", "latent", "ilvr-rescale", "shuffled-latent"),
+    ("ilvr-rescale", "latent", "ilvr", "latent"),
 )
 
 
@@ -224,8 +230,8 @@ class Experiment:
         return shards
 
     def config(self, name: str, train_shards: str, processor: str, init: str, stage: str, targets: str,
-               steps: int, stage1_steps: int, loss: "dict | None" = None) -> Path:
-        loss = loss or {}
+               steps: int, stage1_steps: int, loss: "dict | None" = None, model: "dict | None" = None) -> Path:
+        loss, model = loss or {}, model or {}
         s = self.s
         cfg = {
             "data": {"train_shards": train_shards, "processor": processor, "batch_size": s.batch_size,
@@ -234,7 +240,7 @@ class Experiment:
             "model": {"name_or_path": init, "latent_size": s.latent_size, "freeze_vision": s.freeze_vision, "dtype": "fp32",
                       "tiny_hidden": s.tiny_hidden, "tiny_layers": s.tiny_layers, "tiny_heads": s.tiny_heads,
                       "tiny_vision_hidden": s.tiny_vision_hidden, "tiny_vision_depth": s.tiny_vision_depth,
-                      "tiny_rope_theta": s.tiny_rope_theta},
+                      "tiny_rope_theta": s.tiny_rope_theta, **model},
             "loss": {"targets": targets, **loss},
             "train": {"output_dir": str(self.out / name / "train"), "stage": stage, "max_steps": steps,
                       "stage1_steps": stage1_steps, "lr": s.lr, "warmup_steps": s.warmup_steps,
@@ -436,7 +442,9 @@ def main(argv: "list[str] | None" = None) -> int:
             continue
         stage1 = round(s.steps * s.stage1_fraction) if v.stage == "1+2" else 0
         loss = {"change_weight": s.change_weight} if v.change else {}
-        cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1, loss)
+        model = {"latent_rescale": True} if v.rescale else {}
+        cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1, loss,
+                         model)
         export, secs = exp.train_and_export(v.name, cfg)
         trained_any = trained_any or secs > 0
         summary = training_summary(exp.out / v.name / "train")
