@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning, side by side in one run: teacher memory, peak memory per rank, stage-1 step
 time and ZeRO-3 collectives per step.
 
-    python bench/lora.py [--hidden 512 --layers 8 --steps 12 --rank 8 --json out.json]
+    python -m bench.lora [--hidden 512 --layers 8 --steps 12 --rank 8 --json out.json]
 
 Both variants train the same data (synthetic 3x3 VSP maps, as the quick start writes them) with
 configs/tiny_cpu.yaml resized to an LM of --hidden x --layers, under ZeRO-3 on 2 CPU ranks (torchrun, gloo),
@@ -29,11 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import add_common_flags, table, write_results  # noqa: E402
-from bench.quickstart_step import prepare  # noqa: E402
-from ilvr.training.spawn import free_port  # noqa: E402
+from bench.common import add_common_flags, table, write_results
+from bench.quickstart_step import prepare
+from ilvr.training.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "tiny_cpu.yaml"
