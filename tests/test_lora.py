@@ -110,11 +110,10 @@ def test_lora_trains_both_stages_with_an_adapter_teacher_and_exports_a_stock_mod
 
 
 @pytest.mark.slow
-def test_a_lora_run_resumes_under_zero3_as_if_never_stopped(tmp_path, tiny_processor_dir):
-    """2 ranks, model.lora.r=8: stopped after step 1 (stage 1: the adapter teacher's EMA, the adapters' and latent
-    rows' optimizer state) and resumed, the losses of steps 2-4 (stage 1, then stage 2) are exactly those of the
-    run that was never stopped. Not yet with adapter dropout: with model.lora.dropout=0.1 step 4 differed by 5e-5
-    (steps 1-3 equal: the masks drawn at step 3 of the resumed run differ; docs/training.md "LoRA")."""
+def _stopped_after_step_1_and_resumed(tmp_path, processor_dir: str, resume_ranks: int):
+    """A 4-step LoRA run (stage 1 to step 2) straight through on 2 ranks, and the same run stopped after step 1
+    on 2 ranks and resumed (--resume auto) on `resume_ranks`: (straight metrics, resumed metrics, resumed dir,
+    the resuming process)."""
     from tests.factories import synthetic_vsp_shards
     from tests.test_train import metrics, train
 
@@ -122,12 +121,21 @@ def test_a_lora_run_resumes_under_zero3_as_if_never_stopped(tmp_path, tiny_proce
     common = ("train.max_steps=4", "train.stage1_steps=2", "train.lr=1e-3", "train.warmup_steps=1",
               "train.save_every=0", "model.lora.r=8")
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train(straight, shards, tiny_processor_dir, *common)
-    train(split, shards, tiny_processor_dir, *common, "train.stop_after=1")
+    train(straight, shards, processor_dir, *common)
+    train(split, shards, processor_dir, *common, "train.stop_after=1")
     assert sorted(metrics(split)) == [1]
-    train(split, shards, tiny_processor_dir, *common)  # --resume auto
+    resumed = train(split, shards, processor_dir, *common, nproc=resume_ranks)
     a, b = metrics(straight), metrics(split)
     assert sorted(b) == [1, 2, 3, 4] and [b[s]["stage"] for s in (2, 3)] == [1.0, 2.0]
+    return a, b, split, resumed
+
+
+def test_a_lora_run_resumes_under_zero3_as_if_never_stopped(tmp_path, tiny_processor_dir):
+    """2 ranks, model.lora.r=8: stopped after step 1 (stage 1: the adapter teacher's EMA, the adapters' and latent
+    rows' optimizer state) and resumed, the losses of steps 2-4 (stage 1, then stage 2) are exactly those of the
+    run that was never stopped. Not yet with adapter dropout: with model.lora.dropout=0.1 step 4 differed by 5e-5
+    (steps 1-3 equal: the masks drawn at step 3 of the resumed run differ; docs/training.md "LoRA")."""
+    a, b, _, _ = _stopped_after_step_1_and_resumed(tmp_path, tiny_processor_dir, resume_ranks=2)
     for step in (1, 2, 3, 4):  # fp32 on CPU: exactly the same numbers
         assert (b[step]["loss"], b[step]["ce"]) == (a[step]["loss"], a[step]["ce"]), (step, a[step], b[step])
 
@@ -137,21 +145,11 @@ def test_a_lora_run_saved_on_two_ranks_resumes_on_one(tmp_path, tiny_processor_d
     optimizer state and the adapter teacher's EMA buffers converted and re-partitioned), the run finishes both
     stages with losses within the elastic tests' tolerance of the run that was never stopped (the batches of the
     later steps differ: one rank draws them) and exactly equal at step 1."""
-    from tests.factories import synthetic_vsp_shards
     from tests.test_elastic import LOSS_TOLERANCE
-    from tests.test_train import metrics, train
 
-    shards = synthetic_vsp_shards(str(tmp_path / "shards"), 8, seed=7)
-    common = ("train.max_steps=4", "train.stage1_steps=2", "train.lr=1e-3", "train.warmup_steps=1",
-              "train.save_every=0", "model.lora.r=8")
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train(straight, shards, tiny_processor_dir, *common)
-    train(split, shards, tiny_processor_dir, *common, "train.stop_after=1")
-    resumed = train(split, shards, tiny_processor_dir, *common, nproc=1)  # --resume auto, on 1 rank
+    a, b, split, resumed = _stopped_after_step_1_and_resumed(tmp_path, tiny_processor_dir, resume_ranks=1)
     log = open(os.path.join(split, "train.log"), encoding="utf-8").read()
     assert "elastic resume from 2 to 1 ranks" in log, resumed.stdout[-2000:] + log[-3000:]
-    a, b = metrics(straight), metrics(split)
-    assert sorted(b) == [1, 2, 3, 4] and [b[s]["stage"] for s in (2, 3)] == [1.0, 2.0]
     assert b[1]["loss"] == a[1]["loss"]
     for step in (2, 3, 4):
         assert abs(b[step]["loss"] - a[step]["loss"]) < LOSS_TOLERANCE, (step, a[step], b[step])
