@@ -20,6 +20,7 @@ Variants (the data style is data_pipeline/sources/synthetic_vsp.STYLES):
                (no momentum teacher, no selection: Mirage-style)
   ilvr-change  (not run by default) as ilvr, with `loss.change_weight`: the teacher's selection led by the
                squares that changed since the previous image. A named option beyond the method.
+  ilvr-rescale (not run by default) as ilvr, with `model.latent_rescale`: fed-back states at the targets' norm.
 
 Variants start from the same random-init model (model.tiny_*; the settings and the reasons for
 them: docs/method.md). `--set base_steps=N` first trains one shared base on map reading (style
