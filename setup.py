@@ -40,7 +40,7 @@ setup(
         # without it data_pipeline.tiny_processor.load_processor reads the same files.
         "vision": ["torchvision"],
         "cluster": ["torchvision", "flash-attn>=2.5"],  # a CUDA cluster: vision + FlashAttention-2
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "pytest-xdist>=3.5"],
     },
     entry_points={
         "console_scripts": [

@@ -15,6 +15,8 @@ directory, then runs ilvr/train.py on 2 ranks (torchrun) with the recipe for --s
 
 It prints the median step time per stage (steps after the first 5 of each stage), the ratios, and
 the reduce-scatter calls per step of each bucket rule (a short extra run with train.comm_stats).
+`--smoke` (the test's size, no timing meant): only "before" and "now", each once with train.comm_stats
+on, the calls counted in those runs.
 The patch embedding's Conv3d vs the matmul on the same parameters (ilvr/model/patch_embed.py) is
 measured in this process, 1 thread, on the recipe's model and a batch of the quick start's images:
 all variants above use the matmul. Same data, seeds and losses in every variant (checked).
@@ -37,6 +39,7 @@ from ilvr.training.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "quickstart.yaml"
+BUCKET_RULE = {"before": "h^2 buckets", "threads": "h^2 buckets", "now": "auto (floored)"}  # reduce_bucket_size
 
 
 def prepare(workdir: Path, samples: int) -> tuple[str, str]:
@@ -140,8 +143,11 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--stage1-steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=2, help="runs per variant (interleaved)")
     p.add_argument("--samples", type=int, default=600, help="synthetic maps written to the shards")
+    p.add_argument("--smoke", action="store_true", help="before and now once each, calls counted in those runs")
     add_common_flags(p, threads=None, seed=False, out_help=None)
     args = p.parse_args(argv)
+    if args.smoke:
+        args.repeats = 1
     hidden = 128  # configs/quickstart.yaml model.tiny_hidden
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-qs-") as tmp:
@@ -149,26 +155,32 @@ def main(argv: "list[str] | None" = None) -> int:
         shards, processor = prepare(work, args.samples)
         variants = {"before": (ds_config(work, hidden * hidden), 2), "threads": (ds_config(work, hidden * hidden), 1),
                     "now": (ds_config(work, None), 1)}
+        if args.smoke:
+            del variants["threads"]
+        counted = ("train.comm_stats=true",) if args.smoke else ()
         medians: dict[str, list[dict[int, float]]] = {name: [] for name in variants}
         losses: dict[str, float] = {}
+        calls = {}
         for rep in range(args.repeats):
             for name, (ds, threads) in variants.items():
-                rows = train(work / f"{name}{rep}", shards, processor, ds, threads, args.steps, args.stage1_steps)
+                rows = train(work / f"{name}{rep}", shards, processor, ds, threads, args.steps, args.stage1_steps,
+                             *counted)
                 medians[name].append(stage_medians(rows))
                 losses[name] = rows[-1]["loss"]
+                if counted:
+                    calls[BUCKET_RULE[name]] = statistics.median(r["comm/reduce_scatter_calls"] for r in rows[3:])
                 print(f"  {name} run {rep + 1}: " + ", ".join(f"stage {s} {t:.3f} s" for s, t in
                                                              medians[name][-1].items()), flush=True)
-        calls = {}
-        for name in ("threads", "now"):  # the two bucket rules
+        for name in () if counted else ("threads", "now"):  # the two bucket rules
             rows = train(work / f"comm-{name}", shards, processor, variants[name][0], 1, 12, 8, "train.comm_stats=true")
-            calls[name] = statistics.median(r["comm/reduce_scatter_calls"] for r in rows[3:])
+            calls[BUCKET_RULE[name]] = statistics.median(r["comm/reduce_scatter_calls"] for r in rows[3:])
         patch = patch_embed_ms(processor)
 
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "steps": args.steps,
               "stage1_steps": args.stage1_steps, "repeats": args.repeats, "final_loss": losses,
               "step_s": {name: {s: statistics.median(m[s] for m in runs) for s in runs[0]}
                          for name, runs in medians.items()},
-              "reduce_scatter_calls_per_step": {"h^2 buckets": calls["threads"], "auto (floored)": calls["now"]},
+              "reduce_scatter_calls_per_step": calls,
               "patch_embed": patch, "wall_s": time.time() - started}
     s = result["step_s"]
     print(f"\nquick start recipe, ZeRO-3 on 2 CPU ranks, {args.steps} steps ({args.stage1_steps} stage 1), "
@@ -177,11 +189,11 @@ def main(argv: "list[str] | None" = None) -> int:
         print(f"  {name:8s} stage 1 {s[name][1]:.3f} s   stage 2 {s[name].get(2, float('nan')):.3f} s   "
               f"final loss {losses[name]:.4f}")
     for stage in (1, 2):
-        if stage in s["now"]:
+        if stage in s["now"] and "threads" in s:
             print(f"  stage {stage}: before/threads {s['before'][stage] / s['threads'][stage]:.2f}x, "
                   f"threads/now {s['threads'][stage] / s['now'][stage]:.2f}x, before/now "
                   f"{s['before'][stage] / s['now'][stage]:.2f}x")
-    print(f"  reduce-scatter calls per step: h^2 buckets {calls['threads']:.0f}, auto (floored) {calls['now']:.0f}")
+    print("  reduce-scatter calls per step: " + ", ".join(f"{rule} {n:.0f}" for rule, n in calls.items()))
     print(f"  vision tower forward, {patch['patches']} patches, 1 thread: Conv3d {patch['conv_ms']:.1f} ms, matmul "
           f"{patch['matmul_ms']:.1f} ms ({patch['conv_ms'] / patch['matmul_ms']:.2f}x; max |diff| "
           f"{patch['max_abs_diff']:.1e})")

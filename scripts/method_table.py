@@ -253,6 +253,18 @@ class Experiment:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
 
+    def variant_config(self, v: Variant, shards: dict, init: str) -> Path:
+        """The training config of variant `v`: its style's shards, its stage(s) and targets, its options."""
+        s = self.s
+        stage1 = round(s.steps * s.stage1_fraction) if v.stage == "1+2" else 0
+        model = {"latent_rescale": True} if v.rescale else {}
+        return self.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1,
+                           self.variant_loss(v), model)
+
+    def variant_loss(self, v: Variant) -> dict:
+        """loss.* fields variant `v` sets beyond the defaults."""
+        return {"change_weight": self.s.change_weight} if v.change else {}
+
     def train_and_export(self, name: str, config: Path) -> tuple[str, float]:
         """ilvr-train on 2 ranks, then ilvr-export; returns (export dir, seconds)."""
         export = self.out / name / "export"
@@ -441,11 +453,7 @@ def main(argv: "list[str] | None" = None) -> int:
     for v in VARIANTS:
         if v.name not in s.variants:
             continue
-        stage1 = round(s.steps * s.stage1_fraction) if v.stage == "1+2" else 0
-        loss = {"change_weight": s.change_weight} if v.change else {}
-        model = {"latent_rescale": True} if v.rescale else {}
-        cfg = exp.config(v.name, shards[v.style], shards["processor"], init, v.stage, v.targets, s.steps, stage1, loss,
-                         model)
+        cfg = exp.variant_config(v, shards, init)
         export, secs = exp.train_and_export(v.name, cfg)
         trained_any = trained_any or secs > 0
         summary = training_summary(exp.out / v.name / "train")
@@ -463,7 +471,7 @@ def main(argv: "list[str] | None" = None) -> int:
         if v.style.startswith("latent-") and s.latent_probe:
             entry["latent_probe"] = exp.latent_probe(v.name, export, shards["test"])
         if v.targets == "teacher" and s.latent_probe:
-            entry["targets"] = exp.target_diagnostics(v.name, export, shards["processor"], loss)
+            entry["targets"] = exp.target_diagnostics(v.name, export, shards["processor"], exp.variant_loss(v))
         first = entry["modes"][v.modes[0]]
         entry.update({"synthetic": first["synthetic"], "vsp_real": first.get("vsp_real"),
                       "unparseable_rate": first["synthetic"]["unparseable_rate"]})

@@ -18,6 +18,16 @@ SHARED_DATA = Path(os.environ.get("ILVR_SHARED_DATA", REPO.parent / "shared" / "
 
 
 def pytest_configure(config):
+    """Each pytest-xdist worker takes its share of the cores for torch (as share_cpu_threads does for ranks)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
+    _mlflow_template(config)
+
+
+def _mlflow_template(config):
     """One MLflow store template per session (tests/_site/sitecustomize.py): new SQLite stores are copied from it,
     here and in every subprocess the tests start (PYTHONPATH), instead of each running MLflow's migrations."""
     import tempfile
@@ -56,9 +66,19 @@ def fresh_rank_interpreters(monkeypatch):
     monkeypatch.setattr(spawn, "mp", torch.multiprocessing)
 
 
+# scripts/test.sh runs the suite on two pytest-xdist workers with `--dist loadfile`: each test file is one unit
+# of work (its module-scoped fixtures are built once), and the files that take minutes are handed out first so
+# that no worker ends alone on one. (xdist's loadgroup cannot be used: with pytest 9 its group suffix is lost.)
+LONG_FIRST = ("test_method_table.py", "test_slurm.py", "test_bench_quickstart_step.py", "test_precision.py",
+              "test_lora.py", "test_elastic.py", "test_train.py", "test_periodic_eval.py", "test_hostile_checkpoints.py",
+              "test_tracking.py", "test_evaluation.py", "test_param_groups.py")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA")

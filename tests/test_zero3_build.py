@@ -1,4 +1,4 @@
-"""Student and momentum teacher built under ZeRO-3 the way the trainer builds them, in fresh processes.
+"""Student and momentum teacher built under ZeRO-3 by ilvr/training/engines.py, in fresh processes.
 
 transformers >= 5.25 decorates Qwen2.5-VL's attention class after it is defined (kernels'
 `use_kernelized_func`). A class first imported inside `deepspeed.zero.Init` loses that decorator
@@ -26,27 +26,26 @@ def _build_like_the_trainer(rank: int, world_size: int, processor_dir: str, dtyp
     from data_pipeline.tiny_processor import load_processor
     from ilvr.config import load_config
     from ilvr.training.ds_config import resolve_ds_config
-    from ilvr.training.trainer import Trainer
+    from ilvr.training.engines import build_student, build_teacher
 
     assert "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl" not in sys.modules  # the class is not defined yet
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = load_config([str(REPO / "configs" / "tiny_cpu.yaml")], [
         "data.train_shards=", "data.eval_shards=", f"data.processor={processor_dir}", f"model.dtype={dtype}"])
-    trainer = Trainer(cfg, ds_config=str(REPO / "ds_configs" / "zero3.json"))
-    trainer.processor, trainer.latent_ids = load_processor(processor_dir)
-    trainer.ds_config = resolve_ds_config(str(REPO / "ds_configs" / "zero3.json"), cfg, world_size, 64)
-    trainer.engine = trainer._build_student()
-    trainer.teacher = trainer._build_teacher()
-    attention = [type(m) for m in trainer.engine.module.modules() if type(m).__name__ == "Qwen2_5_VLAttention"][0]
+    processor, latent_ids = load_processor(processor_dir)
+    ds_config = resolve_ds_config(str(REPO / "ds_configs" / "zero3.json"), cfg, world_size, 64)
+    student = build_student(cfg, ds_config, processor, latent_ids, wants_teacher=True)
+    teacher = build_teacher(cfg, ds_config, student, processor, latent_ids)
+    attention = [type(m) for m in student.engine.module.modules() if type(m).__name__ == "Qwen2_5_VLAttention"][0]
 
     def attributes(module) -> list[set]:  # what each attention module's __init__ stored on the instance
         return [set(vars(m)) for m in module.modules() if type(m) is attention]
 
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
-        student_logits = trainer.engine.module(input_ids=ids).logits
-        teacher_logits = trainer.teacher.module(input_ids=ids).logits  # raised on transformers 5.25 before
-    return {"student": attributes(trainer.engine.module), "teacher": attributes(trainer.teacher.module),
+        student_logits = student.engine.module(input_ids=ids).logits
+        teacher_logits = teacher.module(input_ids=ids).logits  # raised on transformers 5.25 before
+    return {"student": attributes(student.engine.module), "teacher": attributes(teacher.module),
             "same_logits": bool(torch.equal(student_logits, teacher_logits)),
             "finite": bool(torch.isfinite(teacher_logits.float()).all())}
 

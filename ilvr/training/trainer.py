@@ -87,9 +87,13 @@ class Trainer:
 
         self.processor, self.latent_ids = load_processor(cfg.data.processor)
         self._apply_pixel_budget()
-        self.ds_config = self._resolve_ds_config()
-        self.engine = self._build_student()
-        self.teacher = self._build_teacher() if self._wants_teacher() else None
+        from ilvr.training.engines import build_student, build_teacher, resolved_ds_config
+
+        self.ds_config = resolved_ds_config(self.ds_config_arg, cfg, self.info.world_size)
+        self.student = build_student(cfg, self.ds_config, self.processor, self.latent_ids, self._wants_teacher())
+        self.engine = self.student.engine
+        self.teacher = (build_teacher(cfg, self.ds_config, self.student, self.processor, self.latent_ids)
+                        if self._wants_teacher() else None)
         self.loader = self._build_loader()
         from ilvr.training.comm_stats import CommStats
 
@@ -124,78 +128,13 @@ class Trainer:
             raise ConfigError(str(e)) from None
         log.info("images resized to %d..%d pixels (data.min_pixels / data.max_pixels; 0 = the processor's)", low, high)
 
-    def _hidden_size(self) -> int:
-        if self.cfg.model.name_or_path == "tiny":
-            from ilvr.model.build import TinySize
-
-            return TinySize.from_config(self.cfg.model).hidden
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(self.cfg.model.name_or_path, local_files_only=True)
-        return config.text_config.hidden_size if hasattr(config, "text_config") else config.hidden_size
-
-    def _resolve_ds_config(self) -> dict:
-        from ilvr.training.ds_config import describe, resolve_ds_config
-
-        resolved = resolve_ds_config(self.ds_config_arg, self.cfg, self.info.world_size, self._hidden_size())
-        if self.cfg.train.comm_stats:  # DeepSpeed's comms logger feeds comm/* (ilvr/training/comm_stats.py)
-            resolved["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False, "debug": False}
-        log.info("DeepSpeed config (all 'auto' values resolved):\n%s", describe(resolved))
-        return resolved
-
     def _zero3(self) -> bool:
-        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+        from ilvr.training.engines import is_zero3
 
-    def _new_model(self, ds_config: dict):
-        """The model, built partitioned under zero.Init for ZeRO-3 (same seed on every rank)."""
-        from transformers.integrations import HfDeepSpeedConfig
-
-        from ilvr.model.build import build_model
-
-        lora = self.cfg.model.lora.r > 0
-        # LoRA: the model is built whole and partitioned by deepspeed.initialize, after PEFT injected the
-        # adapters (PEFT's ZeRO-3 path for the latent token rows is CUDA-only); else partitioned as it is built
-        self._hf_ds = None if lora else HfDeepSpeedConfig(ds_config)  # lets from_pretrained partition while loading
-        torch.manual_seed(self.cfg.train.seed)
-        model = build_model(self.cfg.model, self.processor.tokenizer, self.processor.image_processor,
-                            seed=self.cfg.train.seed, zero3_config=ds_config if self._zero3() and not lora else None)
-        if lora:  # adapters injected in place; the PeftModel kept for adapter switching
-            from ilvr.model.lora import apply_lora
-
-            self.peft = apply_lora(model, self.cfg.model.lora, self.latent_ids, teacher=self._wants_teacher())
-            self._hf_ds = HfDeepSpeedConfig(ds_config)
-        return model
+        return is_zero3(self.ds_config)
 
     def _wants_teacher(self) -> bool:
         return self.cfg.train.stage in ("1", "1+2") and self.cfg.loss.targets == "teacher"
-
-    def _build_student(self):
-        import deepspeed
-
-        from ilvr.training.param_groups import param_groups, scheduler_factory
-
-        model = self._new_model(self.ds_config)
-        model.train()
-        groups = param_groups(model, self.cfg.train)  # lr per part, no weight decay on biases and norms
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config,
-                                          lr_scheduler=scheduler_factory(self.ds_config))
-        if self.cfg.model.lora.r > 0 and self._zero3():
-            from ilvr.model.lora import register_token_params
-
-            register_token_params(engine.module)
-        return engine
-
-    def _build_teacher(self):
-        from ilvr.training.teacher import AdapterTeacher, MomentumTeacher, teacher_ds_config
-
-        if self.cfg.model.lora.r > 0:  # shares the student's frozen base: EMA over the adapter only
-            teacher = AdapterTeacher(self.engine, self.peft, decay=self.cfg.train.ema_decay)
-        else:
-            config = teacher_ds_config(self.ds_config)
-            teacher = MomentumTeacher(self.engine, self._new_model(config), config, decay=self.cfg.train.ema_decay)
-        log.info("momentum teacher: %.3f MB on this rank (%s)", teacher.memory_bytes() / 2**20,
-                 "an EMA adapter beside the student's" if self.cfg.model.lora.r > 0 else "a second model")
-        return teacher
 
     def _build_loader(self):
         from data_pipeline.pipeline import build_train_loader
