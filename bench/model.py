@@ -143,15 +143,20 @@ def batch_shape(batch: dict) -> dict[str, Any]:
 def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
     """Stage-1 targets the reference release's way: for each segment index t, one FULL teacher forward over the
     batch (vision tower on the input images + decoder), then the user summary, the context of segment t and its
-    selection from that pass. Same queries and selection rule as `select_targets`, so the same targets."""
+    selection from that pass. Same queries and selection rule as `select_targets` (loss.query_parts,
+    loss.score_norm, loss.target_order; loss.change_weight must be 0, the method's default), so the same targets
+    (tests/test_selection.py checks it)."""
     from ilvr.model.selection import (
-        Selection, helper_candidates, prompt_ends, prompt_image_weights, sample_spans, segment_order,
-        select_by_coverage, span_means, teacher_states,
+        Selection, coverage_picks, gather_picks, helper_candidates, prompt_ends, prompt_image_weights, sample_spans,
+        segment_order, span_means, teacher_states, unit,
     )
 
+    if loss_cfg.change_weight:
+        raise ValueError("reference_select_targets: loss.change_weight > 0 is not the method; it has no reference")
     device = batch["input_ids"].device
     seg = batch["latent_segments"].to(device)
     cands, cmask = helper_candidates(teacher, batch, loss_cfg.max_candidates)  # once, as in ours
+    cmask = cmask.to(device)
     rows, starts, ends = sample_spans(batch)
     prompt_end = prompt_ends(batch["labels"].to(device), rows, starts, ends)
     is_image = batch["mm_token_type_ids"].to(device).bool()
@@ -159,6 +164,7 @@ def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
     inside = (rows[None] == seg_row[:, None]) & (starts[None] <= first_pad[:, None]) & (first_pad[:, None] < ends[None])
     owner = inside.float().argmax(1)
     ordinal, prev, prev_end = segment_order(owner, first_pad, size)
+    use = {q.strip() for q in loss_cfg.query_parts.split(",")}
 
     n_seg, hidden = seg.shape[0], teacher.config.text_config.hidden_size
     targets = torch.zeros(n_seg, latent_size, hidden, dtype=cands.dtype, device=device)
@@ -171,15 +177,19 @@ def reference_select_targets(teacher, batch: dict, loss_cfg, latent_size: int):
         weights, (pr, pc) = prompt_image_weights(teacher, layer_input, positions, rows, starts, prompt_end, is_image)
         image = (weights[..., None] * final[pr, pc].float()).sum(1)
         has_image = (is_image[pr, pc] & (pc < prompt_end[:, None])).any(1)
-        user = torch.where(has_image[:, None], (text + image) / 2, text)
+        user = unit(torch.where(has_image[:, None], (text + image) / 2, text))
         idx = (ordinal == t).nonzero().squeeze(1)
         begin = torch.where(ordinal[idx] > 0, prev_end[idx], prompt_end[owner[idx]])
-        context = span_means(final, seg_row[idx], begin, first_pad[idx])
-        parts = [user[owner[idx]], context] + ([picked_mean[prev[idx]]] if t > 0 else [])
-        query = torch.stack(parts).mean(0)
+        context = unit(span_means(final, seg_row[idx], begin, first_pad[idx]))
+        parts = ([user[owner[idx]]] if "user" in use else []) + ([context] if "context" in use else [])
+        if t > 0 and "previous" in use:
+            parts.append(unit(picked_mean[prev[idx]]))
+        query = torch.stack(parts).mean(0) if parts else torch.zeros(idx.numel(), hidden, device=device)
         h = helper[idx]
-        tg, cnt, mp = select_by_coverage(cands[h], cmask[h], query, size[idx], loss_cfg.temperature,
-                                         loss_cfg.coverage_p, latent_size)
+        picks, cnt, mp = coverage_picks(cands[h], cmask[h], query, size[idx], loss_cfg.temperature,
+                                        loss_cfg.coverage_p, latent_size, loss_cfg.score_norm, loss_cfg.target_order,
+                                        None)
+        tg = gather_picks(cands[h], picks)
         targets[idx], counts[idx], max_prob[idx] = tg.to(targets.dtype), cnt, mp
         picked_mean[idx] = tg.float().sum(1) / cnt[:, None]
     return Selection(targets, counts, max_prob, cmask[helper].sum(1))

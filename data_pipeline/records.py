@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 from data_pipeline.limits import DEFAULT_LIMITS, MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_MEMBER_BYTES, Limits
 from data_pipeline.pixels import displayed_rgb
-from data_pipeline.text_checks import check_text
 
 IMAGE_PLACEHOLDER = "<image>"
 SCHEMA_VERSION = 1
@@ -222,6 +221,29 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS, decode: bool = 
 def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
     """Decode encoded bytes to an RGB PIL image (the processor's input), refusing more than `max_pixels`."""
     return _open_checked(data, max_pixels, "RGB")
+
+
+# ----------------------------------------------------------------------------- text checks (ilvr-prepare)
+
+# Rows that training would skip are skipped and counted once, at prepare, before any image is read: a question
+# holding a control token (every special token of the Qwen2 / Qwen2.5-VL tokenizers and the latent tokens has
+# the form <|name|>; prepare has no tokenizer, the encoder still checks the exact set), or more text than any
+# data.max_length could hold (a token is at least one character), which training used to tokenize every epoch.
+MAX_TEXT_CHARS = 1 << 20  # question + text steps of one record
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+def check_text(record: "Record", max_chars: int = MAX_TEXT_CHARS) -> None:
+    """Raise RecordError ("too_long", "control_token") for text training would skip."""
+    chars = len(record.question) + sum(len(s.text) for s in record.steps if s.kind == "text")
+    if chars > max_chars:
+        raise RecordError("too_long", f"record {record.id!r}: its text is {chars} characters, more than "
+                                      f"{max_chars} (MAX_TEXT_CHARS, data_pipeline/records.py): longer than any data.max_length")
+    found = sorted(set(CONTROL_TOKEN.findall(record.question)))
+    if found:
+        shown = ", ".join(found[:5]) + (f" (and {len(found) - 5} more)" if len(found) > 5 else "")
+        raise RecordError("control_token", f"record {record.id!r}: the question holds control tokens {shown}; "
+                                           "training would skip it")
 
 
 # ----------------------------------------------------------------------------- shard form

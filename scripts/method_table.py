@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_pipeline.sources import synthetic_vsp, vsp  # noqa: E402
+from ilvr.training.spawn import free_port  # noqa: E402
 
 TEXT_STYLES = ("direct", "text-coords", "text-moves")
 
@@ -165,12 +165,6 @@ def run(cmd: list[str], log_path: Path, env: "dict | None" = None) -> None:
     if rc != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         raise StepFailed(f"{' '.join(cmd[:4])} ... exited {rc}; the end of {log_path}:\n" + "\n".join(tail))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def say(text: str) -> None:

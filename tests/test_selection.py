@@ -310,3 +310,18 @@ def test_query_parts_keep_only_the_named_parts(tiny, tiny_model_factory, samples
     two = select_targets(teacher, batch, LossConfig(max_candidates=16, query_parts="user,context"), K).queries
     torch.testing.assert_close(two[~later], full.queries[~later], atol=0, rtol=0)
     assert float(torch.nn.functional.cosine_similarity(two[later], full.queries[later], dim=-1).max()) < 0.999
+
+
+@pytest.mark.parametrize("query_parts", ["user,context,previous", "context"])
+def test_the_benchs_per_segment_reference_selects_the_same_targets(tiny, tiny_model_factory, query_parts):
+    """bench/model.py times our one-pass selection against the reference release's way (one full teacher pass per
+    segment index) and reports the ratio as a like-for-like one: both must pick the same targets, at the defaults
+    and with another query."""
+    from bench.model import reference_select_targets
+
+    teacher = tiny_model_factory(seed=3)
+    batch = vsp_batch(tiny, 8, n=6)
+    cfg = LossConfig(query_parts=query_parts)
+    ours, ref = select_targets(teacher, batch, cfg, 8), reference_select_targets(teacher, batch, cfg, 8)
+    assert ours.counts.numel() > 5 and torch.equal(ours.counts, ref.counts)
+    torch.testing.assert_close(ref.targets, ours.targets, atol=1e-6, rtol=1e-6)

@@ -196,6 +196,23 @@ def _plan(path: str) -> dict:
     return {"files": files, "hashes": hashes, "problems": problems}
 
 
+MAX_TRAINER_JSON = 64 << 20  # read before the checkpoint is verified: a planted giant file is not loaded
+
+
+def read_trainer_state(checkpoint: str) -> dict:
+    """<checkpoint>/trainer.json, read before verification ({} when unreadable or implausibly large: run_dir.py
+    then takes the config from config.resolved.yaml; the checkpoint is verified when it is loaded)."""
+    path = os.path.join(checkpoint, "trainer.json")
+    try:
+        if not os.path.isfile(path) or os.path.getsize(path) > MAX_TRAINER_JSON:
+            return {}
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
 def verify_checkpoint(path: str, collective: bool = False) -> None:
     """Raise CheckpointError naming each bad file unless checkpoint `path` is safe to load: every file
     matches the sha256 recorded in COMPLETE (no file added), every torch file loads weights-only with

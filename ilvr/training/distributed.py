@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,8 +78,35 @@ def init_distributed(info: DistInfo, timeout_s: float) -> None:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s),
                                    rank=info.rank, world_size=info.world_size)
+    if backend == "gloo" and info.world_size > 1:
+        release_shm_buffer(info.rank)
     log.info("process group: %s, rank %d of %d, collective timeout %ds", backend, info.rank, info.world_size,
              int(timeout_s))
+
+
+def shm_buffer_path(rank: int, env: "Mapping[str, str] | None" = None) -> str:
+    """The shared-memory buffer DeepSpeed's CPU backend gives `rank` when all ranks are on one host
+    (deepspeed/ops/csrc/cpu/comm/shm.cpp, shm_initialize)."""
+    env = os.environ if env is None else env
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer(rank: int) -> bool:
+    """Remove this rank's DeepSpeed shared-memory buffer name once every rank has mapped every buffer.
+
+    With all ranks on one host (the launcher's LOCAL_SIZE = the world size) DeepSpeed's CPU backend creates a
+    ~66 MB buffer per rank in /dev/shm and never unlinks it (shm.cpp never calls its shared_close): every
+    CPU run left them in RAM until reboot, 17 GB on the 2-core machine after a day of tests and runs, until an
+    out-of-memory kill. DeepSpeed maps all ranks' buffers before its init returns, so after a barrier the
+    names can go; the mappings (and the fast all-reduce) live on until the processes end, however they end.
+    Collective: every rank calls it. Returns whether this rank had a buffer."""
+    torch.distributed.barrier()
+    try:
+        os.unlink(shm_buffer_path(rank))
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def end_process(code: int) -> int:

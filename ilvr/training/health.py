@@ -117,7 +117,7 @@ def read_health(checkpoint: str) -> "dict | None":
     """The health record of a checkpoint, or None when it has none (saved before the check) or its
     trainer.json cannot be read or is implausibly large (read before verification, which names that file
     when the checkpoint is chosen)."""
-    from ilvr.training.run_dir import read_trainer_state
+    from ilvr.training.checkpoint_verify import read_trainer_state
 
     record = read_trainer_state(checkpoint).get(HEALTH_KEY)
     return record if isinstance(record, dict) and isinstance(record.get("healthy"), bool) else None

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ilvr.config import Config, upgrade_legacy_keys
+from ilvr.training.checkpoint_verify import read_trainer_state
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +106,6 @@ def config_changes(recorded: dict, given: dict) -> dict[str, list]:
             if not _same(f"{section}.{key}", old, new):
                 changes[f"{section}.{key}"] = [old, new]
     return changes
-
-
-MAX_TRAINER_JSON = 64 << 20  # read before the checkpoint is verified: a planted giant file is not loaded
-
-
-def read_trainer_state(checkpoint: str) -> dict:
-    """<checkpoint>/trainer.json ({} when unreadable or implausibly large: the config then comes from
-    config.resolved.yaml; the checkpoint itself is verified later, when it is loaded)."""
-    path = os.path.join(checkpoint, "trainer.json")
-    try:
-        if not os.path.isfile(path) or os.path.getsize(path) > MAX_TRAINER_JSON:
-            return {}
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        return state if isinstance(state, dict) else {}
-    except (OSError, ValueError, RecursionError):
-        return {}
 
 
 def recorded_config(checkpoint: "str | None", output_dir: str) -> "dict | None":
