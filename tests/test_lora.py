@@ -109,45 +109,62 @@ def test_lora_trains_both_stages_with_an_adapter_teacher_and_exports_a_stock_mod
         assert json.load(f)["step"] == 4
 
 
-@pytest.mark.slow
-def _stopped_after_step_1_and_resumed(tmp_path, processor_dir: str, resume_ranks: int):
-    """A 4-step LoRA run (stage 1 to step 2) straight through on 2 ranks, and the same run stopped after step 1
-    on 2 ranks and resumed (--resume auto) on `resume_ranks`: (straight metrics, resumed metrics, resumed dir,
-    the resuming process)."""
+LORA_RUN = ("train.max_steps=4", "train.stage1_steps=2", "train.lr=1e-3", "train.warmup_steps=1",
+            "train.save_every=0", "model.lora.r=8")
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_processor_dir) -> dict:
+    """Trained once for both resume tests: a 4-step LoRA run (stage 1 to step 2) straight through on 2 ranks, and
+    the same run stopped after step 1 on 2 ranks (each test resumes its own copy: a run dir, MLflow store
+    included, may be copied)."""
     from tests.factories import synthetic_vsp_shards
     from tests.test_train import metrics, train
 
-    shards = synthetic_vsp_shards(str(tmp_path / "shards"), 8, seed=7)
-    common = ("train.max_steps=4", "train.stage1_steps=2", "train.lr=1e-3", "train.warmup_steps=1",
-              "train.save_every=0", "model.lora.r=8")
-    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-    train(straight, shards, processor_dir, *common)
-    train(split, shards, processor_dir, *common, "train.stop_after=1")
-    assert sorted(metrics(split)) == [1]
-    resumed = train(split, shards, processor_dir, *common, nproc=resume_ranks)
-    a, b = metrics(straight), metrics(split)
+    root = tmp_path_factory.mktemp("lora_resume")
+    shards = synthetic_vsp_shards(str(root / "shards"), 8, seed=7)
+    straight, stopped = str(root / "straight"), str(root / "stopped")
+    train(straight, shards, tiny_processor_dir, *LORA_RUN)
+    train(stopped, shards, tiny_processor_dir, *LORA_RUN, "train.stop_after=1")
+    assert sorted(metrics(stopped)) == [1]
+    return {"shards": shards, "straight": metrics(straight), "stopped": stopped}
+
+
+def _resumed(lora_runs: dict, tmp_path, processor_dir: str, resume_ranks: int):
+    """A copy of the stopped run resumed (--resume auto) on `resume_ranks`: (straight metrics, resumed metrics,
+    resumed dir, the resuming process)."""
+    import shutil
+
+    from tests.test_train import metrics, train
+
+    split = str(tmp_path / "split")
+    shutil.copytree(lora_runs["stopped"], split)
+    resumed = train(split, lora_runs["shards"], processor_dir, *LORA_RUN, nproc=resume_ranks)
+    b = metrics(split)
     assert sorted(b) == [1, 2, 3, 4] and [b[s]["stage"] for s in (2, 3)] == [1.0, 2.0]
-    return a, b, split, resumed
+    return lora_runs["straight"], b, split, resumed
 
 
-def test_a_lora_run_resumes_under_zero3_as_if_never_stopped(tmp_path, tiny_processor_dir):
+@pytest.mark.slow
+def test_a_lora_run_resumes_under_zero3_as_if_never_stopped(lora_runs, tmp_path, tiny_processor_dir):
     """2 ranks, model.lora.r=8: stopped after step 1 (stage 1: the adapter teacher's EMA, the adapters' and latent
     rows' optimizer state) and resumed, the losses of steps 2-4 (stage 1, then stage 2) are exactly those of the
     run that was never stopped. Not yet with adapter dropout: with model.lora.dropout=0.1 step 4 differed by 5e-5
     (steps 1-3 equal: the masks drawn at step 3 of the resumed run differ; docs/training.md "LoRA")."""
-    a, b, _, _ = _stopped_after_step_1_and_resumed(tmp_path, tiny_processor_dir, resume_ranks=2)
+    a, b, _, _ = _resumed(lora_runs, tmp_path, tiny_processor_dir, resume_ranks=2)
     for step in (1, 2, 3, 4):  # fp32 on CPU: exactly the same numbers
         assert (b[step]["loss"], b[step]["ce"]) == (a[step]["loss"], a[step]["ce"]), (step, a[step], b[step])
 
 
-def test_a_lora_run_saved_on_two_ranks_resumes_on_one(tmp_path, tiny_processor_dir):
+@pytest.mark.slow
+def test_a_lora_run_saved_on_two_ranks_resumes_on_one(lora_runs, tmp_path, tiny_processor_dir):
     """Elastic resume with LoRA: stopped after step 1 on 2 ranks, resumed on 1 (the adapters, the latent rows, their
     optimizer state and the adapter teacher's EMA buffers converted and re-partitioned), the run finishes both
     stages with losses within the elastic tests' tolerance of the run that was never stopped (the batches of the
     later steps differ: one rank draws them) and exactly equal at step 1."""
     from tests.test_elastic import LOSS_TOLERANCE
 
-    a, b, split, resumed = _stopped_after_step_1_and_resumed(tmp_path, tiny_processor_dir, resume_ranks=1)
+    a, b, split, resumed = _resumed(lora_runs, tmp_path, tiny_processor_dir, resume_ranks=1)
     log = open(os.path.join(split, "train.log"), encoding="utf-8").read()
     assert "elastic resume from 2 to 1 ranks" in log, resumed.stdout[-2000:] + log[-3000:]
     assert b[1]["loss"] == a[1]["loss"]
