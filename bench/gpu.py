@@ -30,7 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
 
 import torch
 

@@ -6,7 +6,7 @@ import statistics
 import time
 from typing import Any
 
-from bench.common import current_rss, peak_rss
+from bench.common import current_rss
 from bench.train_ranks import WORLD_SIZE, build, loader_batches, mib, recipe, slowest
 
 

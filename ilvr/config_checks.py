@@ -4,17 +4,11 @@ the fix."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ilvr.config import Config, ModelConfig, TrainConfig
+from ilvr.config_schema import RANKED_METRICS, Config, ConfigError, ModelConfig, TrainConfig
 
 
 QUERY_PARTS = ("user", "context", "previous")  # the parts of the stage-1 teacher's context query (loss.query_parts)
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the field and the fix."""
 
 
 def _validate_tiny(m: ModelConfig) -> None:
@@ -115,9 +109,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"data.{name}: {e}. Run ilvr-prepare first, or fix the path.") from None
     if d.processor:
-        _check_processor_dir(d.processor)
+        check_processor_dir(d.processor)
     if m.name_or_path and m.name_or_path != "tiny":
-        _check_model_dir(m.name_or_path)
+        check_model_dir(m.name_or_path)
 
 
 # Counts that a loader or decoder allocates for: a worker holds data.batch_size samples (and
@@ -179,8 +173,6 @@ def _validate_periodic_eval(cfg: Config) -> None:
              "held-out shards (ilvr-prepare), or train.eval_every=0")
     if not t.keep_best:
         return
-    from ilvr.evaluation.scorers import RANKED_METRICS
-
     _require(t.eval_every > 0, f"train.keep_best={t.keep_best!r} keeps the checkpoint of the best evaluation during "
              "training, and train.eval_every=0 runs none: set train.eval_every (e.g. 500), or train.keep_best=''")
     metric = t.keep_best.removeprefix("eval/")
@@ -221,7 +213,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-def _check_processor_dir(path: str) -> None:
+def check_processor_dir(path: str) -> None:
     """data.processor must be a Hugging Face processor directory (a Qwen2.5-VL model dir holds one): checked
     here, because loading anything else fails a minute later with a message about sentencepiece."""
     _require(os.path.isdir(path), f"data.processor={path!r} is not a directory; give a local HF processor dir "
@@ -239,7 +231,7 @@ def _check_processor_dir(path: str) -> None:
 SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
 
 
-def _check_model_dir(path: str) -> None:
+def check_model_dir(path: str) -> None:
     """model.name_or_path must be a local Qwen2.5-VL / Qwen2-VL checkpoint: checked here (a config.json of a
     supported model type, safetensors weights), because loading anything else fails minutes later, after the
     ranks started, with a raw transformers error."""

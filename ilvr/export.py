@@ -35,22 +35,11 @@ import shutil
 
 import torch
 
-from data_pipeline.latent_tokens import LATENT_TOKENS, LatentTokenIds
+from ilvr.model.ilvr_settings import SETTINGS_FILE, checkpoint_settings, latent_settings
 
 log = logging.getLogger(__name__)
 
-SETTINGS_FILE = "ilvr_settings.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def latent_settings(tokenizer, latent_size: int) -> dict:
-    """The latent-token part of ilvr_settings.json, looked up in `tokenizer`."""
-    ids = LatentTokenIds.from_tokenizer(tokenizer)
-    return {
-        "latent_size": int(latent_size),
-        "latent_tokens": {name: {"token": tok, "id": tid}
-                          for name, tok, tid in zip(("start", "pad", "end"), LATENT_TOKENS, ids.as_tuple())},
-    }
 
 
 def export_model(model, processor, out_dir: str, settings: dict) -> str:
@@ -185,23 +174,6 @@ def model_from_checkpoint(checkpoint: str, dtype: torch.dtype = torch.float32, l
     else:
         model.load_state_dict(state, strict=True)
     return model.to(dtype).eval()
-
-
-def checkpoint_settings(trainer_state: dict) -> dict:
-    """ilvr_settings.json fields from trainer.json: K, stage, step, the loss settings, the latent scale
-    option with its norm, and the mean fed-back state (the constant-latent ablation's constant)."""
-    config = trainer_state.get("config") or {}
-    train = config.get("train", {})
-    stage = trainer_state.get("stage") or train.get("stage")
-    if stage == "1+2":  # which of the two the checkpoint is in
-        stage = "1" if trainer_state.get("step", 0) < train.get("stage1_steps", 0) else "2"
-    if "latent_size" not in config.get("model", {}):
-        raise ValueError("trainer.json has no config.model.latent_size")
-    return {"latent_size": config["model"]["latent_size"], "stage": stage, "step": trainer_state.get("step"),
-            "loss": config.get("loss", {}),
-            # the scale option and the ablation's constant (generate.py): recorded in training
-            "latent_rescale": bool(config["model"].get("latent_rescale", False)),
-            "latent_norm": trainer_state.get("latent_norm"), "fed_mean": trainer_state.get("fed_mean")}
 
 
 def mlflow_settings(checkpoint: str, trainer_state: dict, out_dir: str) -> "dict | None":

@@ -65,10 +65,12 @@ def main(argv: "list[str] | None" = None) -> int:
     from ilvr.training.distributed import end_process
     from ilvr.training.health import TrainingDiverged
     from ilvr.training.run_dir import RunDirRefused
+    from ilvr.evaluation.periodic import PeriodicEval
     from ilvr.training.trainer import Trainer
 
     try:
-        Trainer(cfg, ds_path, resume=args.resume, allow_config_change=args.allow_config_change).run()
+        Trainer(cfg, ds_path, resume=args.resume, allow_config_change=args.allow_config_change,
+                evaluation=PeriodicEval).run()
         code = 0
     except ConfigError as e:  # found at start-up (train.epochs against the shards): every rank says it
         print(f"ilvr-train: config error: {e}", file=sys.stderr)

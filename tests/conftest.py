@@ -45,13 +45,13 @@ def _mlflow_template(config):
 
 
 def _ranks_from_a_fork_server() -> None:
-    """run_on_ranks' ranks fork from a server that has imported torch, DeepSpeed and transformers (tests/_ranks.py)."""
+    """run_on_ranks' ranks fork from a server that has imported torch, DeepSpeed and transformers (tests/fork_server_ranks.py)."""
     import ilvr.training.spawn as spawn
 
-    from tests import _ranks
+    from tests import fork_server_ranks
 
-    if not isinstance(spawn.mp, _ranks.Multiprocessing) and not os.environ.get("ILVR_TEST_SPAWN_RANKS"):
-        spawn.mp = _ranks.Multiprocessing(spawn.mp)
+    if not isinstance(spawn.mp, fork_server_ranks.Multiprocessing) and not os.environ.get("ILVR_TEST_SPAWN_RANKS"):
+        spawn.mp = fork_server_ranks.Multiprocessing(spawn.mp)
 
 
 _ranks_from_a_fork_server()

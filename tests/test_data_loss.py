@@ -90,7 +90,7 @@ def test_fewer_samples_than_loader_workers_says_so():
 
 
 def _step_metrics(rank: int, world_size: int) -> dict:
-    """One step's metrics from the trainer's own `_metrics`, on a stand-in trainer whose rank 1 lost data."""
+    """One step's metrics from the trainer's own `step_metrics`, on a stand-in trainer whose rank 1 lost data."""
     from ilvr.training.health import LossWatch
     from ilvr.training.trainer import Trainer
 
@@ -102,7 +102,7 @@ def _step_metrics(rank: int, world_size: int) -> dict:
         _part_lrs=lambda: {},
         losses=LossWatch(),
         info=SimpleNamespace(world_size=world_size, rank=rank))
-    return Trainer._metrics(stand_in, 2, [{"loss": 1.0, "ce": 1.0}], {"tokens": 10.0, "samples": 2.0}, 1.0, 0.0, 0.0)
+    return Trainer.step_metrics(stand_in, 2, [{"loss": 1.0, "ce": 1.0}], {"tokens": 10.0, "samples": 2.0}, 1.0, 0.0, 0.0)
 
 
 def test_skips_in_the_step_metrics_are_summed_over_all_ranks():

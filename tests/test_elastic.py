@@ -25,7 +25,7 @@ import torch
 
 from ilvr.training.checkpoint_verify import COMPLETE, verify_checkpoint
 from ilvr.training.elastic import ElasticCheckpointManager as CheckpointManager
-from ilvr.training.elastic import UNIVERSAL, _join_pieces, mean_moving_average, saved_rank_states
+from ilvr.training.elastic import UNIVERSAL, join_pieces, mean_moving_average, saved_rank_states
 from ilvr.training.rng import derived_seed
 from ilvr.training.spawn import run_on_ranks
 
@@ -39,10 +39,10 @@ LOSS_TOLERANCE = 0.3
 
 def test_teacher_pieces_join_partitions_or_take_the_whole_copy():
     whole = torch.arange(7.0)
-    assert torch.equal(_join_pieces("w", [whole[:4], whole[4:]], 7, "f"), whole)  # partitions, rank order
-    assert torch.equal(_join_pieces("w", [whole, whole.clone()], 7, "f"), whole)  # persistent: whole everywhere
+    assert torch.equal(join_pieces("w", [whole[:4], whole[4:]], 7, "f"), whole)  # partitions, rank order
+    assert torch.equal(join_pieces("w", [whole, whole.clone()], 7, "f"), whole)  # persistent: whole everywhere
     with pytest.raises(Exception, match="neither partitions nor whole copies"):
-        _join_pieces("w", [whole[:4], whole[:4]], 7, "f")
+        join_pieces("w", [whole[:4], whole[:4]], 7, "f")
 
 
 def test_new_ranks_get_a_seed_of_their_own_and_statistics_are_averaged():

@@ -13,7 +13,8 @@ import torch
 
 from data_pipeline.encode import encode_prompt
 from data_pipeline.tiny_processor import load_processor
-from ilvr.export import SETTINGS_FILE, export_model, main
+from ilvr.export import export_model, main
+from ilvr.model.ilvr_settings import SETTINGS_FILE
 from ilvr.model.generate import generate
 from ilvr.training.spawn import run_on_ranks
 from tests.factories import vsp_like_record

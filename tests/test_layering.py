@@ -124,3 +124,38 @@ def test_the_data_pipeline_imports_nothing_of_the_trainer():
             "data_pipeline.preview, sys; print([m for m in sys.modules if m.startswith('ilvr')])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ilvr's layers, lowest first: a module imports (function-level and type-only imports included) from its own
+# layer or the ones below it, never from above. Evaluation during training is handed to the Trainer by the entry
+# point (Trainer(..., evaluation=PeriodicEval)) for this reason.
+LAYERS = (
+    ("data_pipeline",),
+    ("ilvr.fileio", "ilvr.config_schema", "ilvr.config_yaml", "ilvr.config_checks", "ilvr.config"),
+    ("ilvr.model",),
+    ("ilvr.training",),
+    ("ilvr.export",),
+    ("ilvr.evaluation",),
+    ("ilvr.train", "ilvr.evaluate", "ilvr.data_preview"),
+)
+
+
+def _layer(module: str) -> "int | None":
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def test_every_import_runs_down_the_layers():
+    modules = _module_names()
+    placed = [name for name in modules if name.split(".")[0] in ("ilvr", "data_pipeline") and name != "ilvr"]
+    assert all(_layer(name) is not None for name in placed), [n for n in placed if _layer(n) is None]
+    found = []
+    for name in placed:
+        for module, _, line in _imports(modules[name]):
+            target = _layer(module)
+            if target is not None and target > _layer(name):
+                found.append(f"{modules[name].relative_to(REPO)}:{line}: {module} (layer {target} > {_layer(name)})")
+    assert "ilvr.training.trainer" in placed and "ilvr.evaluation.periodic" in placed
+    assert not found, "an import runs up the layers:\n" + "\n".join(found)

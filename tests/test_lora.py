@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from ilvr.config import LoraConfig, ModelConfig, load_config
+from ilvr.config import LoraConfig, load_config
 
 
 def test_lora_targets_the_lms_linear_layers_and_trains_adapters_and_latent_rows(tiny, tiny_model_factory):

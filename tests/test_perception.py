@@ -73,7 +73,7 @@ def test_training_changes_the_tower_only_learns_and_is_seeded(processor32):
 
 @pytest.mark.slow
 def test_the_script_writes_a_base_the_trainer_accepts_with_a_seeded_hash(tmp_path):
-    from ilvr.config_checks import _check_model_dir, _check_processor_dir
+    from ilvr.config_checks import check_model_dir, check_processor_dir
     from ilvr.model.build import load_pretrained
 
     spec = importlib.util.spec_from_file_location("pretrain_perception", SCRIPT)
@@ -81,8 +81,8 @@ def test_the_script_writes_a_base_the_trainer_accepts_with_a_seeded_hash(tmp_pat
     spec.loader.exec_module(script)
     args = ["--steps", "2", "--batch-size", "4", "--test-states", "8", "--tokenizer-records", "2", "--log-every", "1"]
     assert script.main(["--out", str(tmp_path / "a"), *args]) == 0
-    _check_model_dir(str(tmp_path / "a"))
-    _check_processor_dir(str(tmp_path / "a"))
+    check_model_dir(str(tmp_path / "a"))
+    check_processor_dir(str(tmp_path / "a"))
     report = json.loads((tmp_path / "a" / script.REPORT).read_text())
     assert set(report["held_out"]) == {"random_tower", "pretrained_tower"}
     assert set(report["held_out"]["pretrained_tower"]["probe_accuracy"]) >= {"type", "row", "col", "nbr_up"}

@@ -1,4 +1,4 @@
-"""Evaluation during training (train.eval_every, ilvr/training/periodic_eval.py) and the best checkpoint by it
+"""Evaluation during training (train.eval_every, ilvr/evaluation/periodic.py) and the best checkpoint by it
 (train.keep_best): config checks, training left exactly as it was, eval/ rows, best.json and its pruning."""
 from __future__ import annotations
 
@@ -32,8 +32,21 @@ def test_eval_settings_are_checked_before_any_worker_starts(overrides, message):
     assert message in str(e.value)
 
 
+def test_a_trainer_built_without_an_evaluator_refuses_train_eval_every():
+    """ilvr-train hands the Trainer PeriodicEval; a Trainer built in code without one must not skip evaluations
+    silently (its stand-in evaluates never and has no best checkpoint to record)."""
+    from ilvr.training.trainer import NoEvaluation
+
+    cfg = load_config(None, ["train.eval_every=5", "data.eval_shards=x"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"train.eval_every=5 and this Trainer has no evaluator"):
+        NoEvaluation(cfg)
+    cfg.train.eval_every = 0
+    none = NoEvaluation(cfg)
+    assert not none.due(0) and none.pending_at(0) is None
+
 def test_the_metrics_keep_best_accepts_are_those_the_scorer_makes():
-    from ilvr.evaluation.scorers import RANKED_METRICS, Score, aggregate
+    from ilvr.config_schema import RANKED_METRICS
+    from ilvr.evaluation.scorers import Score, aggregate
 
     made = aggregate([Score("R", True, "level3"), Score(None, False, "level4")], "vsp")
     assert set(RANKED_METRICS) <= set(made) and "accuracy/level3" in made
@@ -43,7 +56,7 @@ def test_the_metrics_keep_best_accepts_are_those_the_scorer_makes():
 
 
 def test_keep_best_judges_by_the_metric_and_its_direction():
-    from ilvr.training.periodic_eval import PeriodicEval
+    from ilvr.evaluation.periodic import PeriodicEval
 
     cfg = load_config(None, check_paths=False)
     cfg.train.keep_best = "unparseable_rate"  # eval_every 0: no data is read, the judging works the same
@@ -91,7 +104,7 @@ def test_an_evaluation_leaves_rng_and_module_modes_as_they_were(tiny, tiny_model
     """In one process on the tiny model: the eval/ metrics as ilvr-eval names them, over eval.limit records;
     every RNG the decoding draws from is put back, and so is each module's train/eval mode."""
     import ilvr.evaluation.evaluate as evaluate
-    from ilvr.training.periodic_eval import PeriodicEval
+    from ilvr.evaluation.periodic import PeriodicEval
 
     processor, latent_ids = tiny
     cfg = load_config(None, ["model.latent_size=4", "train.eval_every=2", f"data.eval_shards={eval_shards}",

@@ -18,7 +18,7 @@ from ilvr.config import LossConfig
 from ilvr.model.build import build_tiny_model, init_latent_embeddings
 from ilvr.model.inputs import embed_tokens, rope_positions
 from ilvr.model.selection import (candidate_scores, pool_rows, prompt_ends, prompt_image_weights, sample_spans,
-                                  select_by_coverage, select_targets, span_means, teacher_states)
+                                  select_by_coverage, select_targets, teacher_states)
 from tests.factories import vsp_like_record
 
 K = 4

@@ -15,7 +15,7 @@ import torch
 from data_pipeline.collate import collate_packed, collate_padded
 from data_pipeline.encode import encode_record
 from ilvr.model.inputs import embed_tokens, rope_positions, run_decoder
-from ilvr.model.stage2 import _text_ce, naive_stage2_loss, stage2_loss
+from ilvr.model.stage2 import text_ce, naive_stage2_loss, stage2_loss
 from tests.factories import vsp_like_record
 
 K = 3
@@ -80,7 +80,7 @@ def test_matches_naive_loss_and_gradients_in_float64(tiny, tiny_model_factory, s
     with torch.no_grad():
         hidden, _ = run_decoder(model, embed_tokens(model, batch), rope_positions(model, batch)[0],
                                 batch["attention_mask"])
-        assert abs(float(_text_ce(model, hidden, batch["labels"])) - float(ref.loss)) > 1e-6
+        assert abs(float(text_ce(model, hidden, batch["labels"])) - float(ref.loss)) > 1e-6
 
 
 def test_latent_rescale_matches_naive_and_feeds_states_at_the_given_norm(tiny, tiny_model_factory):

@@ -284,7 +284,7 @@ class TrainingOrigin:
 def training_origin(model: str) -> TrainingOrigin:
     """Where the training run of `model` logged: an export's ilvr_settings.json `mlflow`, or a checkpoint's
     trainer.json `mlflow_run_id` with its run dir's mlflow_run.json (<run>/checkpoints/step-N)."""
-    from ilvr.export import SETTINGS_FILE
+    from ilvr.model.ilvr_settings import SETTINGS_FILE
     from ilvr.training.mlflow_store import connectable_uri
     from ilvr.training.run_record import read_state
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from data_pipeline.latent_tokens import LatentTokenIds
-from ilvr.export import SETTINGS_FILE, checkpoint_settings, model_from_checkpoint
+from ilvr.export import model_from_checkpoint
 from ilvr.model.build import choose_attention, load_pretrained, resolve_dtype
+from ilvr.model.ilvr_settings import SETTINGS_FILE, checkpoint_settings
 from ilvr.model.patch_embed import use_patch_matmul
 from ilvr.training.checkpoint import latest
 from ilvr.training.checkpoint_verify import is_complete, weights_only_loading

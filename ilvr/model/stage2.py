@@ -115,7 +115,7 @@ def _lockstep_plan(lengths: list[int], rows: list[list[tuple[int, int]]], width:
     return calls, physical.to(device)
 
 
-def _text_ce(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def text_ce(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean CE of next-token prediction from the hidden states; the head runs on trained positions only."""
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
@@ -225,7 +225,7 @@ def stage2_loss(model, batch: dict, always_run_vision: bool = False, min_segment
         last = newest if last is None else torch.where(call.live.any(1, keepdim=True), newest, last)
 
     in_order = torch.cat(outputs, dim=1).gather(1, physical.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-    ce = _text_ce(model, in_order, batch["labels"])
+    ce = text_ce(model, in_order, batch["labels"])
     n_fed = sum(k for segs in rows for _, k in segs)
     stats = {
         "latent_fed_norm": float(fed_norm_sum) / max(n_fed, 1),
@@ -257,7 +257,7 @@ def naive_stage2_loss(model, batch: dict, always_run_vision: bool = False,
         fed_norms.append(fed.detach().norm(dim=-1))
         x = x.index_put((r, c), rescale(fed, latent_norm))
     hidden, _ = run_decoder(model, x, positions, mask)
-    ce = _text_ce(model, hidden, batch["labels"])
+    ce = text_ce(model, hidden, batch["labels"])
     fed = torch.cat(fed_norms) if fed_norms else embeds.new_zeros(0)
     stats = {
         "latent_fed_norm": float(fed.mean()) if fed.numel() else 0.0,

@@ -172,12 +172,12 @@ def consolidate_teacher(src_dir: str, saved_world: int, numels: dict[str, int], 
         for name in sorted(names):
             if name not in numels:
                 raise CheckpointError(f"{files[0]}: {name!r} is not a parameter of this model")
-            full[name] = _join_pieces(name, [h.get_tensor(name) for h in handles], numels[name], files[0])
+            full[name] = join_pieces(name, [h.get_tensor(name) for h in handles], numels[name], files[0])
     save_file(full, out_file, metadata={**metadata, "saved_world_size": str(saved_world)})
     return len(full)
 
 
-def _join_pieces(name: str, pieces: list[torch.Tensor], numel: int, where: str) -> torch.Tensor:
+def join_pieces(name: str, pieces: list[torch.Tensor], numel: int, where: str) -> torch.Tensor:
     """One parameter's full flat buffer from the old ranks' pieces (see consolidate_teacher)."""
     sizes = [p.numel() for p in pieces]
     if all(n == numel for n in sizes):

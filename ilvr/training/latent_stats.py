@@ -84,7 +84,7 @@ class LatentStats:
 
     def recorded_norm(self) -> "float | None":
         """latent_norm recorded in the exported model this run starts from (ilvr_settings.json), if any."""
-        from ilvr.export import SETTINGS_FILE
+        from ilvr.model.ilvr_settings import SETTINGS_FILE
 
         path = os.path.join(self.cfg.model.name_or_path or "", SETTINGS_FILE)
         if not os.path.isfile(path):

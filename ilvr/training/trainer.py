@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ilvr.config import Config
+from ilvr.config import Config, ConfigError
 from ilvr.training.distributed import (
     DistInfo,
     all_reduce,
@@ -41,9 +41,31 @@ def stage_at(cfg: Config, step: int) -> int:
     return int(cfg.train.stage)
 
 
+class NoEvaluation:
+    """The evaluator of a Trainer given none: it evaluates never (train.eval_every must be 0, config_checks)."""
+
+    def __init__(self, cfg: Config, *_):
+        if cfg.train.eval_every:
+            raise ConfigError(f"train.eval_every={cfg.train.eval_every} and this Trainer has no evaluator: build it "
+                              "with Trainer(..., evaluation=ilvr.evaluation.periodic.PeriodicEval), as ilvr-train does")
+
+    def due(self, step: int) -> bool:
+        return False
+
+    def pending_at(self, step: int) -> None:
+        return None
+
+    def saved(self, step: int, healthy: bool) -> None:
+        pass
+
+
 class Trainer:
-    def __init__(self, cfg: Config, ds_config: "str | dict", resume: str = "auto", allow_config_change: bool = False):
+    def __init__(self, cfg: Config, ds_config: "str | dict", resume: str = "auto", allow_config_change: bool = False,
+                 evaluation: "Callable[..., Any] | None" = None):
         self.cfg = cfg
+        # evaluation during training (train.eval_every, keep_best): built in setup() from the model being trained;
+        # ilvr/train.py passes ilvr.evaluation.periodic.PeriodicEval (evaluation sits above training)
+        self.evaluation = evaluation or NoEvaluation
         self.ds_config_arg = ds_config
         self.resume_arg = resume
         self.allow_config_change = allow_config_change  # continue a run whose recorded config differs (run_dir.py)
@@ -104,10 +126,8 @@ class Trainer:
         self.checkpoints = ElasticCheckpointManager(cfg.train.output_dir, cfg.train.keep_last, processor=self.processor)
         self.tracker = Tracker(rank=self.info.rank, output_dir=cfg.train.output_dir, end_on_exit="FAILED")
         self.run_id = self._resume()
-        from ilvr.training.periodic_eval import PeriodicEval
-
-        self.evals = PeriodicEval(cfg, self.engine.module, self.processor, self.latent_ids, self.info.rank,
-                                  self.info.world_size, self._zero3(), self.step)  # train.eval_every, keep_best
+        self.evals = self.evaluation(cfg, self.engine.module, self.processor, self.latent_ids, self.info.rank,
+                                       self.info.world_size, self._zero3(), self.step)  # train.eval_every, keep_best
         self.run_id = self.tracker.start(cfg, run_name=os.path.basename(os.path.abspath(cfg.train.output_dir)),
                                          resume_run_id=self.run_id, world_size=self.info.world_size,
                                          tags={"ilvr.kind": "train"})
@@ -119,7 +139,6 @@ class Trainer:
     def _apply_pixel_budget(self) -> None:
         """data.min_pixels / data.max_pixels into the processor (saved with every checkpoint's processor/)."""
         from data_pipeline.pixel_budget import apply_pixel_budget
-        from ilvr.config import ConfigError
 
         d = self.cfg.data
         try:
@@ -288,8 +307,8 @@ class Trainer:
                     continue
                 ema_ms = self.teacher.update() * 1000 if self.teacher is not None else 0.0
                 self.step += 1
-                last = self._metrics(stage, parts, sums, time.perf_counter() - t0, data_s, ema_ms)
-                evaluated = self.evals.due(self.step)  # eval/<metric> in this step's row (periodic_eval.py)
+                last = self.step_metrics(stage, parts, sums, time.perf_counter() - t0, data_s, ema_ms)
+                evaluated = self.evals.due(self.step)  # eval/<metric> in this step's row (ilvr/evaluation/periodic.py)
                 if evaluated:
                     last.update(self.evals.run(self.step, self.latents.norm, self._fed_mean_all_ranks))
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps or evaluated:
@@ -317,7 +336,7 @@ class Trainer:
             stop.close()
 
     # ------------------------------------------------------------------ metrics, saving
-    def _metrics(self, stage: int, parts: list, sums: dict, seconds: float, data_s: float, ema_ms: float) -> dict:
+    def step_metrics(self, stage: int, parts: list, sums: dict, seconds: float, data_s: float, ema_ms: float) -> dict:
         loss = sum(p["loss"] for p in parts) / len(parts)
         tokens, samples, loss_sum = all_reduce([sums["tokens"], sums["samples"], loss], "sum")
         self.losses.add(stage, loss_sum / self.info.world_size)

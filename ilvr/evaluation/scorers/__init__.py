@@ -14,10 +14,6 @@ from typing import Callable, Iterable
 from data_pipeline.records import Record
 
 BENCHMARKS = ("vsp", "comt", "zebra")
-# metrics of `aggregate` a checkpoint can be ranked by (train.keep_best), and which way is better;
-# accuracy/<category> too (max). success_rate: VSP only
-RANKED_METRICS = {"accuracy": "max", "success_rate": "max", "num_correct": "max", "unparseable": "min",
-                  "unparseable_rate": "min"}
 _KEY_UNSAFE = re.compile(r"[^0-9A-Za-z_\-. /]")
 
 

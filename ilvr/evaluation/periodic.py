@@ -16,6 +16,9 @@ resident during the evaluation. Training is unchanged by an evaluation: each mod
 every RNG state (python, numpy, torch, CUDA) are put back, so the losses after it are bit for bit those of a
 run without it (tests/test_periodic_eval.py).
 
+The trainer is given this class (`Trainer(..., evaluation=PeriodicEval)`, ilvr/train.py) instead of importing it:
+evaluation is built on training's pieces (checkpoints, gathering, ranks), not the other way round.
+
 `train.keep_best: <metric>`: an evaluation better than every earlier one (`train.keep_best_mode`: max, min,
 or auto = the metric's own direction) saves a checkpoint at its step (unless one is saved there anyway) and
 names it in `checkpoints/best.json`, which pruning never removes (ilvr/training/checkpoint.py) and
@@ -70,7 +73,7 @@ class PeriodicEval:
     def _direction(self) -> str:
         if not self.metric or self.cfg.train.keep_best_mode != "auto":
             return self.cfg.train.keep_best_mode
-        from ilvr.evaluation.scorers import RANKED_METRICS
+        from ilvr.config_schema import RANKED_METRICS
 
         return RANKED_METRICS.get(self.metric, "max")  # accuracy/<category>: max
 
