@@ -259,8 +259,8 @@ def test_deepspeed_auto_and_allow_config_change_reach_the_trainer(monkeypatch, t
     seen = {}
 
     class FakeTrainer:
-        def __init__(self, cfg, ds_config, resume="auto", allow_config_change=False):
-            seen.update(ds_config=ds_config, resume=resume, allow=allow_config_change)
+        def __init__(self, cfg, ds_config, resume="auto", allow_config_change=False, evaluation=None):
+            seen.update(ds_config=ds_config, resume=resume, allow=allow_config_change, evaluation=evaluation)
 
         def run(self):
             return {}
@@ -269,6 +269,8 @@ def test_deepspeed_auto_and_allow_config_change_reach_the_trainer(monkeypatch, t
     args = ["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "data.train_shards=", "data.eval_shards=",
             "data.processor=", f"train.output_dir={tmp_path / 'run'}"]
     assert main(["--deepspeed", "auto", "--allow-config-change", *args]) == 0
-    assert seen == {"ds_config": AUTO_DS_CONFIG, "resume": "auto", "allow": True}
+    from ilvr.evaluation.periodic import PeriodicEval
+
+    assert seen == {"ds_config": AUTO_DS_CONFIG, "resume": "auto", "allow": True, "evaluation": PeriodicEval}
     assert AUTO_DS_CONFIG == str(REPO / "ds_configs" / "zero3.json")
     assert main(args) == 0 and seen["ds_config"] == AUTO_DS_CONFIG and not seen["allow"]  # auto is the default
