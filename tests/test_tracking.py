@@ -60,7 +60,9 @@ class Server:
         cmd = [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1",
                "--port", str(self.port), "--backend-store-uri", f"sqlite:///{self.tmp_path / 'server.db'}",
                "--artifacts-destination", str(self.tmp_path / "server_artifacts"), "--workers", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        # MLflow 3's server also starts a job runner and huey consumers (~10 processes) for features not used here
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + 90
         while True:
             try:
