@@ -153,10 +153,6 @@ class StepFailed(RuntimeError):
     pass
 
 
-def venv_bin(name: str) -> str:
-    return os.path.join(os.path.dirname(sys.executable), name)
-
-
 def run(cmd: list[str], log_path: Path, env: "dict | None" = None) -> None:
     """Run `cmd` with its output in `log_path`; on failure raise with the log's tail."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -260,14 +256,15 @@ class Experiment:
         return {"change_weight": self.s.change_weight} if v.change else {}
 
     def train_and_export(self, name: str, config: Path) -> tuple[str, float]:
-        """ilvr-train on 2 ranks, then ilvr-export; returns (export dir, seconds)."""
+        """ilvr-train on 2 ranks (torchrun: one launcher process, where DeepSpeed's CLI starts two), then
+        ilvr-export; returns (export dir, seconds)."""
         export = self.out / name / "export"
         if (export / "ilvr_settings.json").is_file():
             say(f"{name}: exported model found, not retrained")
             return str(export), 0.0
         t0 = time.time()
         shutil.rmtree(self.out / name / "train", ignore_errors=True)  # this script's own run dir
-        run([venv_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "ilvr/train.py",
+        run([self.py, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "ilvr/train.py",
              "--deepspeed", "ds_configs/zero2.json", "--config", str(config), "--resume", "never"],
             self.out / "logs" / f"train-{name}.log", self.env)
         run([self.py, "-m", "ilvr.export", "--checkpoint", str(self.out / name / "train"), "--out", str(export),

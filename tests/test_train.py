@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.conftest import REPO
+from tests import warm_launch
 from tests.factories import synthetic_vsp_shards
 from ilvr.training.spawn import free_port
 
@@ -22,8 +23,13 @@ def shards(tmp_path_factory) -> str:
     return synthetic_vsp_shards(str(tmp_path_factory.mktemp("train_shards")), 48, seed=7)
 
 
-def command(out_dir: str, shards: str, processor: str, *overrides: str, ds: str = "zero3", nproc: int = 2):
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+def command(out_dir: str, shards: str, processor: str, *overrides: str, ds: str = "zero3", nproc: int = 2,
+            launcher: str = "warm"):
+    """ilvr/train.py on `nproc` ranks. launcher="warm": ranks forked from a server that imported the heavy stack
+    (tests/warm_launch.py, torchrun's contract); "torchrun": the real launcher, fresh interpreters as its children."""
+    start = ([sys.executable, "-m", "torch.distributed.run"] if launcher == "torchrun"
+             else [sys.executable, str(REPO / "tests" / "warm_launch.py"), "run", warm_launch.server_socket()])
+    return [*start, f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
             str(REPO / "ilvr" / "train.py"), "--deepspeed", str(REPO / "ds_configs" / f"{ds}.json"),
             "--config", str(REPO / "configs" / "tiny_cpu.yaml"), f"train.output_dir={out_dir}",
             f"data.train_shards={shards}", "data.eval_shards=", f"data.processor={processor}", "data.num_workers=0",
@@ -161,7 +167,8 @@ def _wait_for_steps(proc, out: str, n: int, timeout: float = 300) -> None:
 
 def test_sigusr1_to_one_rank_checkpoints_everywhere_and_exits_cleanly(tmp_path, shards, tiny_processor_dir):
     out = str(tmp_path / "usr1")
-    proc = subprocess.Popen(command(out, shards, tiny_processor_dir, "train.max_steps=1000", "train.save_every=0"),
+    proc = subprocess.Popen(command(out, shards, tiny_processor_dir, "train.max_steps=1000", "train.save_every=0",
+                                    launcher="torchrun"),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_steps(proc, out, 2)
@@ -181,7 +188,7 @@ def test_sigusr1_to_one_rank_checkpoints_everywhere_and_exits_cleanly(tmp_path, 
 def test_killing_one_rank_ends_the_job_quickly(tmp_path, shards, tiny_processor_dir):
     out = str(tmp_path / "kill")
     proc = subprocess.Popen(command(out, shards, tiny_processor_dir, "train.max_steps=1000", "train.save_every=0",
-                                    "train.collective_timeout=60"),
+                                    "train.collective_timeout=60", launcher="torchrun"),
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for_steps(proc, out, 2)
