@@ -202,3 +202,22 @@ def test_killing_one_rank_ends_the_job_quickly(tmp_path, shards, tiny_processor_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_warm_launcher_gives_torchruns_environment_and_ends_the_ranks_when_one_fails(tmp_path):
+    """tests/warm_launch.py stands in for torchrun in most of these tests: each rank gets its rank, the world, the
+    master port and the launcher's streams; the first rank to fail gets the others SIGTERM and the launcher exits 1."""
+    script = tmp_path / "ranks.py"
+    script.write_text("import os, sys, time\n"
+                      "rank = int(os.environ['RANK'])\n"
+                      "print('rank', rank, os.environ['LOCAL_RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_PORT'],"
+                      " os.getcwd(), os.environ['ILVR_PROBE'], flush=True)\n"
+                      "if rank == 1:\n    sys.exit(3)\n"
+                      "time.sleep(120)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "warm_launch.py"), "run", warm_launch.server_socket(),
+                           "--nproc_per_node=2", "--master_port=12345", str(script)], cwd=tmp_path,
+                          env=dict(os.environ, ILVR_PROBE="seen"), capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 30, (proc.returncode, proc.stderr)
+    assert sorted(proc.stdout.splitlines()) == [f"rank {r} {r} 2 12345 {tmp_path} seen" for r in (0, 1)], proc.stdout
+    assert "rank 0 exited with -15, rank 1 exited with 3" in proc.stderr, proc.stderr
