@@ -15,9 +15,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 
-# What every rank imports anyway (the trainer, the model, the processor); ilvr.* is left to the ranks
-PRELOAD = ["torch", "deepspeed", "transformers", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-           "transformers.models.qwen2_5_vl.processing_qwen2_5_vl", "safetensors.torch", "mlflow"]
+from tests.warm_launch import PRELOAD  # what every rank imports anyway; ilvr.* is left to the ranks
 
 
 def _with_environ(environ: dict, target, args: tuple, kwargs: dict):

@@ -30,8 +30,13 @@ import struct
 import sys
 import time
 
+# what every rank imports anyway: the stack, what deepspeed.initialize imports lazily (its Muon optimizer module
+# pulls in torch._dynamo and functorch: ~1 s), and on rank 0 MLflow's SQL store and matplotlib (the loss curve).
+# ilvr.* is left to the ranks: the code under test is read afresh by every launch.
 PRELOAD = ["torch", "deepspeed", "transformers", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
-           "transformers.models.qwen2_5_vl.processing_qwen2_5_vl", "safetensors.torch", "mlflow"]
+           "transformers.models.qwen2_5_vl.processing_qwen2_5_vl", "safetensors.torch", "mlflow",
+           "deepspeed.runtime.zero.muon.muon_optimizer", "mlflow.store.tracking.sqlalchemy_store",
+           "matplotlib.backends.backend_agg", "matplotlib.figure"]
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 KILL_AFTER_S = 30  # torchrun's grace between SIGTERM to the surviving ranks and SIGKILL
 
