@@ -1,6 +1,9 @@
 """The ILVR training loop on DeepSpeed: student engine, momentum teacher, data, checkpoints, tracking.
 
-    Trainer(cfg, ds_config="ds_configs/zero3.json", resume="auto").run()
+    Trainer(cfg, ds_config="ds_configs/zero3.json", resume="auto", evaluation=PeriodicEval).run()
+
+`evaluation` (ilvr.evaluation.periodic.PeriodicEval, as ilvr-train passes it) runs train.eval_every and
+train.keep_best; without it a config that asks for evaluations is refused.
 
 One optimizer step = `train.grad_accum` micro-batches. Stage 1 (teacher-forced, with the
 momentum teacher) runs for `train.stage1_steps` steps of a "1+2" schedule, then stage 2
