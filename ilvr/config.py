@@ -14,7 +14,6 @@ import types
 import typing
 from typing import Any, Literal
 
-
 from ilvr.config_checks import validate
 # the schema is part of this module's public face: `from ilvr.config import Config, ConfigError, ...`
 from ilvr.config_schema import (Config, ConfigError, DataConfig, EvalConfig, LoraConfig,  # noqa: F401

@@ -60,12 +60,12 @@ def main(argv: "list[str] | None" = None) -> int:
         return 2
     import torch.distributed as dist
 
+    from ilvr.evaluation.periodic import PeriodicEval
     from ilvr.training.checkpoint_verify import CheckpointError
-    from ilvr.training.run_lock import OutputDirBusy
     from ilvr.training.distributed import end_process
     from ilvr.training.health import TrainingDiverged
     from ilvr.training.run_dir import RunDirRefused
-    from ilvr.evaluation.periodic import PeriodicEval
+    from ilvr.training.run_lock import OutputDirBusy
     from ilvr.training.trainer import Trainer
 
     try:
