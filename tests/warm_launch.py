@@ -266,12 +266,7 @@ def launch(argv: list[str]) -> int:
                  "env": dict(os.environ), "umask": umask}, fds=[0, 1, 2])
     for sig in FORWARDED:
         signal.signal(sig, lambda s, _f: _send(conn, {"signal": int(s)}))
-    while True:
-        try:
-            msg, _ = _recv(conn)
-            break
-        except InterruptedError:
-            continue
+    msg, _ = _recv(conn)  # a forwarded signal interrupts nothing: Python retries the read (PEP 475)
     if msg is None:
         print("warm_launch: the rank server went away", file=sys.stderr)
         return 1
